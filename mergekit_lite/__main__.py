@@ -1,0 +1,3 @@
+from mergekit_lite.cli import main
+
+main()

@@ -1,0 +1,151 @@
+"""A base checkpoint folder: its tensors (from headers only), its config, its embeddings."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergekit_lite.errors import CheckpointError
+from mergekit_lite.stformat import TensorEntry, read_header
+
+log = logging.getLogger(__name__)
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt")
+
+
+@dataclass
+class Checkpoint:
+    """The base model as the plan sees it: tensor entries in file order, and its config."""
+
+    path: Path
+    tensors: dict[str, TensorEntry]
+    files: list[Path]
+    config: dict[str, Any]
+    tied: bool
+    input_embedding: str | None
+    output_embedding: str | None
+    extra_files: list[Path] = field(default_factory=list)
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Read a safetensors checkpoint folder's headers, index and config.json."""
+    if not path.exists():
+        raise CheckpointError(f"base `{path}` does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"base `{path}` is not a folder (give the folder that holds config.json)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"base `{path}` has no config.json; is it a transformers checkpoint folder?")
+    config = read_json(config_file)
+    files = _weight_files(path)
+    tensors: dict[str, TensorEntry] = {}
+    for file in files:
+        for name, entry in read_header(file).tensors.items():
+            if name in tensors:
+                raise CheckpointError(f"base `{path}`: tensor `{name}` is in both `{tensors[name].file.name}` and `{file.name}`")
+            tensors[name] = entry
+    if not tensors:
+        raise CheckpointError(f"base `{path}` holds no tensors")
+    _check_index(path, tensors)
+    tied, inp, out = _embeddings(path, config, tensors)
+    return Checkpoint(path, tensors, files, config, tied, inp, out)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Read a JSON object from a file another tool wrote; errors name the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"`{path}` does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"`{path}` is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"`{path}` is not a JSON object")
+    return data
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / INDEX
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"`{index}` has no `weight_map`")
+        names: list[str] = []
+        for shard in weight_map.values():
+            if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard in (".", ".."):
+                raise CheckpointError(f"`{index}` names shard {shard!r}: only plain file names in the folder are allowed")
+            if not shard.endswith(".safetensors"):
+                raise CheckpointError(f"`{index}` names shard `{shard}`: only .safetensors shards are read")
+            if shard not in names:
+                names.append(shard)
+        return [path / n for n in sorted(names)]
+    if (path / SINGLE).is_file():
+        return [path / SINGLE]
+    singles = sorted(path.glob("*.safetensors"))
+    if len(singles) == 1:
+        return singles
+    if any((path / n).exists() for n in PICKLE_NAMES):
+        raise CheckpointError(
+            f"base `{path}` has only pickle weights (.bin); convert it to safetensors first, e.g. "
+            "`AutoModelForCausalLM.from_pretrained(p).save_pretrained(p2)`"
+        )
+    raise CheckpointError(f"base `{path}` has no model.safetensors or {INDEX}")
+
+
+def _check_index(path: Path, tensors: dict[str, TensorEntry]) -> None:
+    index = path / INDEX
+    if not index.is_file():
+        return
+    weight_map: dict[str, str] = read_json(index)["weight_map"]
+    for name, shard in weight_map.items():
+        entry = tensors.get(name)
+        if entry is None:
+            raise CheckpointError(f"`{index}` lists `{name}` in `{shard}`, but that shard does not hold it")
+        if entry.file.name != shard:
+            raise CheckpointError(f"`{index}` puts `{name}` in `{shard}`, but it is in `{entry.file.name}`")
+    for name, entry in tensors.items():
+        if name not in weight_map:
+            raise CheckpointError(f"`{entry.file.name}` holds `{name}`, which `{index.name}` does not list")
+
+
+def _embeddings(path: Path, config: dict[str, Any], tensors: dict[str, TensorEntry]) -> tuple[bool, str | None, str | None]:
+    """Whether input and output embeddings are tied, and their tensor names, from the config alone."""
+    inp = out = None
+    tied = bool(config.get("tie_word_embeddings", False))
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cfg = AutoConfig.from_pretrained(path)
+            tied = bool(getattr(cfg, "tie_word_embeddings", tied))
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(cfg)
+        names = {id(m): n for n, m in model.named_modules()}
+        in_mod, out_mod = model.get_input_embeddings(), model.get_output_embeddings()
+        inp = f"{names[id(in_mod)]}.weight" if in_mod is not None and id(in_mod) in names else None
+        out = f"{names[id(out_mod)]}.weight" if out_mod is not None and id(out_mod) in names else None
+    except Exception as exc:  # an architecture transformers does not know: fall back on names
+        log.warning("cannot build %s's architecture on the meta device (%s); guessing embedding names", path, exc)
+    inp = _match(inp, tensors) or next((n for n in tensors if n.endswith(("embed_tokens.weight", "wte.weight"))), None)
+    out = _match(out, tensors, allow_missing=True) or ("lm_head.weight" if "lm_head.weight" in tensors or tied else None)
+    return tied, inp, out
+
+
+def _match(name: str | None, tensors: dict[str, TensorEntry], allow_missing: bool = False) -> str | None:
+    """Map a module-derived name onto the checkpoint's naming (which may drop the first prefix)."""
+    if name is None:
+        return None
+    if name in tensors:
+        return name
+    short = name.split(".", 1)[1] if "." in name else name
+    if short in tensors:
+        return short
+    return name if allow_missing else None

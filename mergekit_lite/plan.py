@@ -1,0 +1,345 @@
+"""The merge plan: plain data, built from headers and configs before any tensor data is read.
+
+Every adapter tensor is claimed by exactly one operation on one output tensor, every shape and
+rank is checked, and the output's tensors, dtypes and shards are fixed here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from mergekit_lite.adapter import Adapter, AdapterKey
+from mergekit_lite.checkpoint import Checkpoint
+from mergekit_lite.errors import PlanError
+from mergekit_lite.stformat import FLOAT_DTYPES, ITEMSIZE, TensorEntry
+
+# Operation kinds, applied in this order within one adapter:
+#   replace      the tensor is replaced whole (modules_to_save, bias all/lora_only)
+#   base_layer   PEFT's saved copy of a targeted embedding: replaces it when resized, else must equal it
+#   delta        W += scale * B @ A (layout linear | conv1d | embedding)
+#   dora         DoRA: W = m / ||W0 + dW|| * (W + dW)
+#   rows         W[indices] = rows (trainable tokens)
+# Every op of an adapter has scale = manifest weight * PEFT scaling where it applies.
+COPY_CHUNK = 64 * 2**20  # unchanged tensors are copied in chunks of this size
+_OUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_ORDER = {"replace": 0, "base_layer": 1, "delta": 2, "dora": 2, "rows": 3}
+
+
+@dataclass(frozen=True)
+class Op:
+    kind: str
+    adapter: int
+    keys: tuple[str, ...]  # adapter tensor keys this op reads, in the order the math takes them
+    scale: float = 1.0
+    layout: str = ""
+    indices: tuple[int, ...] = ()
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    source: str  # base tensor whose bytes start the computation
+    src_dtype: str
+    dtype: str
+    shape: tuple[int, ...]
+    ops: list[Op] = field(default_factory=list)
+    shard: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.ops)
+
+
+@dataclass
+class Plan:
+    base: Path
+    adapters: list[dict[str, Any]]
+    tensors: list[PlannedTensor]
+    shard_names: list[str]
+    tied_in: bool
+    tied_out: bool
+    embedding_rows: int | None
+    peak_bytes: int
+    accounted: list[str]  # adapter keys read but not applied (PEFT's copies of the original module)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["base"] = str(self.base)
+        doc["total_bytes"] = self.total_bytes
+        return doc
+
+
+def build_plan(ckpt: Checkpoint, adapters: list[Adapter], dtype: str, max_shard_bytes: int) -> Plan:
+    """Map every adapter tensor onto the base; fix output names, shapes, dtypes and shards."""
+    ops: dict[str, list[Op]] = defaultdict(list)
+    accounted: list[str] = []
+    resolve = _Resolver(ckpt)
+    for adapter in adapters:
+        _ops_of_adapter(adapter, resolve, ops, accounted)
+    tensors = _output_tensors(ckpt, ops, dtype)
+    tied_out = ckpt.tied
+    if ckpt.tied and ckpt.output_embedding and ckpt.output_embedding not in ckpt.tensors:
+        tied_out = _reconcile_tied(ckpt, ops, tensors, dtype)
+    unclaimed = set(ops) - {t.name for t in tensors}
+    if unclaimed:
+        raise PlanError(f"internal error: operations planned for unknown tensors {sorted(unclaimed)}")
+    entries = {(a.index, k.key): k.entry for a in adapters for k in a.keys}
+    by_index = {a.index: a for a in adapters}
+    for t in tensors:
+        _finalise(t, by_index, entries)
+    shapes = {t.name: t for t in tensors}
+    shard_names = _assign_shards(tensors, max_shard_bytes)
+    rows = shapes[ckpt.input_embedding].shape[0] if ckpt.input_embedding in shapes else None
+    return Plan(
+        base=ckpt.path,
+        adapters=[_adapter_summary(a) for a in adapters],
+        tensors=tensors,
+        shard_names=shard_names,
+        tied_in=ckpt.tied,
+        tied_out=tied_out,
+        embedding_rows=rows,
+        peak_bytes=_peak(tensors, adapters),
+        accounted=accounted,
+    )
+
+
+class _Resolver:
+    """Adapter module names -> base tensor names (checkpoints may drop the top-level prefix)."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt = ckpt
+        self.virtual = {ckpt.output_embedding} if ckpt.tied and ckpt.output_embedding not in ckpt.tensors else set()
+
+    def __call__(self, target: str, key: AdapterKey, adapter: Adapter) -> str:
+        if target in self.ckpt.tensors or target in self.virtual:
+            return target
+        short = target.split(".", 1)[1] if "." in target else target
+        if short in self.ckpt.tensors:
+            return short
+        raise PlanError(
+            f"{adapter.label}: `{key.key}` changes `{target}`, which the base model does not have "
+            "(is the adapter made for another base?)"
+        )
+
+
+def _ops_of_adapter(adapter: Adapter, resolve: _Resolver, ops: dict[str, list[Op]], accounted: list[str]) -> None:
+    by_module: dict[str, dict[str, AdapterKey]] = defaultdict(dict)
+    for key in adapter.keys:
+        if key.kind in by_module[key.module] and key.kind not in ("replace", "base_layer", "original"):
+            raise PlanError(f"{adapter.label}: two `{key.kind}` tensors for module `{key.module}`")
+        by_module[key.module][f"{key.kind}:{key.target}" if key.kind in ("replace", "base_layer", "original") else key.kind] = key
+    for module, kinds in by_module.items():
+        for slot, key in kinds.items():
+            if key.kind == "original":
+                accounted.append(key.key)
+            elif key.kind in ("replace", "base_layer"):
+                ops[resolve(key.target, key, adapter)].append(Op(key.kind, adapter.index, (key.key,)))
+        _lora_ops(adapter, module, kinds, resolve, ops)
+
+
+def _lora_ops(adapter: Adapter, module: str, kinds: dict[str, AdapterKey], resolve: _Resolver, ops: dict[str, list[Op]]) -> None:
+    label = adapter.label
+    scale = adapter.weight * adapter.scaling(module)
+    a, b = kinds.get("lora_A"), kinds.get("lora_B")
+    ea, eb = kinds.get("emb_A"), kinds.get("emb_B")
+    if (a is None) != (b is None) or (ea is None) != (eb is None):
+        raise PlanError(f"{label}: module `{module}` has only one of its two LoRA factors")
+    if a and ea:
+        raise PlanError(f"{label}: module `{module}` has both linear and embedding LoRA factors")
+    for extra in ("magnitude", "lora_bias"):
+        if extra in kinds and a is None and ea is None:
+            raise PlanError(f"{label}: `{kinds[extra].key}` has no LoRA factors to go with")
+    if "tokens" in kinds:
+        key = kinds["tokens"]
+        indices = _token_indices(adapter, module, key)
+        ops[resolve(key.target, key, adapter)].append(Op("rows", adapter.index, (key.key,), indices=indices))
+    fa, fb = (a, b) if a else (ea, eb)
+    if fa is None or fb is None:
+        return
+    if len(fa.entry.shape) != 2 or len(fb.entry.shape) != 2 or fa.entry.shape[0] != fb.entry.shape[1]:
+        raise PlanError(
+            f"{label}: `{module}` factors have shapes {list(fa.entry.shape)} and {list(fb.entry.shape)}, "
+            "which do not form a product B @ A (only Linear, Conv1D and Embedding layers are supported)"
+        )
+    rank = fa.entry.shape[0]
+    want, _ = adapter.rank_alpha(module)
+    if rank != want:
+        raise PlanError(
+            f"{label}: `{module}` has rank {rank} in its tensors but adapter_config.json says r={want} "
+            "(`r` or `rank_pattern`); the config and the weights do not belong together"
+        )
+    target = resolve(fa.target, fa, adapter)
+    layout = "embedding" if ea else "linear"
+    if "magnitude" in kinds:
+        if layout == "embedding":
+            raise PlanError(f"{label}: DoRA on embedding `{module}` is not supported; merge it with PEFT")
+        ops[target].append(Op("dora", adapter.index, (fa.key, fb.key, kinds["magnitude"].key), scale, layout))
+    else:
+        ops[target].append(Op("delta", adapter.index, (fa.key, fb.key), scale, layout))
+    if "lora_bias" in kinds:
+        key = kinds["lora_bias"]
+        ops[resolve(key.target, key, adapter)].append(Op("delta", adapter.index, (key.key,), scale, "bias"))
+
+
+def _token_indices(adapter: Adapter, module: str, key: AdapterKey) -> tuple[int, ...]:
+    spec = adapter.config.get("trainable_token_indices")
+    if isinstance(spec, list):
+        indices = spec
+    elif isinstance(spec, dict):
+        matches = [v for k, v in spec.items() if module == k or module.endswith("." + k)]
+        if len(matches) != 1:
+            raise PlanError(f"{adapter.label}: `trainable_token_indices` has no single entry for `{module}`")
+        indices = matches[0]
+    else:
+        raise PlanError(f"{adapter.label}: `{key.key}` needs `trainable_token_indices` in adapter_config.json")
+    if not all(type(i) is int and i >= 0 for i in indices):
+        raise PlanError(f"{adapter.label}: `trainable_token_indices` must be non-negative integers")
+    if key.entry.shape[:1] != (len(indices),):
+        raise PlanError(
+            f"{adapter.label}: `{key.key}` holds {key.entry.shape[0] if key.entry.shape else 0} rows but "
+            f"`trainable_token_indices` lists {len(indices)} tokens"
+        )
+    return tuple(indices)
+
+
+def _output_tensors(ckpt: Checkpoint, ops: dict[str, list[Op]], dtype: str) -> list[PlannedTensor]:
+    out = []
+    for name, entry in ckpt.tensors.items():
+        out.append(_planned(name, entry, sorted(ops.get(name, []), key=_op_order), dtype))
+    return out
+
+
+def _planned(name: str, entry: TensorEntry, ops: list[Op], dtype: str) -> PlannedTensor:
+    out_dtype = entry.dtype
+    if entry.dtype in FLOAT_DTYPES and dtype != "auto":
+        out_dtype = _OUT_DTYPES[dtype]
+    if ops and entry.dtype not in FLOAT_DTYPES:
+        raise PlanError(f"`{name}` is stored as {entry.dtype}; LoRA changes to non-float tensors are not supported")
+    return PlannedTensor(name, entry.name, entry.dtype, out_dtype, entry.shape, ops)
+
+
+def _op_order(op: Op) -> tuple[int, int]:
+    return (op.adapter, _ORDER[op.kind])
+
+
+def _reconcile_tied(ckpt: Checkpoint, ops: dict[str, list[Op]], tensors: list[PlannedTensor], dtype: str) -> bool:
+    """A tied checkpoint stores only the input embedding. Keep it tied while lm_head would equal it."""
+    emb, head = ckpt.input_embedding, ckpt.output_embedding
+    assert head is not None
+    if emb is None:
+        raise PlanError("the base is tied but its input embedding cannot be found")
+    emb_ops = ops.get(emb, [])
+    # PEFT ties a trainable-token adapter on the embedding to the tied lm_head as well.
+    head_ops = sorted(ops.get(head, []) + [op for op in emb_ops if op.kind == "rows"], key=_op_order)
+    if not ops.get(head) and all(op.kind == "rows" for op in emb_ops):
+        return True
+    ops[head] = head_ops
+    tensors.append(_planned(head, ckpt.tensors[emb], head_ops, dtype))
+    return False
+
+
+def _finalise(t: PlannedTensor, adapters: dict[int, Adapter], entries: dict[tuple[int, str], TensorEntry]) -> None:
+    """Check every op's tensors against the shape they meet; fix the output shape and each delta's layout."""
+    shape = t.shape
+    changed = False
+    final: list[Op] = []
+    for op in t.ops:
+        where = f"{adapters[op.adapter].label}: `{op.keys[0]}`"
+        shapes = [entries[op.adapter, k].shape for k in op.keys]
+        first = shapes[0]
+        if op.kind in ("replace", "base_layer"):
+            if changed and (op.kind == "replace" or first != shape):
+                raise PlanError(f"{where} replaces `{t.name}` whole, which would discard an earlier adapter's change")
+            if not (first == shape or (len(first) == len(shape) == 2 and first[1] == shape[1])):
+                raise PlanError(f"{where} has shape {list(first)}, which cannot replace `{t.name}` {list(shape)}")
+            shape = first
+        elif op.kind == "rows":
+            if len(shape) != 2 or first[1:] != shape[1:] or max(op.indices, default=-1) >= shape[0]:
+                raise PlanError(f"{where}: token rows {list(first)} at indices up to {max(op.indices)} do not fit `{t.name}` {list(shape)}")
+        elif op.layout == "bias":
+            if first != shape:
+                raise PlanError(f"{where} has shape {list(first)} but `{t.name}` is {list(shape)}")
+        else:
+            op = replace(op, layout=_layout(op, shape, first, shapes[1], adapters[op.adapter], where, t.name))
+            if op.kind == "dora" and shapes[2] != (shape[0] if op.layout == "linear" else shape[1],):
+                raise PlanError(f"{where}: DoRA magnitude {list(shapes[2])} does not fit `{t.name}` {list(shape)}")
+        changed = changed or op.kind not in ("replace", "base_layer")
+        final.append(op)
+    t.shape = shape
+    t.ops = final
+
+
+def _layout(op: Op, shape: tuple[int, ...], a: tuple[int, ...], b: tuple[int, ...], adapter: Adapter, where: str, name: str) -> str:
+    """linear (W is [out, in]), conv1d (GPT-2, W is [in, out]) or embedding (W is [vocab, dim])."""
+    product = (b[0], a[1])  # B @ A is [out, in]
+    if op.layout == "embedding":
+        if shape == product[::-1]:
+            return "embedding"
+    elif shape == product and shape == product[::-1]:
+        return "conv1d" if adapter.config.get("fan_in_fan_out") else "linear"
+    elif shape == product:
+        return "linear"
+    elif shape == product[::-1]:
+        return "conv1d"
+    raise PlanError(
+        f"{where}: LoRA factors give a {product[0]}x{product[1]} delta, which does not fit `{name}` "
+        f"{list(shape)} (is the adapter made for another base?)"
+    )
+
+
+def _assign_shards(tensors: list[PlannedTensor], max_bytes: int) -> list[str]:
+    """Greedy split in order, like huggingface_hub's: a tensor larger than the limit gets a shard of its own."""
+    shard, size = 0, 0
+    for t in tensors:
+        if size and size + t.nbytes > max_bytes:
+            shard, size = shard + 1, 0
+        t.shard = shard
+        size += t.nbytes
+    n = shard + 1
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def _peak(tensors: list[PlannedTensor], adapters: list[Adapter]) -> int:
+    """Predicted peak bytes of the merge math: the largest changed tensor's fp32 working set."""
+    factor_bytes = {(a.index, k.key): 4 * k.entry.numel for a in adapters for k in a.keys}
+    worst = 0
+    for t in tensors:
+        if not t.ops:
+            continue
+        numel = math.prod(t.shape)
+        # accumulator, delta and (for DoRA) the unmerged copy in fp32, the source tensor, the output
+        copies = 3 if any(op.kind == "dora" for op in t.ops) else 2
+        need = numel * 4 * copies + numel * ITEMSIZE[t.src_dtype] + t.nbytes
+        need += sum(factor_bytes[op.adapter, k] for op in t.ops for k in op.keys)
+        worst = max(worst, need)
+    return max(worst, COPY_CHUNK)
+
+
+def _adapter_summary(adapter: Adapter) -> dict[str, Any]:
+    cfg = adapter.config
+    variant = "dora" if cfg.get("use_dora") else ("rslora" if cfg.get("use_rslora") else "lora")
+    return {
+        "index": adapter.index,
+        "path": str(adapter.path),
+        "weight": adapter.weight,
+        "r": cfg.get("r"),
+        "lora_alpha": cfg.get("lora_alpha"),
+        "variant": variant,
+        "target_modules": cfg.get("target_modules"),
+        "tensors": len(adapter.keys),
+    }
+

@@ -1,0 +1,160 @@
+"""The safetensors file format, parsed strictly from the header alone.
+
+The reference reader tolerates things a release must not contain (duplicate keys, for one), so
+mergekit-lite reads headers itself before any tensor data is touched, and writes them itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergekit_lite.errors import CheckpointError
+
+MAX_HEADER_BYTES = 100 * 2**20  # the reference implementation caps it at 100 MB too
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+ITEMSIZE: dict[str, int] = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors file: where its bytes are, what they mean."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    begin: int  # absolute offset in the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed, validated safetensors header."""
+
+    file: Path
+    tensors: dict[str, TensorEntry]  # in file order
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int
+
+
+def read_header(path: Path) -> Header:
+    """Parse and validate the header of `path`; read no tensor data."""
+    where = f"`{path}`"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{where} does not exist") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"{where} is not a regular file")
+    size = st.st_size
+    if size < 8:
+        raise CheckpointError(f"{where} is not a safetensors file: {size} bytes, too short for a header length")
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{where}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
+        if 8 + n > size:
+            raise CheckpointError(f"{where} is truncated: header of {n} bytes but the file has {size}")
+        raw = fh.read(n)
+    try:
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        raise CheckpointError(f"{where}: duplicate tensor name `{exc.args[0]}` in the header") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{where}: header is not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{where}: header is not a JSON object")
+    metadata = doc.pop("__metadata__", {}) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{where}: `__metadata__` must map strings to strings")
+    data_start = 8 + n
+    entries = [_entry(path, name, info, data_start) for name, info in doc.items()]
+    entries.sort(key=lambda e: e.begin)
+    cursor = data_start
+    for entry in entries:
+        if entry.begin != cursor:
+            kind = "overlaps the previous tensor" if entry.begin < cursor else "leaves a gap before it"
+            raise CheckpointError(f"{where}: tensor `{entry.name}` {kind} (offset {entry.begin - data_start})")
+        cursor += entry.nbytes
+    if cursor != size:
+        problem = "is truncated" if cursor > size else f"has {size - cursor} trailing bytes"
+        raise CheckpointError(f"{where} {problem}: the header accounts for {cursor} bytes, the file has {size}")
+    return Header(path, {e.name: e for e in entries}, dict(metadata), data_start, size)
+
+
+def _entry(path: Path, name: str, info: object, data_start: int) -> TensorEntry:
+    where = f"`{path}`: tensor `{name}`"
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise CheckpointError(f"{where} must have exactly `dtype`, `shape` and `data_offsets`")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in DTYPES:
+        raise CheckpointError(f"{where} has unsupported dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise CheckpointError(f"{where} has an invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise CheckpointError(f"{where} has invalid data_offsets {offsets!r}")
+    expected = math.prod(shape) * ITEMSIZE[dtype]
+    if offsets[1] - offsets[0] != expected:
+        raise CheckpointError(
+            f"{where} spans {offsets[1] - offsets[0]} bytes but {dtype} {shape} needs {expected}"
+        )
+    return TensorEntry(name, dtype, tuple(shape), path, data_start + offsets[0], expected)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
+    """The bytes of a safetensors header (length prefix included) for tensors written in this order."""
+    doc: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, dtype, shape in entries:
+        nbytes = math.prod(shape) * ITEMSIZE[dtype]
+        doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(doc, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
