@@ -28,18 +28,25 @@ class Job:
     plan: Plan
 
 
-def prepare(manifest_path: str | Path) -> Job:
-    """Load the manifest, read headers and configs, and build the plan. Reads no tensor data."""
+def prepare(manifest_path: str | Path, for_output: bool = True) -> Job:
+    """Load the manifest, read headers and configs, build the plan, and (for a merge) vet the output.
+
+    Reads no tensor data and writes nothing; every input problem surfaces here.
+    """
     loaded = load_manifest(manifest_path)
     m = loaded.manifest
     checkpoint = read_checkpoint(loaded.base_path)
     adapters = [read_adapter(p, i, spec.weight) for i, (p, spec) in enumerate(zip(loaded.adapter_paths, m.adapters))]
     plan = build_plan(checkpoint, adapters, m.dtype, loaded.max_shard_bytes)
+    resolve_device(m.device_map)
+    if for_output:
+        inputs = [loaded.base_path, *loaded.adapter_paths]
+        check_output(loaded.output_path, inputs, m.output.overwrite, plan.total_bytes)
     return Job(loaded, checkpoint, adapters, plan)
 
 
 def run_plan(manifest_path: str | Path) -> Plan:
-    """The plan for a manifest (a dry run)."""
+    """The plan for a manifest (a dry run that also vets the output location)."""
     return prepare(manifest_path).plan
 
 
@@ -48,7 +55,6 @@ def execute(job: Job, progress: Progress | None = None) -> Path:
     loaded = job.manifest
     output = loaded.output_path
     overwrite = loaded.manifest.output.overwrite
-    check_output(output, [loaded.base_path, *loaded.adapter_paths], overwrite, job.plan.total_bytes)
     device = resolve_device(loaded.manifest.device_map)
     with staging(output) as stage:
         base = TensorReader(job.checkpoint.tensors)

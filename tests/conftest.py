@@ -25,6 +25,7 @@ from builders import CASES_BY_ID, MergeCase, Zoo, load_base  # noqa: E402
 from helpers import (  # noqa: E402
     DTYPES,
     attach_adapters,
+    dora_scaled_bases,
     load_folder_tensors,
     logits,
     merged_state_dict,
@@ -76,11 +77,12 @@ class Oracle:
 
     def __init__(self, zoo: Zoo) -> None:
         self.zoo = zoo
-        self._refs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        self._refs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # also magnitudes
         self._logits: dict[str, torch.Tensor] = {}
 
-    def _adapters(self, case: MergeCase) -> list[tuple[Path, float]]:
-        return [(self.zoo.adapter(name), 1.0 if weight is None else weight) for name, weight in case.adapters]
+    def _adapters(self, case: MergeCase, upto: int | None = None) -> list[tuple[Path, float]]:
+        return [(self.zoo.adapter(name), 1.0 if weight is None else weight)
+                for name, weight in case.adapters[:upto]]
 
     def base_tensors(self, case: MergeCase) -> dict[str, torch.Tensor]:
         """The base checkpoint's tensors (float32); a tied lm_head is listed under its own name."""
@@ -89,16 +91,50 @@ class Oracle:
             tensors[case.tied_pair[1]] = tensors[case.tied_pair[0]]
         return tensors
 
+    def magnitudes(self, case: MergeCase) -> dict[str, torch.Tensor]:
+        """Per tensor, elementwise, the largest magnitude that PEFT rounds on its way to the
+        merged tensor: the base |W|; each adapter's delta and each partial sum (PEFT rounds
+        after every adapter, and rounds an embedding delta before adding it); and for DoRA
+        |f W| with f = m / ||W + dW|| (DoRA scales PEFT's rounding of the base by f).
+        The tolerance table allows a number of ulps of this magnitude."""
+        key = ("magnitudes", case.id)
+        if key not in self._refs:
+            base = self.base_tensors(case)
+            mags = {k: v.abs() for k, v in base.items()}
+
+            def widen(name: str, value: torch.Tensor) -> None:
+                if name in mags and mags[name].shape == value.shape:
+                    mags[name] = torch.maximum(mags[name], value.abs().to(mags[name].dtype))
+
+            untie = case.oracle == "untie_first"
+            model, _ = self.peft_model(case, torch.float32, untie=untie)
+            for name, scaled in dora_scaled_bases(model).items():
+                widen(name, scaled)
+            previous = base
+            for upto in range(1, len(case.adapters) + 1):
+                model, names = self.peft_model(case, torch.float32, untie=untie, upto=upto)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    partial = merged_state_dict(model, names)
+                for name, value in partial.items():
+                    widen(name, value)
+                    if name in previous and previous[name].shape == value.shape:
+                        widen(name, value - previous[name])
+                previous = partial
+            self._refs[key] = mags
+        return self._refs[key]
+
     def base_names(self, case: MergeCase) -> set[str]:
         return set(load_folder_tensors(self.zoo.base(case.base)))
 
-    def peft_model(self, case: MergeCase, dtype: torch.dtype, untie: bool = False):
+    def peft_model(self, case: MergeCase, dtype: torch.dtype, untie: bool = False, upto: int | None = None):
+        """The unmerged PeftModel of the case (its first ``upto`` adapters), and adapter names."""
         base = load_base(self.zoo.base(case.base), dtype=dtype, resize_to=case.resize_to)
         if untie:
             untie_embeddings(base)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return attach_adapters(base, self._adapters(case))
+            return attach_adapters(base, self._adapters(case, upto))
 
     def merged(self, case: MergeCase, dtype_name: str) -> dict[str, torch.Tensor]:
         """PEFT's merged state dict (all names, tied ones included), per the case's oracle."""

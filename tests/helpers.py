@@ -115,7 +115,11 @@ def write_manifest(
 
 @dataclass(frozen=True)
 class Tolerance:
-    """|ours - ref| <= ulps * ulp_dtype(max(|ref|, |base|)) + floor_rel * max|ref| (elementwise)."""
+    """|ours - ref| <= ulps * ulp_dtype(max(|ref|, M)) + floor_rel * max|ref| (elementwise).
+
+    M is the largest magnitude PEFT rounds through for that element (``Oracle.magnitudes``):
+    the base |W|, each adapter's delta and partial sum, and |f W| for DoRA.
+    """
 
     ulps: float
     floor_rel: float
@@ -123,8 +127,9 @@ class Tolerance:
 
 # THE tolerance table. float32: a few ulp (different but equally valid summation orders),
 # plus a tiny floor relative to the tensor's largest magnitude for elements where the merge
-# cancels. bf16/fp16: one ulp of the larger of the reference and the base value (PEFT rounds
-# twice, we round once: the two may differ by one rounding step, never more).
+# cancels. bf16/fp16: one ulp of the largest magnitude PEFT rounds through (PEFT rounds the
+# base when loading it, and again after each adapter; we round once: the results may differ by
+# one rounding step of that magnitude, never more).
 TOLERANCES: dict[torch.dtype, Tolerance] = {
     torch.float32: Tolerance(ulps=4, floor_rel=2e-7),
     torch.bfloat16: Tolerance(ulps=1, floor_rel=0.0),
@@ -162,7 +167,10 @@ class Violation:
 
 def tensor_violation(name: str, ours: torch.Tensor, ref: torch.Tensor, base: torch.Tensor | None,
                      dtype: torch.dtype) -> Violation | None:
-    """None when ``ours`` is within the tolerance of ``ref`` elementwise, else the worst element."""
+    """None when ``ours`` is within the tolerance of ``ref`` elementwise, else the worst element.
+
+    ``base`` is the base magnitude that the tolerance may use (see ``Oracle.magnitudes``).
+    """
     if ours.shape != ref.shape:
         return Violation(name, float("inf"), float("inf"), float("nan"), float("nan"), None)
     tol = TOLERANCES[dtype]
@@ -188,7 +196,10 @@ def tensor_violation(name: str, ours: torch.Tensor, ref: torch.Tensor, base: tor
 
 def violations(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor],
                base: dict[str, torch.Tensor], dtype: torch.dtype) -> list[Violation]:
-    """Per-tensor violations of the tolerance table, over the names of ``ref``."""
+    """Per-tensor violations of the tolerance table, over the names of ``ref``.
+
+    ``base``: per tensor, the base magnitudes (|W|, or elementwise max(|W|, |f W|) for DoRA).
+    """
     found = []
     for name in sorted(ref):
         v = tensor_violation(name, ours[name], ref[name], base.get(name), dtype)
@@ -253,3 +264,30 @@ def merged_state_dict(peft_model, names: list[str]) -> dict[str, torch.Tensor]:
 def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=input_ids).logits.to(torch.float64)
+
+
+def dora_scaled_bases(peft_model) -> dict[str, torch.Tensor]:
+    """For each DoRA-adapted weight, f * W with f = m / ||W + dW|| (rowwise, PEFT's own code).
+
+    DoRA multiplies the base weight by f, so the rounding of the base that PEFT does when it
+    loads it in a low precision is multiplied by f too: the magnitude that bounds the rounding
+    difference between PEFT and a merge from the float32 base is |f W|, not |W|.
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import transpose
+
+    scaled: dict[str, torch.Tensor] = {}
+    inner = peft_model.base_model.model
+    for module_name, module in inner.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter in getattr(module, "lora_magnitude_vector", {}):
+            weight = module.get_base_layer().weight.detach().to(torch.float32)
+            delta = module.get_delta_weight(adapter).detach().to(torch.float32)
+            fan = module.fan_in_fan_out
+            with torch.no_grad():
+                norm = module.lora_magnitude_vector[adapter].get_weight_norm(
+                    weight, transpose(delta, fan), scaling=1)
+                factor = module.lora_magnitude_vector[adapter].weight.detach().float() / norm
+            scaled[f"{module_name}.weight"] = transpose(factor.view(-1, 1), fan) * weight
+    return scaled

@@ -1,0 +1,31 @@
+# Two commands from a fresh clone: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test clean
+all: test
+
+# A torch already importable by python3 (say a CUDA build) is reused through system site-packages;
+# otherwise the CPU build pinned here is installed first, so pip never drags in a multi-GB CUDA wheel.
+TORCH_PIN ?= torch==2.13.0
+$(VENV)/.installed: pyproject.toml
+	@if python3 -c "import torch" 2>/dev/null; then \
+		python3 -m venv --system-site-packages $(VENV); \
+	else \
+		python3 -m venv $(VENV); \
+	fi
+	$(PY) -m pip install -q --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[test,example]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m mergekit_lite.demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

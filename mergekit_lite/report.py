@@ -1,0 +1,59 @@
+"""Human-readable renderings of a plan (the CLI prints them; no click here)."""
+
+from __future__ import annotations
+
+from mergekit_lite.plan import Op, Plan
+
+_PEFT_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.23 MB' (decimal units, like the shard sizes)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def describe_op(op: Op) -> str:
+    """A short label such as `a0 lora x2.000` or `a1 replace`."""
+    tag = f"a{op.adapter}"
+    if op.kind == "delta":
+        name = {"bias": "lora_bias", "embedding": "lora_emb", "conv1d": "lora_conv1d"}.get(op.layout, "lora")
+        return f"{tag} {name} x{op.scale:.4g}"
+    if op.kind == "dora":
+        return f"{tag} dora x{op.scale:.4g}"
+    if op.kind == "rows":
+        return f"{tag} rows[{len(op.indices)}]"
+    return f"{tag} {op.kind}"
+
+
+def plan_table(plan: Plan, limit: int | None = None) -> str:
+    """The plan as text: a summary, the adapters, and one row per changed tensor."""
+    changed = [t for t in plan.tensors if t.changed]
+    lines = [f"base      {plan.base}"]
+    for a in plan.adapters:
+        lines.append(
+            f"adapter {a['index']} {a['path']}  ({a['variant']}, r={a['r']}, alpha={a['lora_alpha']}, "
+            f"weight={a['weight']:g}, {a['tensors']} tensors)"
+        )
+    dtypes = sorted({_PEFT_NAMES.get(t.dtype, t.dtype) for t in plan.tensors})
+    tie = "tied" if plan.tied_out else ("untied (the adapters change lm_head or the embedding)" if plan.tied_in else "untied")
+    lines += [
+        f"output    {len(plan.tensors)} tensors ({len(changed)} changed), {', '.join(dtypes)}, "
+        f"{len(plan.shard_names)} shard{'s' if len(plan.shard_names) > 1 else ''}, {human_bytes(plan.total_bytes)}",
+        f"embedding {tie}" + (f", {plan.embedding_rows} rows" if plan.embedding_rows else ""),
+        f"memory    merge working set up to {human_bytes(plan.peak_bytes)} (the largest changed tensor in fp32)",
+        "",
+    ]
+    rows = [("tensor", "shape", "dtype", "operations")]
+    shown = changed if limit is None else changed[:limit]
+    for t in shown:
+        rows.append((t.name, "x".join(map(str, t.shape)), _PEFT_NAMES.get(t.dtype, t.dtype), ", ".join(map(describe_op, t.ops))))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        lines.append("  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3])
+    if len(shown) < len(changed):
+        lines.append(f"... and {len(changed) - len(shown)} more changed tensors (--all to list them)")
+    return "\n".join(lines)
