@@ -136,16 +136,27 @@ class _Resolver:
 
 def _ops_of_adapter(adapter: Adapter, resolve: _Resolver, ops: dict[str, list[Op]], accounted: list[str]) -> None:
     by_module: dict[str, dict[str, AdapterKey]] = defaultdict(dict)
+    replaced: dict[tuple[str, str], AdapterKey] = {}
     for key in adapter.keys:
-        if key.kind in by_module[key.module] and key.kind not in ("replace", "base_layer", "original"):
-            raise PlanError(f"{adapter.label}: two `{key.kind}` tensors for module `{key.module}`")
-        by_module[key.module][f"{key.kind}:{key.target}" if key.kind in ("replace", "base_layer", "original") else key.kind] = key
-    for module, kinds in by_module.items():
-        for slot, key in kinds.items():
-            if key.kind == "original":
+        if key.kind == "original":  # PEFT's copy of the module before training: not a change
+            accounted.append(key.key)
+        elif key.kind in ("replace", "base_layer"):
+            target = resolve(key.target, key, adapter)
+            if (key.kind, target) in replaced:
+                # With a resized vocabulary PEFT saves a modules_to_save tensor under two names
+                # (`lm_head.weight` and `lm_head.modules_to_save.weight`): one op, the other accounted.
+                first = replaced[key.kind, target]
+                if first.entry.shape != key.entry.shape:
+                    raise PlanError(f"{adapter.label}: `{first.key}` and `{key.key}` both replace `{target}` with different shapes")
                 accounted.append(key.key)
-            elif key.kind in ("replace", "base_layer"):
-                ops[resolve(key.target, key, adapter)].append(Op(key.kind, adapter.index, (key.key,)))
+                continue
+            replaced[key.kind, target] = key
+            ops[target].append(Op(key.kind, adapter.index, (key.key,)))
+        elif key.kind in by_module[key.module]:
+            raise PlanError(f"{adapter.label}: two `{key.kind}` tensors for module `{key.module}`")
+        else:
+            by_module[key.module][key.kind] = key
+    for module, kinds in by_module.items():
         _lora_ops(adapter, module, kinds, resolve, ops)
 
 

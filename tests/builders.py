@@ -21,6 +21,7 @@ prefix):
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,19 +293,27 @@ class Zoo:
     def base(self, kind: str) -> Path:
         key = f"base/{kind}"
         if key not in self._built:
-            if kind.endswith("_bf16"):
-                self._built[key] = build_bf16_copy(self.base(kind[: -len("_bf16")]), self.root / key)
-            else:
-                self._built[key] = build_base(kind, self.root / key)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._build_base(kind, key)
         return self._built[key]
+
+    def _build_base(self, kind: str, key: str) -> None:
+        if kind.endswith("_bf16"):
+            self._built[key] = build_bf16_copy(self.base(kind[: -len("_bf16")]), self.root / key)
+        else:
+            self._built[key] = build_base(kind, self.root / key)
 
     def adapter(self, name: str) -> Path:
         key = f"adapter/{name}"
         if key not in self._built:
             recipe = ADAPTERS[name]
+            base = self.base(recipe.base)
             out = self.root / key
             out.parent.mkdir(parents=True, exist_ok=True)
-            recipe.build(self.base(recipe.base), out)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                recipe.build(base, out)
             self._built[key] = out
         return self._built[key]
 

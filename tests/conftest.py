@@ -20,6 +20,7 @@ if str(REPO) not in sys.path:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
 
 from builders import CASES_BY_ID, MergeCase, Zoo, load_base  # noqa: E402
 from helpers import (  # noqa: E402
@@ -35,6 +36,8 @@ from helpers import (  # noqa: E402
 )
 
 torch.set_num_threads(2)
+transformers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
 
 
 class Merger:

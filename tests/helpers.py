@@ -137,7 +137,7 @@ TOLERANCES: dict[torch.dtype, Tolerance] = {
 }
 
 # logits of the reloaded output against the unmerged PeftModel, float32 forward passes
-LOGITS_ATOL_REL = 1e-4  # times max(1, max|ref logits|)
+LOGITS_ATOL_REL = 2e-5  # times max(1, max|ref logits|); observed <= 1e-6
 
 
 def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

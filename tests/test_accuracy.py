@@ -18,12 +18,15 @@ from safetensors.torch import load_file
 from builders import load_base
 from helpers import attach_adapters, load_folder_tensors, load_output, merged_state_dict
 
-ACCURACY_CASES = ["lora", "two_weighted"]
+# plain LoRA, two weighted adapters, and an embedding LoRA (PEFT rounds an embedding delta to the
+# weight dtype before adding it: two roundings even for one adapter)
+ACCURACY_CASES = ["lora", "two_weighted", "embedding_lora"]
 PREFIX = "base_model.model."
 
 
 def exact_merge(base: dict[str, torch.Tensor], adapters) -> dict[str, torch.Tensor]:
-    """Float64 W + sum w s B A for the plain-LoRA adapters of these cases (changed tensors only)."""
+    """Float64 W + sum w s B A for the plain-LoRA adapters of these cases (changed tensors only);
+    embeddings: W + sum w s (B_e A_e)^T."""
     truth: dict[str, torch.Tensor] = {}
     for path, weight in adapters:
         config = json.loads((path / "adapter_config.json").read_text())
@@ -33,15 +36,21 @@ def exact_merge(base: dict[str, torch.Tensor], adapters) -> dict[str, torch.Tens
         scale = config["lora_alpha"] / config["r"]
         factors = load_file(path / "adapter_model.safetensors")
         for key in factors:
-            if not key.endswith(".lora_A.weight"):
+            if key.endswith(".lora_A.weight"):
+                module = key[len(PREFIX):-len(".lora_A.weight")]
+                a = factors[key].to(torch.float64)
+                delta = factors[key.replace(".lora_A.", ".lora_B.")].to(torch.float64) @ a
+            elif key.endswith(".lora_embedding_A"):
+                module = key[len(PREFIX):-len(".lora_embedding_A")]
+                a = factors[key].to(torch.float64)
+                delta = (factors[key.replace("_A", "_B")].to(torch.float64) @ a).T
+            else:
+                assert key.endswith((".lora_B.weight", ".lora_embedding_B", ".base_layer.weight")), key
                 continue
-            module = key[len(PREFIX):-len(".lora_A.weight")]
-            a = factors[key].to(torch.float64)
-            b = factors[key.replace(".lora_A.", ".lora_B.")].to(torch.float64)
             name = f"{module}.weight"
             if name not in truth:
                 truth[name] = base[name].to(torch.float64).clone()
-            truth[name] += weight * scale * (b @ a)
+            truth[name] += weight * scale * delta
     return truth
 
 

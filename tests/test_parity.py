@@ -57,6 +57,12 @@ def test_tensors_match_peft(case, dtype_name, merger, oracle):
     found = violations(ours, ref, mags, dtype)
     assert not found, f"{len(found)} tensor(s) beyond the {dtype_name} tolerance of PEFT:\n{_fmt(found)}"
 
+    # tensors that no adapter touches are the base's, converted once (bit for bit)
+    untouched = [k for k in ref if k in base and torch.equal(ref[k], base[k].to(dtype))]
+    altered = [k for k in untouched if not torch.equal(ours[k], base[k].to(dtype))]
+    assert not altered, f"untouched tensors differ from the base: {altered}"
+    assert len(untouched) < len(ref), "negative control: the adapter changes no tensor"
+
     # negative control: the unmerged base, in the output dtype, must fail the same comparison
     unmerged = {k: base[k].to(dtype) for k in ref if k in base and base[k].shape == ref[k].shape}
     control = violations(unmerged, {k: ref[k] for k in unmerged}, mags, dtype)
