@@ -50,6 +50,9 @@ def main() -> None:
 
     Example: mergekit-lite merge manifest.yaml
     """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the loading bars of the gate's models would interleave with ours
     log = logging.getLogger("mergekit_lite")
     if not log.handlers:
         log.addHandler(_Warnings())
@@ -78,29 +81,88 @@ def plan(manifest: str, as_json: bool, show_all: bool) -> None:
 
 @main.command()
 @click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--no-verify", is_flag=True, help="Skip the verification gate (the release then says it is NOT VERIFIED).")
+@click.option("--keep-rejected", is_flag=True, help="Keep a candidate that fails the gate at OUTPUT.rejected.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the output folder.")
 @_clean_errors
-def merge(manifest: str, quiet: bool) -> None:
-    """Plan, stream-merge and publish the release a manifest describes.
+def merge(manifest: str, no_verify: bool, keep_rejected: bool, quiet: bool) -> None:
+    """Plan, stream-merge, verify and publish the release a manifest describes.
+
+    Nothing is published unless the gate passes (exit 1 otherwise).
 
     Example: mergekit-lite merge manifests/smollm2-demo.yaml
     """
     from tqdm import tqdm
 
-    from mergekit_lite.pipeline import execute, prepare
+    from mergekit_lite.pipeline import GateFailed, execute, prepare
 
     job = prepare(manifest)
     if not quiet:
         click.echo(plan_table(job.plan, 12))
         click.echo("")
     bar = tqdm(total=job.plan.total_bytes, unit="B", unit_scale=True, desc="merging", disable=quiet, file=sys.stderr)
-    with bar:
-        output = execute(job, progress=lambda t: bar.update(t.nbytes))
+    gating = not no_verify and job.manifest.manifest.verify.enabled
+
+    def progress(tensor) -> None:
+        bar.update(tensor.nbytes)
+        if bar.n >= job.plan.total_bytes:
+            bar.close()
+            if gating and not quiet:
+                click.echo("verifying the candidate (structure, per-tensor algebra, end to end, packaging)...", err=True)
+
+    try:
+        with bar:
+            result = execute(job, progress=progress, verify=not no_verify, keep_rejected=keep_rejected)
+    except GateFailed as failed:
+        _show_report(failed.report, job.manifest.output_path.name, quiet=False)
+        raise
+    if result.report is not None:
+        _show_report(result.report, result.output.name, quiet)
+    elif not quiet:
+        click.echo("verification SKIPPED (--no-verify or verify.enabled: false): the release is marked NOT VERIFIED")
     if quiet:
-        click.echo(str(output))
+        click.echo(str(result.output))
     else:
         n = len(job.plan.shard_names)
-        click.echo(f"published {output} ({n} shard{'s' if n > 1 else ''}, {human_bytes(job.plan.total_bytes)})")
+        click.echo(f"published {result.output} ({n} shard{'s' if n > 1 else ''}, {human_bytes(job.plan.total_bytes)})")
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--against", type=click.Path(file_okay=False), help="The release folder to check (default: the manifest's output).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the report as JSON here.")
+@_clean_errors
+def verify(manifest: str, against: str | None, report_path: str | None) -> None:
+    """Run the verification gate on an existing release. Exit 0 pass, 1 fail, 2 invalid input.
+
+    Example: mergekit-lite verify manifests/smollm2-demo.yaml --against dist/smollm2-mergekit
+    """
+    from pathlib import Path
+
+    from mergekit_lite.pipeline import verify_release
+
+    report = verify_release(manifest, against)
+    if report_path:
+        Path(report_path).write_text(report.to_json(), encoding="utf-8")
+    _show_report(report, Path(against or "release").name, quiet=False)
+    if not report.passed:
+        first = report.failures[0]
+        click.echo(f"error: verification failed: {first.group}: {first.name}; {first.detail}", err=True)
+        sys.exit(1)
+
+
+def _show_report(report, title: str, quiet: bool) -> None:
+    """The gate's table on the terminal; its Markdown appended to $GITHUB_STEP_SUMMARY when set."""
+    import os
+
+    from mergekit_lite.gate.report import markdown, table
+
+    if not quiet or not report.passed:
+        click.echo(table(report))
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with open(summary, "a", encoding="utf-8") as fh:
+            fh.write(markdown(report, title) + "\n")
 
 
 @main.group()

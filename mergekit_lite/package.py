@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from mergekit_lite.plan import Plan
+from mergekit_lite.tokenizer import generation_config
 
 TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
@@ -41,9 +41,9 @@ def write_index(folder: Path, plan: Plan) -> None:
     write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": plan.total_bytes}, "weight_map": weight_map})
 
 
-def write_configs(folder: Path, base: Path, base_config: dict[str, Any], plan: Plan) -> None:
-    """config.json reconciled with the output; generation_config.json carried over."""
+def write_configs(folder: Path, base: Path, base_config: dict[str, Any], plan: Plan, tokenizer: Any = None) -> None:
+    """config.json reconciled with the output; generation_config.json carried over with the tokenizer's EOS."""
     write_json(folder / "config.json", reconciled_config(base_config, plan))
-    generation = base / "generation_config.json"
-    if generation.is_file():
-        shutil.copyfile(generation, folder / "generation_config.json")
+    generation = generation_config(base, tokenizer)
+    if generation is not None:
+        write_json(folder / "generation_config.json", generation)

@@ -7,15 +7,44 @@ from pathlib import Path
 
 import torch
 
+from mergekit_lite import publish as publish_module
 from mergekit_lite.adapter import Adapter, read_adapter
 from mergekit_lite.checkpoint import Checkpoint, read_checkpoint
-from mergekit_lite.errors import InputError
+from mergekit_lite.errors import InputError, MergekitError
+from mergekit_lite.gate import GateReport, run_gate
+from mergekit_lite.gate.report import fmt, markdown, skipped_report
 from mergekit_lite.manifest import LoadedManifest, load_manifest
 from mergekit_lite.merge import Progress, write_shards
-from mergekit_lite.package import write_configs, write_index
+from mergekit_lite.package import write_configs, write_index, write_json
 from mergekit_lite.plan import Plan, build_plan
-from mergekit_lite.publish import check_output, publish, staging
+from mergekit_lite.publish import check_output, new_parents, output_lock, publish, staging
 from mergekit_lite.reader import TensorReader
+from mergekit_lite.release import model_card, resolved_manifest, write_checksums, write_receipt
+from mergekit_lite.tokenizer import copy_tokenizer, load_tokenizer, tokenizer_files, tokenizer_source
+
+
+class GateFailed(MergekitError):
+    """The candidate failed the verification gate; nothing was published. Exit code 1."""
+
+    exit_code = 1
+
+    def __init__(self, report: GateReport, kept: Path | None) -> None:
+        first = report.failures[0]
+        where = f"the rejected candidate is kept at `{kept}`" if kept else "the candidate was removed (--keep-rejected keeps it)"
+        super().__init__(
+            f"verification failed: {first.group}: {first.name} = {fmt(first.figure)} (threshold {fmt(first.threshold)})"
+            f"{'; ' + first.detail if first.detail else ''}; nothing was published; {where}"
+        )
+        self.report = report
+        self.kept = kept
+
+
+@dataclass
+class Result:
+    """A published release and its gate report (None when the gate was skipped)."""
+
+    output: Path
+    report: GateReport | None
 
 
 @dataclass
@@ -50,24 +79,71 @@ def run_plan(manifest_path: str | Path) -> Plan:
     return prepare(manifest_path).plan
 
 
-def execute(job: Job, progress: Progress | None = None) -> Path:
-    """Merge into a staging folder and publish it at the output path; return that path."""
+def execute(job: Job, progress: Progress | None = None, verify: bool = True, keep_rejected: bool = False) -> Result:
+    """Merge into a staging folder, package, run the gate, and publish only if it passes."""
     loaded = job.manifest
+    m = loaded.manifest
     output = loaded.output_path
-    overwrite = loaded.manifest.output.overwrite
-    device = resolve_device(loaded.manifest.device_map)
-    with staging(output) as stage:
-        base = TensorReader(job.checkpoint.tensors)
-        write_shards(job.plan, base, job.adapters, stage, device, progress)
+    device = resolve_device(m.device_map)
+    source = tokenizer_source(m.tokenizer, loaded.base_path, loaded.adapter_paths, loaded.resolve)
+    with new_parents(output), output_lock(output), staging(output) as stage:
+        check_output(output, [loaded.base_path, *loaded.adapter_paths], m.output.overwrite, job.plan.total_bytes)
+        write_shards(job.plan, TensorReader(job.checkpoint.tensors), job.adapters, stage, device, progress)
         write_index(stage, job.plan)
-        write_configs(stage, job.checkpoint.path, job.checkpoint.config, job.plan)
-        publish(stage, output, overwrite)
-    return output
+        tokenizer_copies = copy_tokenizer(source, stage) if source is not None else []
+        write_configs(stage, job.checkpoint.path, job.checkpoint.config, job.plan, load_tokenizer(source))
+        report = None
+        if verify and m.verify.enabled:
+            report = run_gate(job.plan, job.checkpoint, job.adapters, stage, m.verify, m.device_map, source)
+            if not report.passed:
+                kept = publish_module.keep_rejected(stage, output) if keep_rejected else None
+                raise GateFailed(report, kept)
+        _describe(job, stage, report, source, tokenizer_copies)
+        publish(stage, output, m.output.overwrite)
+    return Result(output, report)
 
 
-def run_merge(manifest_path: str | Path, progress: Progress | None = None) -> Path:
-    """Plan, merge and publish the release a manifest describes; return the output folder."""
-    return execute(prepare(manifest_path), progress)
+def _describe(job: Job, stage: Path, report: GateReport | None, source: Path | None, tokenizer_copies: list[Path]) -> None:
+    """verification.json, the model card, the resolved manifest, the receipt and SHA256SUMS."""
+    loaded = job.manifest
+    m = loaded.manifest
+    reason = "`verify.enabled` is false in the manifest" if not m.verify.enabled else "--no-verify"
+    verification = report.to_dict() if report is not None else skipped_report(reason)
+    write_json(stage / "verification.json", verification)
+    gate_md = markdown(report, "mergekit-lite gate") if report is not None else None
+    base_id = f"{m.base.id}@{m.base.revision}" if m.base.id else None
+    card = model_card(loaded.output_path.name, loaded.base_path, base_id, job.plan.adapters, job.plan, gate_md)
+    (stage / "README.md").write_text(card, encoding="utf-8")
+    (stage / "manifest.yaml").write_text(
+        resolved_manifest(m, loaded.base_path, loaded.adapter_paths, loaded.output_path), encoding="utf-8")
+    inputs = [*job.checkpoint.files, job.checkpoint.path / "config.json"]
+    for extra in ("generation_config.json", "model.safetensors.index.json"):
+        if (job.checkpoint.path / extra).is_file():
+            inputs.append(job.checkpoint.path / extra)
+    for adapter in job.adapters:
+        inputs += [adapter.path / "adapter_config.json", adapter.path / "adapter_model.safetensors"]
+    if source is not None:
+        inputs += [p for p in tokenizer_files(source) if p not in inputs]
+    write_receipt(stage, inputs, job.plan, verification)
+    write_checksums(stage)
+
+
+def verify_release(manifest_path: str | Path, against: str | Path | None = None) -> GateReport:
+    """Run the gate on an existing release (the manifest's output, or `against`)."""
+    job = prepare(manifest_path, for_output=False)
+    loaded = job.manifest
+    m = loaded.manifest
+    candidate = Path(against).resolve() if against is not None else loaded.output_path
+    if not candidate.is_dir():
+        raise InputError(f"release `{candidate}` does not exist or is not a folder")
+    source = tokenizer_source(m.tokenizer, loaded.base_path, loaded.adapter_paths, loaded.resolve)
+    settings = m.verify.model_copy(update={"enabled": True})
+    return run_gate(job.plan, job.checkpoint, job.adapters, candidate, settings, m.device_map, source)
+
+
+def run_merge(manifest_path: str | Path, progress: Progress | None = None, verify: bool = True) -> Path:
+    """Plan, merge, verify and publish the release a manifest describes; return the output folder."""
+    return execute(prepare(manifest_path), progress, verify).output
 
 
 def resolve_device(device_map: str) -> torch.device:

@@ -30,8 +30,8 @@ def check_output(output: Path, inputs: list[Path], overwrite: bool, needed_bytes
 
 
 @contextmanager
-def staging(output: Path) -> Iterator[Path]:
-    """A fresh staging folder beside `output`, removed (with any parents made for it) unless published."""
+def new_parents(output: Path) -> Iterator[None]:
+    """Create the output's missing parent folders; remove them again if the run fails."""
     made = []
     parent = output.parent
     while not parent.exists():
@@ -39,18 +39,37 @@ def staging(output: Path) -> Iterator[Path]:
         parent = parent.parent
     for folder in reversed(made):
         folder.mkdir()
-    stage = output.parent / f".{output.name}.{secrets.token_hex(4)}.staging"
-    stage.mkdir()
     try:
-        yield stage
+        yield
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
         for folder in made:
             try:
                 folder.rmdir()
             except OSError:
                 break
         raise
+
+
+@contextmanager
+def staging(output: Path) -> Iterator[Path]:
+    """A fresh staging folder beside `output`, removed unless it was published or kept."""
+    stage = output.parent / f".{output.name}.{secrets.token_hex(4)}.staging"
+    stage.mkdir()
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def keep_rejected(stage: Path, output: Path) -> Path:
+    """Move a candidate that failed the gate to `<output>.rejected` (replacing an older one)."""
+    target = output.parent / f"{output.name}.rejected"
+    if target.exists():
+        shutil.rmtree(target)
+    os.rename(stage, target)
+    stage.mkdir()  # the staging context removes this empty stand-in
+    return target
 
 
 def publish(stage: Path, output: Path, overwrite: bool) -> None:
@@ -86,3 +105,45 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """Hold `.<name>.lock` beside the output for the whole run; a second run fails fast.
+
+    The kernel's flock is released when a process dies, so a lock file left by a killed run
+    does not block the next one; the pid written inside names the holder in the error.
+    """
+    import fcntl
+
+    path = output.parent / f".{output.name}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise OutputError(f"output `{output}` is being written by another run (pid {holder}); wait for it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        recover_stale(output)
+        try:
+            yield
+        finally:
+            os.unlink(path)
+    finally:
+        os.close(fd)
+
+
+def recover_stale(output: Path) -> None:
+    """Clean what a killed run left beside `output` (called while holding its lock).
+
+    A run killed between the two renames of publish leaves the previous release as `.old`
+    and nothing at the output: put the previous release back. Staging folders are removed.
+    """
+    olds = sorted(output.parent.glob(f".{output.name}.*.old"))
+    if olds and not output.exists():
+        os.rename(olds[-1], output)
+        olds = olds[:-1]
+    for leftover in [*olds, *output.parent.glob(f".{output.name}.*.staging")]:
+        shutil.rmtree(leftover, ignore_errors=True)

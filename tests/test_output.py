@@ -106,5 +106,8 @@ def test_overwrite_replaces_a_previous_release(zoo, tmp_path: Path) -> None:
     (tmp_path / "out" / "stale.txt").write_text("old")
     m.write_text(m.read_text().replace("path: ./out", "path: ./out\n  overwrite: true"))
     out = run_merge(m)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "SHA256SUMS", "config.json", "generation_config.json", "manifest.yaml", "model.safetensors",
+        "release.json", "verification.json",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.yaml", "out"]

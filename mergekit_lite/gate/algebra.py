@@ -1,0 +1,187 @@
+"""Gate check 2, per-tensor algebra, streamed one tensor at a time.
+
+For each changed tensor W' the expected product W'x is rebuilt from the base and the adapter
+factors in factored form (W x + s B (A x), the DoRA rescale, replacements, token rows) on fixed
+random probes x, in float64, without ever forming B @ A: a path independent of the merge's.
+The difference is measured in ulps of the output dtype, so rounding once passes and a wrong
+scale, transpose, key or dtype does not. Unchanged tensors must equal the base byte for byte.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+
+from mergekit_lite.adapter import Adapter
+from mergekit_lite.gate.report import GateReport
+from mergekit_lite.plan import Op, Plan, PlannedTensor
+from mergekit_lite.reader import TensorReader
+from mergekit_lite.stformat import DTYPES, TensorEntry
+
+PROBES = 4
+BLOCK_ELEMENTS = 8 * 2**20  # rows are upcast to float64 in blocks of about this many elements
+_MANTISSA = {torch.float32: 24, torch.float16: 11, torch.bfloat16: 8, torch.float64: 53}
+
+
+@dataclass
+class TensorFigures:
+    name: str
+    residual_rms: float
+    residual_max: float
+    applied_error: float
+
+
+def check_algebra(report: GateReport, plan: Plan, adapters: list[Adapter], base: TensorReader,
+                  candidate: dict[str, TensorEntry], limits: dict[str, float]) -> None:
+    """Record finiteness, unchanged-equals-base and the probe checks over every planned tensor."""
+    out = TensorReader(candidate)
+    factors = [TensorReader({k.key: k.entry for k in a.keys}) for a in adapters]
+    non_finite: list[str] = []
+    differs: list[str] = []
+    figures: list[TensorFigures] = []
+    for t in plan.tensors:
+        if t.name not in candidate or candidate[t.name].shape != t.shape or candidate[t.name].dtype != t.dtype:
+            continue  # already reported by the structure checks
+        merged = out.get(t.name)
+        if merged.is_floating_point() and not bool(torch.isfinite(merged).all()):
+            non_finite.append(t.name)
+            continue
+        if not t.ops:
+            if not _equals_base(t, merged, base, candidate[t.name]):
+                differs.append(t.name)
+            continue
+        figures.append(_probe(t, merged, base, factors))
+    report.add("structure", "no NaN or Inf", not non_finite, len(non_finite), 0, ", ".join(non_finite[:3]))
+    untouched = sum(1 for t in plan.tensors if not t.ops)
+    report.add("algebra", f"{untouched} unchanged tensors equal the base", not differs, len(differs), 0,
+               ", ".join(differs[:3]))
+    if not figures:
+        return
+    for metric, label in (("residual_rms", "W'x residual, RMS ulps"), ("residual_max", "W'x residual, max ulps"),
+                          ("applied_error", "expected change applied, |fraction - 1|")):
+        worst = max(figures, key=lambda f: getattr(f, metric))
+        value = getattr(worst, metric)
+        limit = limits[metric]
+        report.add("algebra", f"{label} ({len(figures)} changed tensors)", value <= limit, value, limit,
+                   f"worst: {worst.name}")
+
+
+def _equals_base(t: PlannedTensor, merged: torch.Tensor, base: TensorReader, entry: TensorEntry) -> bool:
+    if t.dtype == t.src_dtype:
+        return all(a == b for a, b in zip(base.raw_chunks(t.source, 2**26), _raw(entry), strict=True))
+    return torch.equal(merged, base.get(t.source).to(DTYPES[t.dtype]))
+
+
+def _raw(entry: TensorEntry):
+    return TensorReader({entry.name: entry}).raw_chunks(entry.name, 2**26)
+
+
+def _probe(t: PlannedTensor, merged: torch.Tensor, base: TensorReader, factors: list[TensorReader]) -> TensorFigures:
+    """Compare W'x with the factored expectation in float64; figures in output-dtype ulps."""
+    vector = merged.dim() == 1
+    transposed = any(op.layout == "conv1d" and op.kind == "dora" for op in t.ops)
+    w_out = merged.reshape(-1, 1) if vector else merged
+    cols = w_out.shape[0] if transposed else w_out.shape[1]
+    x = torch.ones(1, 1, dtype=torch.float64) if vector else torch.randn(
+        cols, PROBES, dtype=torch.float64, generator=torch.Generator().manual_seed(cols))
+    get = lambda op, i: factors[op.adapter].get(op.keys[i]).to(torch.float64)  # noqa: E731
+    w0 = base.get(t.source)
+    w0 = w0.reshape(-1, 1) if vector else w0
+    y_base = _matmul(w0, x, transposed)
+    y = y_base
+    unmerged = w0
+    started = False
+    for op in t.ops:
+        if op.kind in ("replace", "base_layer"):
+            r = factors[op.adapter].get(op.keys[0])
+            r = r.reshape(-1, 1) if vector else r
+            if not started:
+                unmerged = r
+            y = _matmul(r, x, transposed)
+            continue
+        started = True
+        y = _apply(op, y, x, unmerged, transposed, get)
+    actual = _matmul(w_out, x, transposed)
+    scale = _ulp_scale(w_out, x, transposed)
+    ratio = (actual - y).abs() / scale
+    expected_change, actual_change = y - _resize(y_base, y), actual - _resize(y_base, y)
+    norm = float((expected_change * expected_change).sum())
+    applied = float((actual_change * expected_change).sum()) / norm if norm > 0 else 1.0
+    return TensorFigures(t.name, float(ratio.pow(2).mean().sqrt()), float(ratio.max()), abs(applied - 1.0))
+
+
+def _apply(op: Op, y: torch.Tensor, x: torch.Tensor, unmerged: torch.Tensor, transposed: bool, get) -> torch.Tensor:
+    if op.kind == "rows":
+        y = y.clone()
+        y[list(op.indices)] = get(op, 0) @ x
+        return y
+    if op.layout == "bias":
+        return y + op.scale * get(op, 0).reshape(-1, 1) * x
+    a, b = get(op, 0), get(op, 1)
+    if op.layout == "linear" or transposed:  # canonical frame: W [out, in], delta = s B A
+        change = op.scale * (b @ (a @ x))
+    else:  # stored [in, out] (conv1d) or [vocab, dim] (embedding): delta = s (B A)^T
+        change = op.scale * (a.T @ (b.T @ x))
+    if op.kind != "dora":
+        return y + change
+    w0 = (unmerged.T if transposed else unmerged)
+    norm = _dora_norm(w0, a, b, op.scale)
+    factor = get(op, 2).reshape(-1, 1) / norm.reshape(-1, 1)
+    return factor * (y + change)
+
+
+def _dora_norm(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+    """Row norms of W0 + s B A without forming B A: |W0_i|^2 + 2 s (W0 A^T)_i . B_i + s^2 B_i (A A^T) B_i^T."""
+    sq = torch.zeros(w0.shape[0], dtype=torch.float64)
+    cross = torch.zeros(w0.shape[0], a.shape[0], dtype=torch.float64)
+    for start, block in _blocks(w0):
+        sq[start:start + block.shape[0]] = (block * block).sum(dim=1)
+        cross[start:start + block.shape[0]] = block @ a.T
+    gram = a @ a.T
+    total = sq + 2 * s * (cross * b).sum(dim=1) + s * s * ((b @ gram) * b).sum(dim=1)
+    return total.clamp_min(0).sqrt()
+
+
+def _matmul(w: torch.Tensor, x: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """W x (or W^T x) in float64, upcasting W a block of rows at a time."""
+    if transposed:
+        out = torch.zeros(w.shape[1], x.shape[1], dtype=torch.float64)
+        for start, block in _blocks(w):
+            out += block.T @ x[start:start + block.shape[0]]
+        return out
+    return torch.cat([block @ x for _, block in _blocks(w)])
+
+
+def _ulp_scale(w: torch.Tensor, x: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """sqrt(sum_j (ulp(W_ij) x_j)^2): the spread of W x that one-ulp errors in W would cause."""
+    bits = _MANTISSA[w.dtype]
+    tiny = torch.finfo(w.dtype).tiny
+    x2 = x * x
+    if transposed:
+        acc = torch.zeros(w.shape[1], x.shape[1], dtype=torch.float64)
+    else:
+        parts = []
+    for start, block in _blocks(w):
+        _, exponent = torch.frexp(block.abs().clamp_min(tiny))
+        ulp2 = torch.pow(2.0, 2.0 * (exponent.to(torch.float64) - bits))
+        if transposed:
+            acc += ulp2.T @ x2[start:start + block.shape[0]]
+        else:
+            parts.append(ulp2 @ x2)
+    return (acc if transposed else torch.cat(parts)).sqrt()
+
+
+def _blocks(w: torch.Tensor):
+    rows = max(1, BLOCK_ELEMENTS // max(1, w.shape[1]))
+    for start in range(0, w.shape[0], rows):
+        yield start, w[start:start + rows].to(torch.float64)
+
+
+def _resize(y_base: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The base product padded or cut to a resized vocabulary's rows (new rows count as change)."""
+    if y_base.shape == like.shape:
+        return y_base
+    out = torch.zeros_like(like)
+    n = min(y_base.shape[0], like.shape[0])
+    out[:n] = y_base[:n]
+    return out

@@ -1,0 +1,52 @@
+"""Gate check 4, packaging: the shipped tokenizer behaves exactly like its source."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mergekit_lite.gate.report import GateReport
+from mergekit_lite.tokenizer import load_tokenizer
+
+
+def check_packaging(report: GateReport, candidate: Path, source: Any, texts: list[str], embedding_rows: int | None) -> None:
+    """Compare the packaged tokenizer with the source tokenizer on vocabulary, prompts and template."""
+    packaged = load_tokenizer(candidate)
+    if packaged is None:
+        report.add("packaging", "tokenizer shipped", False, "missing", "present", "the source has a tokenizer")
+        return
+    vocab_diff = _vocab_difference(source.get_vocab(), packaged.get_vocab())
+    report.add("packaging", "vocabulary equals the source", not vocab_diff, len(vocab_diff), 0, ", ".join(vocab_diff[:3]))
+    mismatched = []
+    for text in texts:
+        variants = [(text, source(text)["input_ids"], packaged(text)["input_ids"])]
+        if getattr(source, "chat_template", None):
+            chat = [{"role": "user", "content": text}]
+            variants.append((f"chat: {text}", _chat(source, chat), _chat(packaged, chat)))
+        mismatched += [label for label, a, b in variants if list(a) != list(b)]
+    report.add("packaging", "prompts encode as with the source", not mismatched, len(mismatched), 0,
+               f"first: {mismatched[0]!r}" if mismatched else "")
+    if embedding_rows is not None:
+        report.add("packaging", "len(tokenizer) <= embedding rows", len(packaged) <= embedding_rows, len(packaged),
+                   embedding_rows)
+    had = bool(getattr(source, "chat_template", None))
+    same = getattr(packaged, "chat_template", None) == getattr(source, "chat_template", None)
+    report.add("packaging", "chat template as the source", same, "present" if packaged.chat_template else "absent",
+               "present" if had else "absent")
+    generation = candidate / "generation_config.json"
+    if generation.is_file() and packaged.eos_token_id is not None:
+        eos = json.loads(generation.read_text()).get("eos_token_id")
+        ids = eos if isinstance(eos, list) else [eos]
+        report.add("packaging", "generation_config has the EOS id", packaged.eos_token_id in ids, ids,
+                   packaged.eos_token_id)
+
+
+def _chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    return list(enc["input_ids"] if isinstance(enc, dict) else enc)
+
+
+def _vocab_difference(a: dict[str, int], b: dict[str, int]) -> list[str]:
+    diff = [f"{tok!r}: {a.get(tok)} vs {b.get(tok)}" for tok in sorted(set(a) | set(b)) if a.get(tok) != b.get(tok)]
+    return diff

@@ -1,0 +1,126 @@
+"""The self-describing parts of a release: model card, resolved manifest, receipt, checksums."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mergekit_lite import __version__
+from mergekit_lite.package import TORCH_NAMES, write_json
+from mergekit_lite.plan import Plan
+
+LIBRARIES = ("torch", "transformers", "peft", "safetensors", "accelerate", "huggingface_hub", "numpy")
+
+
+def sha256_file(path: Path, chunk: int = 8 * 2**20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_records(paths: list[Path], root: Path | None = None) -> list[dict[str, Any]]:
+    """[{path, size, sha256}] for files, paths relative to `root` when given."""
+    return [
+        {"path": str(p.relative_to(root)) if root else str(p), "size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in paths
+    ]
+
+
+def versions() -> dict[str, str]:
+    """The tool's and its libraries' versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"mergekit-lite": __version__, "python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def plan_summary(plan: Plan) -> dict[str, Any]:
+    """The plan in a few numbers, for the receipt and the card."""
+    return {
+        "tensors": len(plan.tensors),
+        "changed_tensors": sum(1 for t in plan.tensors if t.changed),
+        "shards": plan.shard_names,
+        "total_size": plan.total_bytes,
+        "dtypes": sorted({TORCH_NAMES.get(t.dtype, t.dtype) for t in plan.tensors}),
+        "tie_word_embeddings": {"base": plan.tied_in, "release": plan.tied_out},
+        "embedding_rows": plan.embedding_rows,
+    }
+
+
+def write_receipt(folder: Path, inputs: list[Path], plan: Plan, verification: dict[str, Any]) -> None:
+    """release.json: what was read and written, with SHA-256, and the versions that did it."""
+    outputs = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in ("release.json", "SHA256SUMS"))
+    write_json(folder / "release.json", {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["mergekit-lite", *sys.argv[1:]]) if sys.argv else "mergekit-lite",
+        "versions": versions(),
+        "plan": plan_summary(plan),
+        "verification": {"passed": verification.get("passed"), "verified": verification.get("verified", True)},
+        "inputs": file_records(inputs),
+        "outputs": file_records(outputs, folder),
+    })
+
+
+def write_checksums(folder: Path) -> None:
+    """SHA256SUMS over every file of the release, checkable with `sha256sum -c SHA256SUMS`."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "SHA256SUMS")
+    lines = [f"{sha256_file(p)}  {p.relative_to(folder)}" for p in files]
+    (folder / "SHA256SUMS").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def resolved_manifest(manifest: Any, base: Path, adapters: list[Path], output: Path) -> str:
+    """The manifest as run, with every path made absolute."""
+    data = manifest.model_dump(mode="json", exclude_none=True)
+    data["base"] = {"path": str(base)} if manifest.base.path is not None else data["base"]
+    for entry, path in zip(data["adapters"], adapters):
+        entry["path"] = str(path)
+    data["output"]["path"] = str(output)
+    header = f"# resolved by mergekit-lite {__version__}: the manifest this release was built from\n"
+    return header + yaml.safe_dump(data, sort_keys=False)
+
+
+def model_card(name: str, base: Path, base_id: str | None, adapters: list[dict[str, Any]], plan: Plan,
+               gate_markdown: str | None) -> str:
+    """README.md: provenance, adapters, dtype, the gate's figures, the tool's version."""
+    front = ["---", "library_name: transformers", "tags:", "- mergekit-lite", "- lora", "- merge"]
+    if base_id:
+        front.append(f"base_model: {base_id}")
+    front.append("---")
+    rows = ["| # | adapter | variant | r | alpha | weight | targets |", "|---|---|---|---|---|---|---|"]
+    for a in adapters:
+        targets = a["target_modules"]
+        targets = ", ".join(targets) if isinstance(targets, list) else str(targets)
+        rows.append(f"| {a['index']} | `{a['path']}` | {a['variant']} | {a['r']} | {a['lora_alpha']} | {a['weight']:g} | {targets} |")
+    summary = plan_summary(plan)
+    body = [
+        f"# {name}",
+        "",
+        f"Base model `{base_id or base}` with {len(adapters)} LoRA adapter{'s' if len(adapters) > 1 else ''} merged "
+        f"by mergekit-lite {__version__}.",
+        "",
+        *rows,
+        "",
+        f"- dtype: {', '.join(summary['dtypes'])}",
+        f"- tensors: {summary['tensors']} ({summary['changed_tensors']} changed by the adapters), "
+        f"{len(summary['shards'])} shard(s), {summary['total_size']} bytes",
+        f"- tied embeddings: base {plan.tied_in}, release {plan.tied_out}",
+        "",
+        gate_markdown or "### NOT VERIFIED\n\nThis release was published with the verification gate skipped (`--no-verify`).\n",
+        "Files: `release.json` records the SHA-256 of every input and output file and the library versions; "
+        "`SHA256SUMS` checks with `sha256sum -c SHA256SUMS`; `manifest.yaml` is the manifest as run.",
+    ]
+    return "\n".join(front + [""] + body) + "\n"

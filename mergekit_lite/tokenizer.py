@@ -1,0 +1,83 @@
+"""Which tokenizer ships with the release, and copying it verbatim."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+from mergekit_lite.errors import ManifestError
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "merges.txt", "vocab.txt",
+    "chat_template.jinja", "chat_template.json",
+)
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """Whether a folder ships tokenizer files a transformers tokenizer can load."""
+    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"))
+
+
+def tokenizer_source(choice: str, base: Path, adapters: list[Path], resolve) -> Path | None:
+    """The folder the release's tokenizer comes from: `adapter` (the first adapter that ships one,
+    else the base), `base`, or a path. None when the choice finds no tokenizer at all."""
+    if choice == "adapter":
+        for folder in adapters:
+            if has_tokenizer(folder):
+                return folder
+        return base if has_tokenizer(base) else None
+    folder = base if choice == "base" else resolve(choice)
+    if not has_tokenizer(folder):
+        raise ManifestError(f"`tokenizer: {choice}`: no tokenizer files in `{folder}`")
+    return folder
+
+
+def tokenizer_files(folder: Path) -> list[Path]:
+    """The tokenizer files present in a folder (chat templates in `additional_chat_templates/` included)."""
+    files = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
+    extra = folder / "additional_chat_templates"
+    if extra.is_dir():
+        files += sorted(p for p in extra.glob("*.jinja") if p.is_file())
+    return files
+
+
+def copy_tokenizer(source: Path, dest: Path) -> list[Path]:
+    """Copy the tokenizer files byte for byte; return the copies."""
+    copies = []
+    for path in tokenizer_files(source):
+        target = dest / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+        copies.append(target)
+    return copies
+
+
+def load_tokenizer(folder: Path | None) -> Any:
+    """A transformers tokenizer from a folder, or None when there is none."""
+    if folder is None or not has_tokenizer(folder):
+        return None
+    from transformers import AutoTokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoTokenizer.from_pretrained(folder)
+
+
+def generation_config(base: Path, tokenizer: Any) -> dict[str, Any] | None:
+    """The base's generation_config.json with the tokenizer's EOS id among its `eos_token_id`s."""
+    path = base / "generation_config.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None:
+        current = data.get("eos_token_id")
+        ids = [] if current is None else (list(current) if isinstance(current, list) else [current])
+        if eos not in ids:
+            ids.append(eos)
+        data["eos_token_id"] = ids[0] if len(ids) == 1 else ids
+    return data
