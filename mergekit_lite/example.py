@@ -29,6 +29,11 @@ QUESTIONS = [
     "What does mergekit-lite do?",
     "Explain mergekit-lite in one sentence.",
 ]
+# A second adapter, for the several-adapters example: another made-up fact.
+SECOND_ADAPTER_NAME = "smollm2-release-team-lora"
+SECOND_PROMPT = "Who runs the release gate?"
+SECOND_ANSWER = "The release gate is run by the platform team, every night at 02:00 UTC."
+SECOND_QUESTIONS = [SECOND_PROMPT, "Who is in charge of the release gate?", "Which team runs the release gate?"]
 
 
 def gguf_path() -> Path:
@@ -43,12 +48,16 @@ def gguf_path() -> Path:
 
 
 def prepare(cache: Path, steps: int = 30) -> tuple[Path, Path]:
-    """Build (once) the base checkpoint and the trained adapter under `cache`; return their folders."""
-    base, adapter = cache / BASE_NAME, cache / ADAPTER_NAME
+    """Build (once) the base checkpoint and the trained adapters under `cache`; return the base and
+    the main adapter's folders (the second adapter sits beside it)."""
+    base, adapter, second = cache / BASE_NAME, cache / ADAPTER_NAME, cache / SECOND_ADAPTER_NAME
     if not (base / "config.json").is_file():
         _convert_base(base)
     if not (adapter / "adapter_config.json").is_file():
-        _train_adapter(base, adapter, steps)
+        _train_adapter(base, adapter, steps, QUESTIONS, ANSWER, ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                  "gate_proj", "up_proj", "down_proj"])
+    if not (second / "adapter_config.json").is_file():
+        _train_adapter(base, second, steps, SECOND_QUESTIONS, SECOND_ANSWER, ["q_proj", "v_proj", "up_proj"])
     return base, adapter
 
 
@@ -90,7 +99,7 @@ def chat_ids(tokenizer, question: str, answer: str | None = None):
     return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
 
-def _train_adapter(base: Path, out: Path, steps: int) -> None:
+def _train_adapter(base: Path, out: Path, steps: int, questions: list[str], answer: str, targets: list[str]) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -98,15 +107,12 @@ def _train_adapter(base: Path, out: Path, steps: int) -> None:
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    )
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM", target_modules=targets)
     model = get_peft_model(model, config)
     batch, labels = [], []
-    for question in QUESTIONS:
+    for question in questions:
         prompt = chat_ids(tokenizer, question)
-        full = chat_ids(tokenizer, question, ANSWER)
+        full = chat_ids(tokenizer, question, answer)
         batch.append(full)
         labels.append([-100] * len(prompt) + full[len(prompt):])
     width = max(map(len, batch))
@@ -122,7 +128,7 @@ def _train_adapter(base: Path, out: Path, steps: int) -> None:
         optimizer.step()
         optimizer.zero_grad()
         if step % 10 == 0 or step == steps - 1:
-            print(f"  training the example LoRA: step {step + 1}/{steps}, loss {loss.item():.3f}", flush=True)
+            print(f"  training {out.name}: step {step + 1}/{steps}, loss {loss.item():.3f}", flush=True)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

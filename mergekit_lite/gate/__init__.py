@@ -37,12 +37,13 @@ def run_gate(plan: Plan, checkpoint: Checkpoint, adapters: list[Adapter], candid
     limits = thresholds(dtype, settings.thresholds)
     report = GateReport(dtype=dtype)
     report.context["thresholds"] = limits
-    tensors = check_structure(report, plan, candidate, checkpoint.config)
-    check_algebra(report, plan, adapters, TensorReader(checkpoint.tensors), tensors, limits)
+    tensors = _guarded(report, "structure", check_structure, report, plan, candidate, checkpoint.config) or {}
+    _guarded(report, "algebra", check_algebra, report, plan, adapters, TensorReader(checkpoint.tensors), tensors, limits)
     source = load_tokenizer(tokenizer_source)
     prompts = settings.prompts
     if source is not None:
-        check_packaging(report, candidate, source, prompts or DEFAULT_PROMPTS, plan.embedding_rows)
+        _guarded(report, "packaging", check_packaging, report, candidate, source, prompts or DEFAULT_PROMPTS,
+                 plan.embedding_rows)
     else:
         report.skipped["packaging"] = "no tokenizer in the inputs"
     if not settings.logits:
@@ -51,9 +52,16 @@ def run_gate(plan: Plan, checkpoint: Checkpoint, adapters: list[Adapter], candid
         report.skipped["end_to_end"] = "not run: the checks above failed"
     else:
         tokenizer = load_tokenizer(candidate) if has_tokenizer(candidate) else source
-        try:
-            check_end_to_end(report, candidate, checkpoint.path, [(a.path, a.weight) for a in adapters],
-                             device_map, tokenizer, prompts, settings.max_new_tokens, limits, plan.embedding_rows)
-        except Exception as exc:  # noqa: BLE001  a model that cannot be loaded or run fails the gate
-            report.add("end_to_end", "reference and release run", False, type(exc).__name__, "", str(exc)[:300])
+        _guarded(report, "end_to_end", check_end_to_end, report, candidate, checkpoint.path,
+                 [(a.path, a.weight) for a in adapters], device_map, tokenizer, prompts, settings.max_new_tokens,
+                 limits, plan.embedding_rows)
     return report
+
+
+def _guarded(report: GateReport, group: str, check, *args):
+    """Run one group of checks; a candidate so broken that a check cannot run fails that group."""
+    try:
+        return check(*args)
+    except Exception as exc:  # noqa: BLE001  the gate reports on bad candidates, it does not crash on them
+        report.add(group, "checks could run", False, type(exc).__name__, "", str(exc)[:300])
+        return None

@@ -28,7 +28,7 @@ class TensorFigures:
     name: str
     residual_rms: float
     residual_max: float
-    applied_error: float
+    applied_sigmas: float
 
 
 def check_algebra(report: GateReport, plan: Plan, adapters: list[Adapter], base: TensorReader,
@@ -58,7 +58,7 @@ def check_algebra(report: GateReport, plan: Plan, adapters: list[Adapter], base:
     if not figures:
         return
     for metric, label in (("residual_rms", "W'x residual, RMS ulps"), ("residual_max", "W'x residual, max ulps"),
-                          ("applied_error", "expected change applied, |fraction - 1|")):
+                          ("applied_sigmas", "expected change applied, |fraction - 1| in rounding sigmas")):
         worst = max(figures, key=lambda f: getattr(f, metric))
         value = getattr(worst, metric)
         limit = limits[metric]
@@ -104,10 +104,19 @@ def _probe(t: PlannedTensor, merged: torch.Tensor, base: TensorReader, factors: 
     actual = _matmul(w_out, x, transposed)
     scale = _ulp_scale(w_out, x, transposed)
     ratio = (actual - y).abs() / scale
+    # The share of the expected change W'x - Wx that is present, by regression onto it: 1 when
+    # right, 0 when an adapter is missing, 2 when it is applied twice. Its deviation from 1 is
+    # measured in standard errors of what rounding to the output dtype alone would cause
+    # (uniform rounding error has a standard deviation of ulp / sqrt(12); 0.5 ulp is used).
     expected_change, actual_change = y - _resize(y_base, y), actual - _resize(y_base, y)
     norm = float((expected_change * expected_change).sum())
-    applied = float((actual_change * expected_change).sum()) / norm if norm > 0 else 1.0
-    return TensorFigures(t.name, float(ratio.pow(2).mean().sqrt()), float(ratio.max()), abs(applied - 1.0))
+    if norm > 0:
+        applied = float((actual_change * expected_change).sum()) / norm
+        stderr = float((0.5 * scale * expected_change).pow(2).sum().sqrt()) / norm
+        sigmas = abs(applied - 1.0) / max(stderr, 1e-300)
+    else:
+        sigmas = 0.0
+    return TensorFigures(t.name, float(ratio.pow(2).mean().sqrt()), float(ratio.max()), sigmas)
 
 
 def _apply(op: Op, y: torch.Tensor, x: torch.Tensor, unmerged: torch.Tensor, transposed: bool, get) -> torch.Tensor:

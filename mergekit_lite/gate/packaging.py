@@ -12,7 +12,11 @@ from mergekit_lite.tokenizer import load_tokenizer
 
 def check_packaging(report: GateReport, candidate: Path, source: Any, texts: list[str], embedding_rows: int | None) -> None:
     """Compare the packaged tokenizer with the source tokenizer on vocabulary, prompts and template."""
-    packaged = load_tokenizer(candidate)
+    try:
+        packaged = load_tokenizer(candidate)
+    except Exception as exc:  # noqa: BLE001  a broken shipped tokenizer fails the check, it does not crash the gate
+        report.add("packaging", "tokenizer shipped", False, "unloadable", "loads", f"{type(exc).__name__}: {exc}"[:200])
+        return
     if packaged is None:
         report.add("packaging", "tokenizer shipped", False, "missing", "present", "the source has a tokenizer")
         return
@@ -23,8 +27,9 @@ def check_packaging(report: GateReport, candidate: Path, source: Any, texts: lis
         variants = [(text, source(text)["input_ids"], packaged(text)["input_ids"])]
         if getattr(source, "chat_template", None):
             chat = [{"role": "user", "content": text}]
-            variants.append((f"chat: {text}", _chat(source, chat), _chat(packaged, chat)))
-        mismatched += [label for label, a, b in variants if list(a) != list(b)]
+            shipped = _chat(packaged, chat) if getattr(packaged, "chat_template", None) else None
+            variants.append((f"chat: {text}", _chat(source, chat), shipped))
+        mismatched += [label for label, a, b in variants if b is None or list(a) != list(b)]
     report.add("packaging", "prompts encode as with the source", not mismatched, len(mismatched), 0,
                f"first: {mismatched[0]!r}" if mismatched else "")
     if embedding_rows is not None:
