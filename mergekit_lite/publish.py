@@ -114,16 +114,9 @@ def output_lock(output: Path) -> Iterator[None]:
     The kernel's flock is released when a process dies, so a lock file left by a killed run
     does not block the next one; the pid written inside names the holder in the error.
     """
-    import fcntl
-
     path = output.parent / f".{output.name}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _acquire(path, output)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise OutputError(f"output `{output}` is being written by another run (pid {holder}); wait for it") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         recover_stale(output)
@@ -132,6 +125,27 @@ def output_lock(output: Path) -> Iterator[None]:
         finally:
             os.unlink(path)
     finally:
+        os.close(fd)
+
+
+def _acquire(path: Path, output: Path) -> int:
+    """Open and flock the lock file; retry if a finishing run unlinked it under us."""
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputError(f"output `{output}` is being written by another run (pid {holder}); wait for it") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
         os.close(fd)
 
 
