@@ -88,10 +88,11 @@ def build_plan(ckpt: Checkpoint, adapters: list[Adapter], dtype: str, max_shard_
     resolve = _Resolver(ckpt)
     for adapter in adapters:
         _ops_of_adapter(adapter, resolve, ops, accounted)
+    tied_out = _reconcile_tied(ckpt, ops) if ckpt.tied and ckpt.output_embedding else ckpt.tied
     tensors = _output_tensors(ckpt, ops, dtype)
-    tied_out = ckpt.tied
-    if ckpt.tied and ckpt.output_embedding and ckpt.output_embedding not in ckpt.tensors:
-        tied_out = _reconcile_tied(ckpt, ops, tensors, dtype)
+    head, emb = ckpt.output_embedding, ckpt.input_embedding
+    if not tied_out and head in ops and head not in ckpt.tensors and emb is not None:
+        tensors.append(_planned(head, ckpt.tensors[emb], sorted(ops[head], key=_op_order), dtype))
     unclaimed = set(ops) - {t.name for t in tensors}
     if unclaimed:
         raise PlanError(f"internal error: operations planned for unknown tensors {sorted(unclaimed)}")
@@ -245,20 +246,23 @@ def _op_order(op: Op) -> tuple[int, int]:
     return (op.adapter, _ORDER[op.kind])
 
 
-def _reconcile_tied(ckpt: Checkpoint, ops: dict[str, list[Op]], tensors: list[PlannedTensor], dtype: str) -> bool:
-    """A tied checkpoint stores only the input embedding. Keep it tied while lm_head would equal it."""
+def _reconcile_tied(ckpt: Checkpoint, ops: dict[str, list[Op]]) -> bool:
+    """Whether a tied base stays tied: only while lm_head would still equal the embedding.
+
+    PEFT ties a trainable-token adapter on the embedding to a tied lm_head, so token rows are
+    mirrored onto lm_head; any other change to one side unties them. When they untie and the
+    checkpoint stores only the embedding, lm_head gets its own tensor, starting from it.
+    """
     emb, head = ckpt.input_embedding, ckpt.output_embedding
     assert head is not None
     if emb is None:
-        raise PlanError("the base is tied but its input embedding cannot be found")
+        raise PlanError("the base has tied embeddings but its input embedding cannot be found")
     emb_ops = ops.get(emb, [])
-    # PEFT ties a trainable-token adapter on the embedding to the tied lm_head as well.
-    head_ops = sorted(ops.get(head, []) + [op for op in emb_ops if op.kind == "rows"], key=_op_order)
-    if not ops.get(head) and all(op.kind == "rows" for op in emb_ops):
-        return True
-    ops[head] = head_ops
-    tensors.append(_planned(head, ckpt.tensors[emb], head_ops, dtype))
-    return False
+    stays_tied = not ops.get(head) and all(op.kind == "rows" for op in emb_ops)
+    mirrored = [op for op in emb_ops if op.kind == "rows"]
+    if head in ckpt.tensors or not stays_tied:
+        ops[head] = ops.get(head, []) + mirrored
+    return stays_tied
 
 
 def _finalise(t: PlannedTensor, adapters: dict[int, Adapter], entries: dict[tuple[int, str], TensorEntry]) -> None:
