@@ -16,8 +16,11 @@ from __future__ import annotations
 from typing import Any
 
 TOLERANCES: dict[str, dict[str, float]] = {
+    # float32: the merge's own fp32 arithmetic (B @ A, DoRA's norm) adds errors correlated along a
+    # row on top of the final rounding; measured worst over the parity suite: RMS 1.37, max 6.1,
+    # 7.0 sigmas (DoRA). A real defect (a delta missing or doubled) is millions of sigmas.
     "F32": {
-        "residual_rms": 2.0, "residual_max": 16.0, "applied_sigmas": 8.0,
+        "residual_rms": 4.0, "residual_max": 32.0, "applied_sigmas": 64.0,
         "max_abs_logit_diff": 1e-3, "mean_kl": 1e-6, "top1_agreement": 1.0, "greedy_match": 1.0,
     },
     "BF16": {
