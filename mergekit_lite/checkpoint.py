@@ -43,18 +43,24 @@ def read_checkpoint(path: Path) -> Checkpoint:
     if not config_file.is_file():
         raise CheckpointError(f"base `{path}` has no config.json; is it a transformers checkpoint folder?")
     config = read_json(config_file)
+    files, tensors = read_tensors(path)
+    tied, inp, out = _embeddings(path, config, tensors)
+    return Checkpoint(path, tensors, files, config, tied, inp, out)
+
+
+def read_tensors(path: Path) -> tuple[list[Path], dict[str, TensorEntry]]:
+    """The weight files of a safetensors folder and its tensors, from headers and index, checked."""
     files = _weight_files(path)
     tensors: dict[str, TensorEntry] = {}
     for file in files:
         for name, entry in read_header(file).tensors.items():
             if name in tensors:
-                raise CheckpointError(f"base `{path}`: tensor `{name}` is in both `{tensors[name].file.name}` and `{file.name}`")
+                raise CheckpointError(f"`{path}`: tensor `{name}` is in both `{tensors[name].file.name}` and `{file.name}`")
             tensors[name] = entry
     if not tensors:
-        raise CheckpointError(f"base `{path}` holds no tensors")
+        raise CheckpointError(f"`{path}` holds no tensors")
     _check_index(path, tensors)
-    tied, inp, out = _embeddings(path, config, tensors)
-    return Checkpoint(path, tensors, files, config, tied, inp, out)
+    return files, tensors
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -165,6 +165,29 @@ def _show_report(report, title: str, quiet: bool) -> None:
             fh.write(markdown(report, title) + "\n")
 
 
+@main.command()
+@click.argument("a", type=click.Path(file_okay=False))
+@click.argument("b", type=click.Path(file_okay=False))
+@click.option("--top", default=40, show_default=True, help="Rows to show (0 for all).")
+@click.option("--json", "as_json", is_flag=True, help="Print every row as JSON.")
+@_clean_errors
+def diff(a: str, b: str, top: int, as_json: bool) -> None:
+    """Per-tensor relative change ||B - A|| / ||A|| between two checkpoints, largest first.
+
+    Example: mergekit-lite diff models/base dist/release
+    """
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from mergekit_lite.diff import diff_checkpoints, diff_table
+
+    rows = diff_checkpoints(Path(a), Path(b))
+    if as_json:
+        click.echo(json.dumps([asdict(r) for r in rows], indent=2))
+    else:
+        click.echo(diff_table(rows, top or None))
+
+
 @main.group()
 def example() -> None:
     """The bundled SmolLM2-135M-Instruct example.
