@@ -112,7 +112,7 @@ def _describe(job: Job, stage: Path, report: GateReport | None, source: Path | N
     write_json(stage / "verification.json", verification)
     gate_md = markdown(report, "mergekit-lite gate") if report is not None else None
     base_id = f"{m.base.id}@{m.base.revision}" if m.base.id else None
-    card = model_card(loaded.output_path.name, loaded.base_path, base_id, job.plan.adapters, job.plan, gate_md)
+    card = model_card(loaded.output_path.name, loaded.base_path, base_id, job.plan.adapters, job.plan, gate_md, reason)
     (stage / "README.md").write_text(card, encoding="utf-8")
     (stage / "manifest.yaml").write_text(
         resolved_manifest(m, loaded.base_path, loaded.adapter_paths, loaded.output_path), encoding="utf-8")

@@ -94,7 +94,7 @@ def resolved_manifest(manifest: Any, base: Path, adapters: list[Path], output: P
 
 
 def model_card(name: str, base: Path, base_id: str | None, adapters: list[dict[str, Any]], plan: Plan,
-               gate_markdown: str | None) -> str:
+               gate_markdown: str | None, skipped_because: str = "--no-verify") -> str:
     """README.md: provenance, adapters, dtype, the gate's figures, the tool's version."""
     front = ["---", "library_name: transformers", "tags:", "- mergekit-lite", "- lora", "- merge"]
     if base_id:
@@ -119,7 +119,7 @@ def model_card(name: str, base: Path, base_id: str | None, adapters: list[dict[s
         f"{len(summary['shards'])} shard(s), {summary['total_size']} bytes",
         f"- tied embeddings: base {plan.tied_in}, release {plan.tied_out}",
         "",
-        gate_markdown or "### NOT VERIFIED\n\nThis release was published with the verification gate skipped (`--no-verify`).\n",
+        gate_markdown or f"### NOT VERIFIED\n\nThis release was published with the verification gate skipped ({skipped_because}).\n",
         "Files: `release.json` records the SHA-256 of every input and output file and the library versions; "
         "`SHA256SUMS` checks with `sha256sum -c SHA256SUMS`; `manifest.yaml` is the manifest as run.",
     ]

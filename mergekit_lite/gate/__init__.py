@@ -37,7 +37,9 @@ def run_gate(plan: Plan, checkpoint: Checkpoint, adapters: list[Adapter], candid
     limits = thresholds(dtype, settings.thresholds)
     report = GateReport(dtype=dtype)
     report.context["thresholds"] = limits
-    tensors = _guarded(report, "structure", check_structure, report, plan, candidate, checkpoint.config) or {}
+    base_files = {p.name for p in checkpoint.path.iterdir()}
+    tensors = _guarded(report, "structure", check_structure, report, plan, candidate, checkpoint.config,
+                       base_files) or {}
     _guarded(report, "algebra", check_algebra, report, plan, adapters, TensorReader(checkpoint.tensors), tensors, limits)
     source = load_tokenizer(tokenizer_source)
     prompts = settings.prompts
@@ -54,7 +56,7 @@ def run_gate(plan: Plan, checkpoint: Checkpoint, adapters: list[Adapter], candid
         tokenizer = load_tokenizer(candidate) if has_tokenizer(candidate) else source
         _guarded(report, "end_to_end", check_end_to_end, report, candidate, checkpoint.path,
                  [(a.path, a.weight) for a in adapters], device_map, tokenizer, prompts, settings.max_new_tokens,
-                 limits, plan.embedding_rows)
+                 limits, plan.embedding_rows, frozenset(settings.thresholds))
     return report
 
 

@@ -35,6 +35,8 @@ def check_packaging(report: GateReport, candidate: Path, source: Any, texts: lis
     if embedding_rows is not None:
         report.add("packaging", "len(tokenizer) <= embedding rows", len(packaged) <= embedding_rows, len(packaged),
                    embedding_rows)
+    special = _special_difference(source, packaged)
+    report.add("packaging", "special tokens as the source", not special, len(special), 0, "; ".join(special[:3]))
     had = bool(getattr(source, "chat_template", None))
     same = getattr(packaged, "chat_template", None) == getattr(source, "chat_template", None)
     report.add("packaging", "chat template as the source", same, "present" if packaged.chat_template else "absent",
@@ -50,6 +52,18 @@ def check_packaging(report: GateReport, candidate: Path, source: Any, texts: lis
 def _chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     return list(enc["input_ids"] if isinstance(enc, dict) else enc)
+
+
+def _special_difference(source: Any, packaged: Any) -> list[str]:
+    """Special tokens (bos, eos, pad, unk, ...) that differ in text or id."""
+    out = []
+    for name in sorted(set(source.special_tokens_map) | set(packaged.special_tokens_map)):
+        a, b = source.special_tokens_map.get(name), packaged.special_tokens_map.get(name)
+        if a != b:
+            out.append(f"{name}: {a!r} vs {b!r}")
+    if sorted(source.all_special_ids) != sorted(packaged.all_special_ids):
+        out.append(f"special ids {sorted(source.all_special_ids)} vs {sorted(packaged.all_special_ids)}")
+    return out
 
 
 def _vocab_difference(a: dict[str, int], b: dict[str, int]) -> list[str]:

@@ -101,7 +101,8 @@ def markdown(report: GateReport, title: str) -> str:
     lines = [f"### {title}: verification {verdict}", "", "| | check | figure | threshold | detail |", "|---|---|---|---|---|"]
     for c in report.checks:
         mark = "✅" if c.passed else "❌"
-        lines.append(f"| {mark} | {c.group}: {c.name} | {fmt(c.figure)} | {fmt(c.threshold)} | {c.detail.replace('|', '/')} |")
+        cells = [mark, f"{c.group}: {c.name}", fmt(c.figure), fmt(c.threshold), c.detail]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     for group, reason in report.skipped.items():
-        lines.append(f"| ⏭ | {group} | skipped | | {reason} |")
+        lines.append(f"| ⏭ | {group} | skipped | | {reason.replace('|', chr(92) + '|')} |")
     return "\n".join(lines) + "\n"

@@ -16,8 +16,12 @@ LEFTOVERS = ("base_model.model.", "lora_", "base_layer", "modules_to_save", "ori
 INDEX = "model.safetensors.index.json"
 
 
-def check_structure(report: GateReport, plan: Plan, folder: Path, base_config: dict[str, Any]) -> dict[str, TensorEntry]:
+def check_structure(report: GateReport, plan: Plan, folder: Path, base_config: dict[str, Any],
+                    base_files: set[str] | None = None) -> dict[str, TensorEntry]:
     """Record the structure checks; return the candidate's tensors by name (for the later checks)."""
+    wanted = ["config.json"] + [n for n in ("generation_config.json",) if n in (base_files or set())]
+    absent = [n for n in wanted if not (folder / n).is_file()]
+    report.add("structure", "config files shipped", not absent, len(absent), 0, _few("missing", absent))
     tensors, problems = _read_files(folder)
     report.add("structure", "shard files parse strictly", not problems, len(problems), 0, "; ".join(problems[:2]))
     expected = {t.name: t for t in plan.tensors}
