@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt")
+MAX_JSON_BYTES = 64 * 2**20  # the index of a 400B-parameter model is a few MB
 
 
 @dataclass
@@ -45,6 +46,12 @@ def read_checkpoint(path: Path) -> Checkpoint:
     config = read_json(config_file)
     files, tensors = read_tensors(path)
     tied, inp, out = _embeddings(path, config, tensors)
+    for role, name in (("input", inp), ("output", out)):
+        if name in tensors and len(tensors[name].shape) != 2:
+            raise CheckpointError(
+                f"base `{path}`: the {role} embedding `{name}` has shape {list(tensors[name].shape)}; "
+                "an embedding is [vocab, hidden]"
+            )
     return Checkpoint(path, tensors, files, config, tied, inp, out)
 
 
@@ -63,28 +70,53 @@ def read_tensors(path: Path) -> tuple[list[Path], dict[str, TensorEntry]]:
     return files, tensors
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """Read a JSON object from a file another tool wrote; errors name the file."""
+def read_json(path: Path, unique_keys: bool = False) -> dict[str, Any]:
+    """Read a JSON object from a file another tool wrote; errors name the file.
+
+    With `unique_keys`, a key given twice in one object is an error rather than last-one-wins.
+    """
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        if not path.is_file():  # never open a FIFO or a device
+            raise CheckpointError(f"`{path}` does not exist or is not a regular file")
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise CheckpointError(f"`{path}` is larger than {MAX_JSON_BYTES} bytes; too large for a JSON config")
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text, object_pairs_hook=_unique if unique_keys else None)
     except FileNotFoundError:
         raise CheckpointError(f"`{path}` does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"`{path}` is not valid JSON: {exc}") from None
+    except _RepeatedKey as exc:
+        raise CheckpointError(f"`{path}` gives the key `{exc.args[0]}` twice") from None
+    except (OSError, ValueError) as exc:  # ValueError: bad UTF-8, bad JSON, an integer of 4300+ digits
+        raise CheckpointError(f"`{path}` is not valid JSON: {' '.join(str(exc).split())[:200]}") from None
+    except RecursionError:
+        raise CheckpointError(f"`{path}` is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"`{path}` is not a JSON object")
     return data
 
 
+class _RepeatedKey(Exception):
+    pass
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RepeatedKey(key)
+        out[key] = value
+    return out
+
+
 def _weight_files(path: Path) -> list[Path]:
     index = path / INDEX
     if index.is_file():
-        weight_map = read_json(index).get("weight_map")
+        weight_map = read_json(index, unique_keys=True).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"`{index}` has no `weight_map`")
         names: list[str] = []
         for shard in weight_map.values():
-            if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard in (".", ".."):
+            if not isinstance(shard, str) or any(c in shard for c in "/\\\0") or shard in ("", ".", ".."):
                 raise CheckpointError(f"`{index}` names shard {shard!r}: only plain file names in the folder are allowed")
             if not shard.endswith(".safetensors"):
                 raise CheckpointError(f"`{index}` names shard `{shard}`: only .safetensors shards are read")
@@ -108,7 +140,7 @@ def _check_index(path: Path, tensors: dict[str, TensorEntry]) -> None:
     index = path / INDEX
     if not index.is_file():
         return
-    weight_map: dict[str, str] = read_json(index)["weight_map"]
+    weight_map: dict[str, str] = read_json(index, unique_keys=True)["weight_map"]
     for name, shard in weight_map.items():
         entry = tensors.get(name)
         if entry is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -25,22 +26,30 @@ def _clean_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except MergekitError as exc:
-            click.echo(f"error: {exc}", err=True)
+            _error(str(exc))
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("error: interrupted; nothing was published", err=True)
+            _error("interrupted; nothing was published")
             sys.exit(130)
         except OSError as exc:
             where = f" `{exc.filename}`" if exc.filename else ""
-            click.echo(f"error: {exc.strerror or exc}{where}; nothing was published", err=True)
+            hint = ""
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                hint = " (the disk is full, or a quota or file-size limit was reached)"
+            _error(f"cannot write the release: {exc.strerror or exc}{where}{hint}; nothing was published")
             sys.exit(1)
 
     return wrapper
 
 
+def _error(message: str) -> None:
+    """One line on stderr, whatever the message holds."""
+    click.echo("error: " + " ".join(message.split()), err=True)
+
+
 class _Warnings(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        click.echo(f"warning: {record.getMessage()}", err=True)
+        click.echo("warning: " + " ".join(record.getMessage().split()), err=True)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -61,7 +70,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.argument("manifest", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--all", "show_all", is_flag=True, help="List every changed tensor, not the first 40.")
 @_clean_errors
@@ -80,7 +89,7 @@ def plan(manifest: str, as_json: bool, show_all: bool) -> None:
 
 
 @main.command()
-@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.argument("manifest", type=click.Path())
 @click.option("--no-verify", is_flag=True, help="Skip the verification gate (the release then says it is NOT VERIFIED).")
 @click.option("--keep-rejected", is_flag=True, help="Keep a candidate that fails the gate at OUTPUT.rejected.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the output folder.")
@@ -128,7 +137,7 @@ def merge(manifest: str, no_verify: bool, keep_rejected: bool, quiet: bool) -> N
 
 
 @main.command()
-@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.argument("manifest", type=click.Path())
 @click.option("--against", type=click.Path(file_okay=False), help="The release folder to check (default: the manifest's output).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the report as JSON here.")
 @_clean_errors

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import math
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -15,6 +18,7 @@ from mergekit_lite.yamlsource import Loc, dotted, load_yaml
 
 DType = Literal["float32", "float16", "bfloat16", "auto"]
 METRICS = ("max_abs_logit_diff", "mean_kl", "top1_agreement", "greedy_match")
+MAX_MANIFEST_BYTES = 2**20  # a manifest is a few hundred bytes; this refuses /dev/zero and friends
 _SIZE_UNITS = {
     "": 1, "B": 1,
     "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -52,10 +56,19 @@ class Source(_Strict):
 
 
 class AdapterSpec(_Strict):
-    """One PEFT LoRA adapter folder and the weight its delta is multiplied by."""
+    """One PEFT LoRA adapter folder and the weight its delta is multiplied by.
+
+    `allow_pickle: true` lets mergekit-lite read an adapter that ships only a pickle
+    (`adapter_model.bin`), and then only through `torch.load(weights_only=True)`, which refuses
+    anything but tensors. It is off by default because unpickling can run arbitrary code.
+    """
 
     path: str
-    weight: float = 1.0
+    weight: float = Field(default=1.0, allow_inf_nan=False)
+    allow_pickle: bool = Field(
+        default=False,
+        description="Read a pickle-only adapter (adapter_model.bin) with torch.load(weights_only=True).",
+    )
 
 
 class OutputSpec(_Strict):
@@ -117,8 +130,11 @@ class LoadedManifest:
 
     def resolve(self, path: str) -> Path:
         """A path from the manifest, made absolute against the manifest's folder."""
-        p = Path(path).expanduser()
-        return (p if p.is_absolute() else self.root / p).resolve()
+        try:
+            p = Path(path).expanduser()
+            return (p if p.is_absolute() else self.root / p).resolve()
+        except (RuntimeError, ValueError, OSError) as exc:  # `~nobody-here/x`, a NUL byte, a symlink loop
+            raise ManifestError(f"{self.source.name}: path {path[:80]!r} cannot be used: {exc}") from None
 
     @property
     def base_path(self) -> Path:
@@ -153,6 +169,8 @@ def parse_size(value: str | int) -> int:
         if not match or match.group(2).upper() not in _SIZE_UNITS:
             raise ValueError(f"{value!r} is not a size such as 5GB, 500MB or 2GiB")
         number, unit = float(match.group(1)), match.group(2).upper()
+    if not math.isfinite(number * _SIZE_UNITS[unit]):
+        raise ValueError(f"{value[:20]!r}... is not a size such as 5GB, 500MB or 2GiB")
     size = int(number * _SIZE_UNITS[unit])
     if size < 1:
         raise ValueError(f"{value!r}: a shard size must be at least one byte")
@@ -162,14 +180,7 @@ def parse_size(value: str | int) -> int:
 def load_manifest(path: str | Path) -> LoadedManifest:
     """Read, parse and validate a manifest file. Raises ManifestError with the key and line."""
     source = Path(path)
-    try:
-        text = source.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ManifestError(f"manifest `{path}` does not exist") from None
-    except IsADirectoryError:
-        raise ManifestError(f"manifest `{path}` is a folder, not a YAML file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"cannot read manifest `{path}`: {exc}") from None
+    text = _read_text(source)
     data, lines = load_yaml(text, source.name)
     if not isinstance(data, dict):
         raise ManifestError(f"{source.name}:1: a manifest is a YAML mapping with `base`, `adapters` and `output`")
@@ -177,13 +188,41 @@ def load_manifest(path: str | Path) -> LoadedManifest:
         manifest = Manifest.model_validate(data)
     except ValidationError as exc:
         raise ManifestError(_describe(exc, lines, source.name)) from None
-    return LoadedManifest(manifest, source.resolve())
+    loaded = LoadedManifest(manifest, source.resolve())
+    for path in [manifest.base.path, *(a.path for a in manifest.adapters), manifest.output.path]:
+        if path is not None:
+            loaded.resolve(path)  # a path that cannot be resolved is refused now, before any work
+    return loaded
+
+
+def _read_text(source: Path) -> str:
+    """The manifest's text; a folder, a FIFO, a device or a huge file is refused before reading."""
+    try:
+        st = os.stat(source)
+        if stat.S_ISDIR(st.st_mode):
+            raise ManifestError(f"manifest `{source}` is a folder, not a YAML file")
+        if not stat.S_ISREG(st.st_mode):
+            raise ManifestError(f"manifest `{source}` is not a regular file (a FIFO or a device?); give a YAML file")
+        with open(source, "rb") as fh:
+            raw = fh.read(MAX_MANIFEST_BYTES + 1)
+    except FileNotFoundError:
+        raise ManifestError(f"manifest `{source}` does not exist") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise ManifestError(f"cannot read manifest `{source}`: {exc}") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"manifest `{source}` is larger than {MAX_MANIFEST_BYTES} bytes; a manifest is a small YAML file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ManifestError(f"{source.name}:{line}: the manifest is not UTF-8 text (byte {raw[exc.start]:#04x})") from None
 
 
 def _describe(exc: ValidationError, lines: dict[Loc, int], source: str) -> str:
     errors = exc.errors(include_url=False)
-    first = errors[0]
-    loc: Loc = tuple(first["loc"])
+    # a misspelt key also makes the key it should have been missing: name the misspelling first
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    loc: Loc = tuple(first["loc"]) if first["type"] == "extra_forbidden" else _clean(first["loc"])
     line = _line_for(loc, lines)
     where = f"{source}:{line}" if line else source
     key = dotted(loc) or "(top level)"
@@ -197,10 +236,27 @@ def _describe(exc: ValidationError, lines: dict[Loc, int], source: str) -> str:
         message = f"missing required key `{key}`"
     else:
         value = first.get("input")
-        shown = f" (got {value!r})" if not isinstance(value, (dict, list)) else ""
-        message = f"`{key}`: {first['msg']}{shown}"
-    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        text = repr(value)
+        shown = f" (got {text if len(text) <= 60 else text[:57] + '...'})" if not isinstance(value, (dict, list)) else ""
+        # a union (`str | int`) fails once per member, at the same key: say all of it at once
+        wants = dict.fromkeys(_plain(e["msg"]) for e in errors if e["type"] != "extra_forbidden" and _clean(e["loc"]) == loc)
+        said = [w if i == 0 else w.removeprefix("Input should be ") for i, w in enumerate(wants)] or [_plain(first["msg"])]
+        message = f"`{key}`: {' or '.join(said)}{shown}"
+    problems = len({_clean(e["loc"]) for e in errors})
+    more = f" (and {problems - 1} more problem{'s' if problems > 2 else ''})" if problems > 1 else ""
     return f"{where}: {message}{more}"
+
+
+def _clean(loc: Any) -> Loc:
+    """Drop pydantic's union-member and dict-key markers (`str`, `int`, `[key]`), which are not manifest keys."""
+    return tuple(p for p in loc if not (isinstance(p, str) and (p in ("str", "int", "float", "bool") or "[" in p)))
+
+
+def _plain(msg: str) -> str:
+    """pydantic's wording without its class names: a short form takes a mapping or a path."""
+    short = {"Source", "AdapterSpec", "OutputSpec"}
+    return re.sub(r"a valid dictionary or instance of (\w+)",
+                  lambda m: "a mapping or a path string" if m.group(1) in short else "a mapping", msg)
 
 
 def _line_for(loc: Loc, lines: dict[Loc, int]) -> int | None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +14,7 @@ import torch
 from mergekit_lite import publish as publish_module
 from mergekit_lite.adapter import Adapter, read_adapter
 from mergekit_lite.checkpoint import Checkpoint, read_checkpoint
-from mergekit_lite.errors import InputError, MergekitError
+from mergekit_lite.errors import AdapterError, InputError, MergekitError
 from mergekit_lite.gate import GateReport, run_gate
 from mergekit_lite.gate.report import fmt, markdown, skipped_report
 from mergekit_lite.manifest import LoadedManifest, load_manifest
@@ -65,13 +69,29 @@ def prepare(manifest_path: str | Path, for_output: bool = True) -> Job:
     loaded = load_manifest(manifest_path)
     m = loaded.manifest
     checkpoint = read_checkpoint(loaded.base_path)
-    adapters = [read_adapter(p, i, spec.weight) for i, (p, spec) in enumerate(zip(loaded.adapter_paths, m.adapters))]
+    adapters = [read_adapter(p, i, spec.weight, allow_pickle=spec.allow_pickle)
+                for i, (p, spec) in enumerate(zip(loaded.adapter_paths, m.adapters))]
     plan = build_plan(checkpoint, adapters, m.dtype, loaded.max_shard_bytes)
     resolve_device(m.device_map)
     if for_output:
         inputs = [loaded.base_path, *loaded.adapter_paths]
         check_output(loaded.output_path, inputs, m.output.overwrite, plan.total_bytes)
+        check_adapter_values(adapters)
     return Job(loaded, checkpoint, adapters, plan)
+
+
+def check_adapter_values(adapters: list[Adapter]) -> None:
+    """Refuse NaN/Inf in the adapters' tensors before anything is written.
+
+    The one place before the merge that reads tensor data: adapters are small next to the base,
+    and a non-finite factor is an input error (exit 2), not a failed merge.
+    """
+    for adapter in adapters:
+        reader = TensorReader({k.key: k.entry for k in adapter.keys})
+        for key in adapter.keys:
+            tensor = reader.get(key.key)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise AdapterError(f"{adapter.label}: `{key.key}` contains NaN or Inf values")
 
 
 def run_plan(manifest_path: str | Path) -> Plan:
@@ -99,8 +119,31 @@ def execute(job: Job, progress: Progress | None = None, verify: bool = True, kee
                 kept = publish_module.keep_rejected(stage, output) if keep_rejected else None
                 raise GateFailed(report, kept)
         _describe(job, stage, report, source, tokenizer_copies)
-        publish(stage, output, m.output.overwrite)
+        with _interrupts_deferred() as interrupted:
+            publish(stage, output, m.output.overwrite)
+    if interrupted:
+        raise Interrupted(f"interrupted after publishing: the release at `{output}` is complete and verified")
     return Result(output, report)
+
+
+class Interrupted(MergekitError):
+    """Ctrl-C arrived while the release was being renamed into place; it was let finish. Exit 130."""
+
+    exit_code = 130
+
+
+@contextmanager
+def _interrupts_deferred() -> Iterator[list[bool]]:
+    """Hold off SIGINT during the publish step, so that Ctrl-C cannot leave the swap half done."""
+    seen: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: seen.append(True))
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _describe(job: Job, stage: Path, report: GateReport | None, source: Path | None, tokenizer_copies: list[Path]) -> None:
@@ -121,7 +164,7 @@ def _describe(job: Job, stage: Path, report: GateReport | None, source: Path | N
         if (job.checkpoint.path / extra).is_file():
             inputs.append(job.checkpoint.path / extra)
     for adapter in job.adapters:
-        inputs += [adapter.path / "adapter_config.json", adapter.path / "adapter_model.safetensors"]
+        inputs += [adapter.path / "adapter_config.json", adapter.weights_file or adapter.path / "adapter_model.safetensors"]
     if source is not None:
         inputs += [p for p in tokenizer_files(source) if p not in inputs]
     write_receipt(stage, inputs, job.plan, verification)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import secrets
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,12 +24,24 @@ def check_output(output: Path, inputs: list[Path], overwrite: bool, needed_bytes
             raise OutputError(f"output `{output}` overlaps input `{inp}`; choose a folder outside the inputs")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise OutputError(f"output `{output}` exists and is not empty; set `output.overwrite: true` to replace it")
-    anchor = output
+    anchor = output.parent  # the staging folder, the lock and any missing parents are made here
     while not anchor.exists():
         anchor = anchor.parent
+    if not anchor.is_dir():
+        raise OutputError(f"output `{output}`: `{anchor}` is a file, not a folder; choose another output path")
+    if not os.access(anchor, os.W_OK | os.X_OK):  # a read-only file system fails this even for root
+        why = "a read-only file system" if os.statvfs(anchor).f_flag & os.ST_RDONLY else "not writable by this user"
+        raise OutputError(f"output `{output}`: cannot write in `{anchor}` ({why}); choose a writable output location")
     free = shutil.disk_usage(anchor).free
     if free < needed_bytes:
-        raise OutputError(f"output `{output}` needs {needed_bytes / 1e9:.2f} GB but its disk has {free / 1e9:.2f} GB free")
+        raise OutputError(f"output `{output}` needs {_size(needed_bytes)} but its disk has {_size(free)} free")
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
 
 
 @contextmanager
@@ -86,6 +101,10 @@ def publish(stage: Path, output: Path, overwrite: bool) -> None:
     if output.exists():
         if any(output.iterdir()) and not overwrite:
             raise OutputError(f"output `{output}` appeared while merging; not replacing it")
+        if _exchange(stage, output):  # one atomic step: the output path always holds a whole release
+            _fsync_dir(output.parent)
+            shutil.rmtree(stage, ignore_errors=True)  # the previous release, now under the staging name
+            return
         old = output.parent / f".{output.name}.{secrets.token_hex(4)}.old"
         os.rename(output, old)
     try:
@@ -97,6 +116,28 @@ def publish(stage: Path, output: Path, overwrite: bool) -> None:
     _fsync_dir(output.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where that is unavailable.
+
+    Without it, replacing a release takes two renames, and a crash between them leaves nothing at
+    the output path until the next run's `recover_stale` puts the previous release back.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without renameat2 (glibc < 2.28, some musl builds)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # the kernel or file system cannot exchange
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def _fsync_dir(path: Path) -> None:

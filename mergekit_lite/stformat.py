@@ -69,15 +69,20 @@ def read_header(path: Path) -> Header:
     """Parse and validate the header of `path`; read no tensor data."""
     where = f"`{path}`"
     try:
-        st = os.stat(path)
+        if not stat.S_ISREG(os.stat(path).st_mode):  # never open a FIFO or a device
+            raise CheckpointError(f"{where} is not a regular file")
+        fh = open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
     except FileNotFoundError:
         raise CheckpointError(f"{where} does not exist") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise CheckpointError(f"{where} is not a regular file")
-    size = st.st_size
-    if size < 8:
-        raise CheckpointError(f"{where} is not a safetensors file: {size} bytes, too short for a header length")
-    with open(path, "rb") as fh:
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
+        raise CheckpointError(f"{where} cannot be read: {exc}") from None
+    with fh:
+        st = os.fstat(fh.fileno())  # the file opened, not the one stat saw, should the name be swapped
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{where} is not a regular file")
+        size = st.st_size
+        if size < 8:
+            raise CheckpointError(f"{where} is not a safetensors file: {size} bytes, too short for a header length")
         n = int.from_bytes(fh.read(8), "little")
         if n > MAX_HEADER_BYTES:
             raise CheckpointError(f"{where}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit")
@@ -87,14 +92,20 @@ def read_header(path: Path) -> Header:
     try:
         doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except _DuplicateKey as exc:
-        raise CheckpointError(f"{where}: duplicate tensor name `{exc.args[0]}` in the header") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{where}: header is not valid JSON ({exc})") from None
+        raise CheckpointError(f"{where}: duplicate tensor name `{_shown(exc.args[0])}` in the header") from None
+    except ValueError as exc:  # bad UTF-8, bad JSON, or an integer of more than 4300 digits
+        raise CheckpointError(f"{where}: header is not valid JSON ({' '.join(str(exc).split())[:200]})") from None
+    except RecursionError:
+        raise CheckpointError(f"{where}: header is not a safetensors header (JSON nested too deeply)") from None
     if not isinstance(doc, dict):
         raise CheckpointError(f"{where}: header is not a JSON object")
-    metadata = doc.pop("__metadata__", {}) or {}
+    metadata = doc.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{where}: `__metadata__` must map strings to strings")
+    odd = next((name for name in doc if not name.isprintable()), None)
+    if odd is not None:
+        raise CheckpointError(f"{where}: tensor name {_shown(odd)} holds control characters")
     data_start = 8 + n
     entries = [_entry(path, name, info, data_start) for name, info in doc.items()]
     entries.sort(key=lambda e: e.begin)
@@ -115,10 +126,15 @@ def _entry(path: Path, name: str, info: object, data_start: int) -> TensorEntry:
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise CheckpointError(f"{where} must have exactly `dtype`, `shape` and `data_offsets`")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in DTYPES:
-        raise CheckpointError(f"{where} has unsupported dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise CheckpointError(f"{where} has an invalid shape {shape!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise CheckpointError(f"{where} has unsupported dtype {repr(dtype)[:40]}")
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**63 for d in shape):
+        raise CheckpointError(f"{where} has an invalid shape {repr(shape)[:80]}")
+    size = 1
+    for d in [*shape, ITEMSIZE[dtype]]:  # as the reference reader counts: every partial product fits in 64 bits
+        size *= d
+        if size >= 2**64:
+            raise CheckpointError(f"{where}: shape {repr(shape)[:80]} overflows 64 bits")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
@@ -132,6 +148,11 @@ def _entry(path: Path, name: str, info: object, data_start: int) -> TensorEntry:
             f"{where} spans {offsets[1] - offsets[0]} bytes but {dtype} {shape} needs {expected}"
         )
     return TensorEntry(name, dtype, tuple(shape), path, data_start + offsets[0], expected)
+
+
+def _shown(name: str) -> str:
+    """A name from a header as it can be shown on one line."""
+    return name if name.isprintable() else repr(name)[:80]
 
 
 class _DuplicateKey(Exception):

@@ -19,7 +19,7 @@ def test_plan_reads_no_tensor_data(zoo, tmp_path: Path, monkeypatch) -> None:
 
     monkeypatch.setattr(reader, "safe_open", forbidden)
     m = write_manifest(tmp_path, zoo.base("llama"), [(zoo.adapter("llama_dora"), None)], "bfloat16")
-    plan = prepare(m).plan
+    plan = prepare(m, for_output=False).plan  # (a merge then also reads the small adapter tensors for NaN/Inf)
     assert any(op.kind == "dora" for t in plan.tensors for op in t.ops)
 
 
