@@ -16,6 +16,7 @@ from mergekit_lite.adapter import Adapter, AdapterKey
 from mergekit_lite.checkpoint import Checkpoint
 from mergekit_lite.errors import PlanError
 from mergekit_lite.stformat import FLOAT_DTYPES, ITEMSIZE, TensorEntry
+from mergekit_lite.writer import STAGING
 
 # Operation kinds, applied in this order within one adapter:
 #   replace      the tensor is replaced whole (modules_to_save, bias all/lora_only)
@@ -24,7 +25,9 @@ from mergekit_lite.stformat import FLOAT_DTYPES, ITEMSIZE, TensorEntry
 #   dora         DoRA: W = m / ||W0 + dW|| * (W + dW)
 #   rows         W[indices] = rows (trainable tokens)
 # Every op of an adapter has scale = manifest weight * PEFT scaling where it applies.
-COPY_CHUNK = 64 * 2**20  # unchanged tensors are copied in chunks of this size
+ROW_BLOCK = 2**19  # elements of a linear weight merged at a time by one thread, in two fp32 blocks of 2 MiB
+ROW_THREADS = 8  # at most this many threads merge the blocks of one tensor
+WRITE_BEHIND = 2  # the writer thread may be this many tensors behind the math
 _OUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 _ORDER = {"replace": 0, "base_layer": 1, "delta": 2, "dora": 2, "rows": 3}
 
@@ -328,20 +331,35 @@ def _assign_shards(tensors: list[PlannedTensor], max_bytes: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
+def merges_by_rows(t: PlannedTensor) -> bool:
+    """Whether the merge can take `t` one block of rows at a time: only linear LoRA deltas on a matrix."""
+    return len(t.shape) == 2 and bool(t.ops) and all(op.kind == "delta" and op.layout == "linear" for op in t.ops)
+
+
 def _peak(tensors: list[PlannedTensor], adapters: list[Adapter]) -> int:
-    """Predicted peak bytes of the merge math: the largest changed tensor's fp32 working set."""
+    """Predicted peak bytes of the merge: the largest working set of one tensor, the reused buffers,
+    and the outputs of the tensors before it, which the writer thread may still be writing."""
     factor_bytes = {(a.index, k.key): 4 * k.entry.numel for a in adapters for k in a.keys}
-    worst = 0
+    worst = by_rows_out = by_rows_width = whole_out = 0
     for t in tensors:
-        if not t.ops:
-            continue
+        if not t.ops and t.dtype == t.src_dtype:
+            continue  # copied file to file
         numel = math.prod(t.shape)
-        # accumulator, delta and (for DoRA) the unmerged copy in fp32, the source tensor, the output
-        copies = 3 if any(op.kind == "dora" for op in t.ops) else 2
-        need = numel * 4 * copies + numel * ITEMSIZE[t.src_dtype] + t.nbytes
+        need = numel * ITEMSIZE[t.src_dtype]  # the source, as far as it is read
         need += sum(factor_bytes[op.adapter, k] for op in t.ops for k in op.keys)
+        if merges_by_rows(t):
+            by_rows_out, by_rows_width = max(by_rows_out, t.nbytes), max(by_rows_width, t.shape[1])
+        else:
+            # accumulator, delta and (for DoRA) the unmerged copy in fp32, and the output
+            copies = 3 if any(op.kind == "dora" for op in t.ops) else 2 if t.ops else 0
+            need += numel * 4 * copies + t.nbytes
+            whole_out = max(whole_out, t.nbytes)
         worst = max(worst, need)
-    return max(worst, COPY_CHUNK)
+    # output buffers taken in turn, and per thread two fp32 scratch blocks of ROW_BLOCK elements (plus up to three rows)
+    scratch = ROW_THREADS * 2 * 4 * (ROW_BLOCK + 3 * by_rows_width) if by_rows_out else 0
+    reused = (WRITE_BEHIND + 1) * by_rows_out + scratch
+    # and the staging buffers of the shard being written and of the one before it, while it closes
+    return worst + reused + WRITE_BEHIND * whole_out + 2 * STAGING
 
 
 def _adapter_summary(adapter: Adapter) -> dict[str, Any]:

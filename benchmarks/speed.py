@@ -1,0 +1,163 @@
+"""Wall time and peak RSS of `mergekit-lite merge` against `cp -r` and PEFT's merge, on synthetic
+bf16 Llama-style checkpoints (rank-16 LoRA on every linear layer), measured in the same run.
+
+Each repetition runs the three tools one after the other (alternating, so that drifts in the
+machine's state hit all of them), each in a fresh process; the table shows medians. Before every
+run the base is read once (warm page cache: dropping the cache needs privileges this does not
+assume), and after it the output is deleted and the disk synced, so that no run pays for the
+write-back of the one before.
+
+    .venv/bin/python benchmarks/speed.py                    # about 1, 2 and 6 GB, 3 repetitions
+    .venv/bin/python benchmarks/speed.py --sizes 2 --repeat 5 --tools cp mergekit
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "work"
+TOOLS = ("cp", "peft", "mergekit")
+# targets from the performance issue, for the 6 GB checkpoint (checked at every size, printed as such)
+MAX_VS_CP, MIN_VS_PEFT, MAX_RSS_GIB, MAX_RSS_VS_PEFT = 1.5, 5.0, 0.75, 1 / 8
+
+
+@dataclass
+class Runs:
+    wall: list[float] = field(default_factory=list)
+    rss: list[float] = field(default_factory=list)  # GiB
+
+    @property
+    def median_wall(self) -> float:
+        return statistics.median(self.wall)
+
+    @property
+    def median_rss(self) -> float:
+        return statistics.median(self.rss)
+
+
+def build(size: float) -> Path:
+    """Build (once) the checkpoint and adapter in a child process, and write the manifest."""
+    folder = WORK / f"llama-{size:g}GB"
+    subprocess.run([sys.executable, str(HERE / "synthetic.py"), str(folder), str(size)], check=True)
+    (folder / "manifest.yaml").write_text("base: ./base\nadapters: [./adapter]\ndtype: bfloat16\noutput: ./merged\n")
+    return folder
+
+
+def commands(folder: Path) -> dict[str, list[str]]:
+    out = str(folder / "merged")
+    merge = [sys.executable, "-m", "mergekit_lite", "merge", "--quiet", str(folder / "manifest.yaml")]
+    if "--no-verify" in subprocess.run([*merge[:4], "--help"], capture_output=True, text=True).stdout:
+        merge.append("--no-verify")
+    return {
+        "cp": ["cp", "-r", str(folder / "base"), out],
+        "peft": [sys.executable, str(HERE / "peft_merge.py"), str(folder / "base"), str(folder / "adapter"), out],
+        "mergekit": merge,
+    }
+
+
+def warm(folder: Path) -> None:
+    """Read the base checkpoint once so that every tool starts from a warm page cache."""
+    buffer = bytearray(16 * 2**20)
+    for path in sorted((folder / "base").iterdir()):
+        with open(path, "rb", buffering=0) as fh:
+            while fh.readinto(buffer):
+                pass
+
+
+def measure(command: list[str], output: Path) -> tuple[float, float]:
+    """(wall seconds, peak RSS in GiB) of `command` in a fresh process, which must create `output`."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, env=env, cwd=HERE.parent)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0 or not output.exists():
+        raise SystemExit(f"failed: {' '.join(command)}")
+    return wall, usage.ru_maxrss / 2**20  # KiB on Linux
+
+
+def clean(output: Path) -> None:
+    shutil.rmtree(output, ignore_errors=True)
+    os.sync()
+    time.sleep(1)
+
+
+def run_size(size: float, tools: list[str], repeat: int) -> tuple[float, dict[str, Runs]]:
+    folder = build(size)
+    model_gb = sum(p.stat().st_size for p in (folder / "base").glob("*.safetensors")) / 1e9
+    cmds = commands(folder)
+    runs = {tool: Runs() for tool in tools}
+    clean(folder / "merged")
+    for rep in range(repeat):
+        for tool in tools:
+            warm(folder)
+            wall, rss = measure(cmds[tool], folder / "merged")
+            runs[tool].wall.append(wall)
+            runs[tool].rss.append(rss)
+            print(f"  {size:g} GB  run {rep + 1}/{repeat}  {tool:9s} {wall:7.2f} s  {rss:6.2f} GiB", file=sys.stderr)
+            clean(folder / "merged")
+    return model_gb, runs
+
+
+def report(results: dict[float, tuple[float, dict[str, Runs]]], repeat: int) -> None:
+    print(f"\nwarm cache (base read before every run; output deleted and synced after); "
+          f"median of {repeat}, runs alternating; {os.cpu_count()} CPUs")
+    print(f"{'model':>8} {'tool':>9} {'wall s':>8} {'(min-max)':>13} {'peak RSS GiB':>13} {'x cp':>6} {'PEFT/x':>7} {'RSS/PEFT':>9}")
+    for size, (model_gb, runs) in results.items():
+        cp = runs["cp"].median_wall if "cp" in runs else None
+        peft = runs["peft"] if "peft" in runs else None
+        for tool, r in runs.items():
+            vs_cp = f"{r.median_wall / cp:6.2f}" if cp else f"{'-':>6}"
+            vs_peft = f"{peft.median_wall / r.median_wall:7.2f}" if peft else f"{'-':>7}"
+            rss_peft = f"{r.median_rss / peft.median_rss:9.3f}" if peft else f"{'-':>9}"
+            spread = f"({min(r.wall):.1f}-{max(r.wall):.1f})"
+            print(f"{model_gb:>6.2f}GB {tool:>9} {r.median_wall:>8.2f} {spread:>13} {r.median_rss:>13.2f} {vs_cp} {vs_peft} {rss_peft}")
+    print("\ntargets (issue 7, for the 6 GB checkpoint): mergekit <= 1.5 x cp, >= 5 x faster than PEFT, "
+          "peak RSS <= 0.75 GiB and <= 1/8 of PEFT's, flat as the model grows")
+    for size, (model_gb, runs) in results.items():
+        if "mergekit" not in runs:
+            continue
+        m = runs["mergekit"]
+        checks = [f"RSS {m.median_rss:.2f} GiB {_ok(m.median_rss <= MAX_RSS_GIB)}"]
+        if "cp" in runs:
+            ratio = m.median_wall / runs["cp"].median_wall
+            checks.append(f"x cp {ratio:.2f} {_ok(ratio <= MAX_VS_CP)}")
+        if "peft" in runs:
+            speedup = runs["peft"].median_wall / m.median_wall
+            share = m.median_rss / runs["peft"].median_rss
+            checks.append(f"PEFT/x {speedup:.1f} {_ok(speedup >= MIN_VS_PEFT)}")
+            checks.append(f"RSS/PEFT {share:.3f} {_ok(share <= MAX_RSS_VS_PEFT)}")
+        print(f"  {model_gb:.2f} GB: " + ", ".join(checks))
+    sizes = [s for s in results if "mergekit" in results[s][1]]
+    if len(sizes) > 1:
+        small, large = results[sizes[0]], results[sizes[-1]]
+        growth = large[1]["mergekit"].median_rss / small[1]["mergekit"].median_rss
+        print(f"  mergekit peak RSS, largest / smallest model: {growth:.2f} (models {large[0] / small[0]:.1f}x apart)")
+
+
+def _ok(passed: bool) -> str:
+    return "PASS" if passed else "MISS"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1.0, 2.0, 6.0], help="checkpoint sizes in GB")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each tool per size (median reported)")
+    parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS), help="which tools to run")
+    args = parser.parse_args()
+    tools = [t for t in TOOLS if t in args.tools]
+    results = {size: run_size(size, tools, args.repeat) for size in args.sizes}
+    report(results, args.repeat)
+
+
+if __name__ == "__main__":
+    main()
