@@ -9,23 +9,28 @@ write-back of the one before.
 
     .venv/bin/python benchmarks/speed.py                    # about 1, 2 and 6 GB, 3 repetitions
     .venv/bin/python benchmarks/speed.py --sizes 2 --repeat 5 --tools cp mergekit
+
+`cp+sync` (the copy fsync'd, as mergekit-lite's atomic publish does with its output) is shown
+for reference; the ratios are against plain `cp -r`, as the targets are.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
-TOOLS = ("cp", "peft", "mergekit")
+TOOLS = ("cp", "cp+sync", "peft", "mergekit")
 # targets from the performance issue, for the 6 GB checkpoint (checked at every size, printed as such)
 MAX_VS_CP, MIN_VS_PEFT, MAX_RSS_GIB, MAX_RSS_VS_PEFT = 1.5, 5.0, 0.75, 1 / 8
 
@@ -34,6 +39,7 @@ MAX_VS_CP, MIN_VS_PEFT, MAX_RSS_GIB, MAX_RSS_VS_PEFT = 1.5, 5.0, 0.75, 1 / 8
 class Runs:
     wall: list[float] = field(default_factory=list)
     rss: list[float] = field(default_factory=list)  # GiB
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per pipeline stage, one extra run
 
     @property
     def median_wall(self) -> float:
@@ -59,6 +65,8 @@ def commands(folder: Path) -> dict[str, list[str]]:
         merge.append("--no-verify")
     return {
         "cp": ["cp", "-r", str(folder / "base"), out],
+        # what mergekit-lite's atomic publish also does: the copy on disk (fsync'd) before it returns
+        "cp+sync": ["sh", "-c", 'cp -r "$0" "$1" && sync "$1"/*', str(folder / "base"), out],
         "peft": [sys.executable, str(HERE / "peft_merge.py"), str(folder / "base"), str(folder / "adapter"), out],
         "mergekit": merge,
     }
@@ -76,12 +84,15 @@ def warm(folder: Path) -> None:
 def measure(command: list[str], output: Path) -> tuple[float, float]:
     """(wall seconds, peak RSS in GiB) of `command` in a fresh process, which must create `output`."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, env=env, cwd=HERE.parent)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0 or not output.exists():
-        raise SystemExit(f"failed: {' '.join(command)}")
+    with tempfile.TemporaryFile() as errors:  # progress bars and warnings, shown only on failure
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, env=env, cwd=HERE.parent)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0 or not output.exists():
+            errors.seek(0)
+            sys.stderr.write(errors.read().decode(errors="replace")[-4000:])
+            raise SystemExit(f"failed: {' '.join(command)}")
     return wall, usage.ru_maxrss / 2**20  # KiB on Linux
 
 
@@ -91,7 +102,17 @@ def clean(output: Path) -> None:
     time.sleep(1)
 
 
-def run_size(size: float, tools: list[str], repeat: int) -> tuple[float, dict[str, Runs]]:
+def stages(folder: Path) -> dict[str, float]:
+    """Seconds per pipeline stage of one more mergekit-lite run (benchmarks/stages.py), not in the medians."""
+    warm(folder)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    done = subprocess.run([sys.executable, str(HERE / "stages.py"), str(folder / "manifest.yaml")], env=env,
+                          cwd=folder, capture_output=True, text=True, check=True)
+    clean(folder / "merged")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_size(size: float, tools: list[str], repeat: int, with_stages: bool) -> tuple[float, dict[str, Runs]]:
     folder = build(size)
     model_gb = sum(p.stat().st_size for p in (folder / "base").glob("*.safetensors")) / 1e9
     cmds = commands(folder)
@@ -105,6 +126,8 @@ def run_size(size: float, tools: list[str], repeat: int) -> tuple[float, dict[st
             runs[tool].rss.append(rss)
             print(f"  {size:g} GB  run {rep + 1}/{repeat}  {tool:9s} {wall:7.2f} s  {rss:6.2f} GiB", file=sys.stderr)
             clean(folder / "merged")
+    if "mergekit" in runs and with_stages:
+        runs["mergekit"].stages = stages(folder)
     return model_gb, runs
 
 
@@ -137,6 +160,10 @@ def report(results: dict[float, tuple[float, dict[str, Runs]]], repeat: int) -> 
             checks.append(f"PEFT/x {speedup:.1f} {_ok(speedup >= MIN_VS_PEFT)}")
             checks.append(f"RSS/PEFT {share:.3f} {_ok(share <= MAX_RSS_VS_PEFT)}")
         print(f"  {model_gb:.2f} GB: " + ", ".join(checks))
+    print("\nmergekit-lite merge --no-verify, seconds per stage (one extra run per size):")
+    for size, (model_gb, runs) in results.items():
+        if "mergekit" in runs and runs["mergekit"].stages:
+            print(f"  {model_gb:.2f} GB: " + ", ".join(f"{k} {v:.1f}" for k, v in runs["mergekit"].stages.items()))
     sizes = [s for s in results if "mergekit" in results[s][1]]
     if len(sizes) > 1:
         small, large = results[sizes[0]], results[sizes[-1]]
@@ -153,9 +180,11 @@ def main() -> None:
     parser.add_argument("--sizes", type=float, nargs="+", default=[1.0, 2.0, 6.0], help="checkpoint sizes in GB")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each tool per size (median reported)")
     parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS), help="which tools to run")
+    parser.add_argument("--no-stages", dest="stages", action="store_false",
+                        help="skip the extra mergekit-lite run that times each pipeline stage")
     args = parser.parse_args()
     tools = [t for t in TOOLS if t in args.tools]
-    results = {size: run_size(size, tools, args.repeat) for size in args.sizes}
+    results = {size: run_size(size, tools, args.repeat, args.stages) for size in args.sizes}
     report(results, args.repeat)
 
 
