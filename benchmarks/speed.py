@@ -1,7 +1,7 @@
 """Wall time and peak RSS of `mergekit-lite merge` against `cp -r` and PEFT's merge, on synthetic
 bf16 Llama-style checkpoints (rank-16 LoRA on every linear layer), measured in the same run.
 
-Each repetition runs the three tools one after the other (alternating, so that drifts in the
+Each repetition runs the tools one after the other (alternating, so that drifts in the
 machine's state hit all of them), each in a fresh process; the table shows medians. Before every
 run the base is read once (warm page cache: dropping the cache needs privileges this does not
 assume), and after it the output is deleted and the disk synced, so that no run pays for the
@@ -11,7 +11,13 @@ write-back of the one before.
     .venv/bin/python benchmarks/speed.py --sizes 2 --repeat 5 --tools cp mergekit
 
 `cp+sync` (the copy fsync'd, as mergekit-lite's atomic publish does with its output) is shown
-for reference; the ratios are against plain `cp -r`, as the targets are.
+for reference; the ratios are against plain `cp -r`, as the targets are. mergekit-lite runs
+three ways: `mergekit` (--no-verify, an empty digest cache: every input is hashed for the
+receipt, as on a first run), `mk-cached` (--no-verify, the inputs' digests known from an earlier
+run on the same files: a nightly job's case) and `mk+gate` (the gate's streamed checks --
+structure, per-tensor algebra, packaging -- with `verify.logits: false`: the end-to-end check
+loads two float32 copies of the model, 24 GB for the 6 GB checkpoint, more than these machines
+have).
 """
 
 from __future__ import annotations
@@ -30,9 +36,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
-TOOLS = ("cp", "cp+sync", "peft", "mergekit")
+TOOLS = ("cp", "cp+sync", "peft", "mergekit", "mk-cached", "mk+gate")
 # targets from the performance issue, for the 6 GB checkpoint (checked at every size, printed as such)
-MAX_VS_CP, MIN_VS_PEFT, MAX_RSS_GIB, MAX_RSS_VS_PEFT = 1.5, 5.0, 0.75, 1 / 8
+MAX_VS_CP, MIN_VS_PEFT, MAX_RSS_GIB, MAX_RSS_VS_PEFT, MAX_GATE_SHARE = 1.5, 5.0, 0.75, 1 / 8, 0.5
 
 
 @dataclass
@@ -60,16 +66,29 @@ def build(size: float) -> Path:
 
 def commands(folder: Path) -> dict[str, list[str]]:
     out = str(folder / "merged")
-    merge = [sys.executable, "-m", "mergekit_lite", "merge", "--quiet", str(folder / "manifest.yaml")]
-    if "--no-verify" in subprocess.run([*merge[:4], "--help"], capture_output=True, text=True).stdout:
-        merge.append("--no-verify")
+    merge = [sys.executable, "-m", "mergekit_lite", "merge", "--quiet"]
+    gated = folder / "manifest-gate.yaml"  # the streamed checks (structure, algebra, packaging), no logits
+    gated.write_text((folder / "manifest.yaml").read_text() + "verify: {logits: false}\n")
     return {
         "cp": ["cp", "-r", str(folder / "base"), out],
         # what mergekit-lite's atomic publish also does: the copy on disk (fsync'd) before it returns
         "cp+sync": ["sh", "-c", 'cp -r "$0" "$1" && sync "$1"/*', str(folder / "base"), out],
         "peft": [sys.executable, str(HERE / "peft_merge.py"), str(folder / "base"), str(folder / "adapter"), out],
-        "mergekit": merge,
+        "mergekit": [*merge, "--no-verify", str(folder / "manifest.yaml")],
+        "mk-cached": [*merge, "--no-verify", str(folder / "manifest.yaml")],
+        "mk+gate": [*merge, str(gated)],
     }
+
+
+def digest_cache(tool: str, folder: Path) -> str:
+    """MERGEKIT_LITE_CACHE for a run: `mergekit` starts with an empty digest cache every time (it
+    hashes every input, as a first run does); `mk-cached` and `mk+gate` use one the first run
+    of the size filled (a rerun on the same base: the inputs' digests are known)."""
+    if tool == "mergekit":
+        fresh = folder / "digests-cold"
+        shutil.rmtree(fresh, ignore_errors=True)
+        return str(fresh)
+    return str(folder / "digests-warm")
 
 
 def warm(folder: Path) -> None:
@@ -81,9 +100,9 @@ def warm(folder: Path) -> None:
                 pass
 
 
-def measure(command: list[str], output: Path) -> tuple[float, float]:
+def measure(command: list[str], output: Path, cache: str = "off") -> tuple[float, float]:
     """(wall seconds, peak RSS in GiB) of `command` in a fresh process, which must create `output`."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", MERGEKIT_LITE_CACHE=cache)
     with tempfile.TemporaryFile() as errors:  # progress bars and warnings, shown only on failure
         start = time.perf_counter()
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, env=env, cwd=HERE.parent)
@@ -106,6 +125,7 @@ def stages(folder: Path) -> dict[str, float]:
     """Seconds per pipeline stage of one more mergekit-lite run (benchmarks/stages.py), not in the medians."""
     warm(folder)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env["MERGEKIT_LITE_CACHE"] = digest_cache("mergekit", folder)
     done = subprocess.run([sys.executable, str(HERE / "stages.py"), str(folder / "manifest.yaml")], env=env,
                           cwd=folder, capture_output=True, text=True, check=True)
     clean(folder / "merged")
@@ -118,10 +138,13 @@ def run_size(size: float, tools: list[str], repeat: int, with_stages: bool) -> t
     cmds = commands(folder)
     runs = {tool: Runs() for tool in tools}
     clean(folder / "merged")
+    if {"mk-cached", "mk+gate"} & set(tools):  # fill the warm digest cache (not timed)
+        measure(cmds["mk-cached"], folder / "merged", digest_cache("mk-cached", folder))
+        clean(folder / "merged")
     for rep in range(repeat):
         for tool in tools:
             warm(folder)
-            wall, rss = measure(cmds[tool], folder / "merged")
+            wall, rss = measure(cmds[tool], folder / "merged", digest_cache(tool, folder))
             runs[tool].wall.append(wall)
             runs[tool].rss.append(rss)
             print(f"  {size:g} GB  run {rep + 1}/{repeat}  {tool:9s} {wall:7.2f} s  {rss:6.2f} GiB", file=sys.stderr)
@@ -145,21 +168,27 @@ def report(results: dict[float, tuple[float, dict[str, Runs]]], repeat: int) -> 
             spread = f"({min(r.wall):.1f}-{max(r.wall):.1f})"
             print(f"{model_gb:>6.2f}GB {tool:>9} {r.median_wall:>8.2f} {spread:>13} {r.median_rss:>13.2f} {vs_cp} {vs_peft} {rss_peft}")
     print("\ntargets (issue 7, for the 6 GB checkpoint): mergekit <= 1.5 x cp, >= 5 x faster than PEFT, "
-          "peak RSS <= 0.75 GiB and <= 1/8 of PEFT's, flat as the model grows")
+          "peak RSS <= 0.75 GiB and <= 1/8 of PEFT's, flat as the model grows; the streamed checks of the "
+          "gate add <= 50%")
     for size, (model_gb, runs) in results.items():
-        if "mergekit" not in runs:
-            continue
-        m = runs["mergekit"]
-        checks = [f"RSS {m.median_rss:.2f} GiB {_ok(m.median_rss <= MAX_RSS_GIB)}"]
-        if "cp" in runs:
-            ratio = m.median_wall / runs["cp"].median_wall
-            checks.append(f"x cp {ratio:.2f} {_ok(ratio <= MAX_VS_CP)}")
-        if "peft" in runs:
-            speedup = runs["peft"].median_wall / m.median_wall
-            share = m.median_rss / runs["peft"].median_rss
-            checks.append(f"PEFT/x {speedup:.1f} {_ok(speedup >= MIN_VS_PEFT)}")
-            checks.append(f"RSS/PEFT {share:.3f} {_ok(share <= MAX_RSS_VS_PEFT)}")
-        print(f"  {model_gb:.2f} GB: " + ", ".join(checks))
+        for tool in ("mergekit", "mk-cached"):
+            if tool not in runs:
+                continue
+            m = runs[tool]
+            checks = [f"RSS {m.median_rss:.2f} GiB {_ok(m.median_rss <= MAX_RSS_GIB)}"]
+            if "cp" in runs:
+                ratio = m.median_wall / runs["cp"].median_wall
+                checks.append(f"x cp {ratio:.2f} {_ok(ratio <= MAX_VS_CP)}")
+            if "peft" in runs:
+                speedup = runs["peft"].median_wall / m.median_wall
+                share = m.median_rss / runs["peft"].median_rss
+                checks.append(f"PEFT/x {speedup:.1f} {_ok(speedup >= MIN_VS_PEFT)}")
+                checks.append(f"RSS/PEFT {share:.3f} {_ok(share <= MAX_RSS_VS_PEFT)}")
+            print(f"  {model_gb:.2f} GB {tool:>9}: " + ", ".join(checks))
+        if "mk+gate" in runs and "mk-cached" in runs:
+            extra = runs["mk+gate"].median_wall / runs["mk-cached"].median_wall - 1
+            print(f"  {model_gb:.2f} GB   mk+gate: the streamed checks add {extra:.0%} to the merge "
+                  f"{_ok(extra <= MAX_GATE_SHARE)}")
     print("\nmergekit-lite merge --no-verify, seconds per stage (one extra run per size):")
     for size, (model_gb, runs) in results.items():
         if "mergekit" in runs and runs["mergekit"].stages:

@@ -25,7 +25,7 @@ import mergekit_lite.release  # noqa: E402, F401  (its import time counts too)
 from mergekit_lite.cli import main  # noqa: E402
 
 STAGES = {
-    pipeline: ("read_checkpoint", "check_adapter_values", "build_plan", "write_shards", "write_index",
+    pipeline: ("read_checkpoint", "check_adapter_values", "build_plan", "write_shards", "run_shards", "write_index",
                "write_configs", "write_receipt", "write_checksums", "publish"),
 }
 

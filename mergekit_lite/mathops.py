@@ -93,3 +93,99 @@ def merge_linear_rows(base: torch.Tensor, deltas: list[tuple[torch.Tensor, torch
         if not all_finite(block_out):
             return False
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Combining several adapters into one, as PEFT's LoraModel.add_weighted_adapter does (peft 0.21):
+# each function takes one module's input factors, fp32, in manifest order, as
+# (A [r, in], B [out, r], PEFT scaling s, manifest weight w), and returns the combined (A, B).
+# The arithmetic is PEFT's, operation for operation, so that the results are bitwise PEFT's.
+
+Factors = tuple[torch.Tensor, torch.Tensor, float, float]
+
+
+def combine_cat(inputs: list[Factors], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`cat`: A = [w_i s_i A_i stacked by rows], B = [B_i side by side], zero-padded to `rank` (PEFT's r,
+    the sum of the adapters' ranks, of which a module without some adapter uses fewer).
+    B A is the weighted sum of the deltas, sum_i w_i s_i B_i A_i (up to the rounding of w_i s_i A_i)."""
+    loras_a = torch.cat([a * weight * scaling for a, _, scaling, weight in inputs], dim=0)
+    loras_b = torch.cat([b for _, b, _, _ in inputs], dim=1)
+    a = torch.zeros(rank, loras_a.shape[1], dtype=loras_a.dtype, device=loras_a.device)
+    b = torch.zeros(loras_b.shape[0], rank, dtype=loras_b.dtype, device=loras_b.device)
+    a[: loras_a.shape[0]] = loras_a
+    b[:, : loras_b.shape[1]] = loras_b
+    return a, b
+
+
+def combine_factorwise(method: str, inputs: list[Factors], density: float | None, sign_method: str,
+                       generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`linear`, `ties`, `dare_linear`, `dare_ties`, `magnitude_prune`: A and B are combined separately,
+    A with weights sign(w s) sqrt(|w s|) and B with sqrt(|w s|). Not the sum of the deltas: B A then
+    holds the cross terms B_j A_i (i != j) as well; it is the sum only for one adapter."""
+    weights_a, weights_b = [], []
+    for _, _, scaling, weight in inputs:
+        product = weight * scaling
+        root = math.sqrt(abs(product))
+        weights_a.append(root * (1 if product >= 0 else -1))  # the sign on one side only
+        weights_b.append(root)
+    a = combine_tasks(method, [a for a, _, _, _ in inputs], torch.tensor(weights_a), density, sign_method, generator)
+    b = combine_tasks(method, [b for _, b, _, _ in inputs], torch.tensor(weights_b), density, sign_method, generator)
+    return a, b
+
+
+def combine_svd(method: str, inputs: list[Factors], transposed: bool, rank: int, density: float | None,
+                sign_method: str, clamp: float | None, full_matrices: bool,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`svd` and `<method>_svd`: combine the deltas s_i B_i A_i with weights w_i by `method` (linear =
+    weighted sum), then keep the top `rank` singular triplets: B = U S, A = V^T, optionally clamped to
+    the `clamp` quantile of their entries.
+
+    `transposed` (Conv1D, embedding): PEFT forms each delta in the stored [in, out] frame and the
+    random pruning draws in that frame's order; the SVD is of the [out, in] matrix either way.
+    """
+    deltas = [(b @ a).T * scaling if transposed else (b @ a) * scaling for a, b, scaling, _ in inputs]
+    weights = torch.tensor([weight for _, _, _, weight in inputs])
+    delta = combine_tasks(method, deltas, weights, density, sign_method, generator)
+    if transposed:
+        delta = delta.T
+    u, s, vh = torch.linalg.svd(delta, full_matrices=full_matrices)
+    u = u[:, :rank] @ torch.diag(s[:rank])
+    vh = vh[:rank, :]
+    if clamp is not None:
+        high = torch.quantile(torch.cat([u.flatten(), vh.flatten()]), clamp)
+        u, vh = u.clamp(-high, high), vh.clamp(-high, high)
+    return vh, u
+
+
+def combine_tasks(method: str, tensors: list[torch.Tensor], weights: torch.Tensor, density: float | None,
+                  sign_method: str, generator: torch.Generator | None) -> torch.Tensor:
+    """One of PEFT's task-vector merges (peft.utils.merge_utils) of same-shape tensors with fp32 weights.
+
+    The random ones (dare_*) draw their masks from `generator`, in the order PEFT draws them from
+    torch's global generator: tensor by tensor, each in its elements' order.
+    """
+    from peft.utils import merge_utils
+
+    if method == "linear":
+        return merge_utils.task_arithmetic(tensors, weights)
+    if method == "ties":
+        return merge_utils.ties(tensors, weights, density, sign_method)
+    if method == "magnitude_prune":
+        return merge_utils.magnitude_prune(tensors, weights, density)
+    if method not in ("dare_linear", "dare_ties"):
+        raise ValueError(f"unknown combination method {method!r}")
+    assert density is not None
+    stacked = torch.stack([random_prune(t, density, generator) for t in tensors], dim=0)
+    weighted = stacked * merge_utils.reshape_weight_task_tensors(stacked, weights)
+    if method == "dare_linear":
+        return weighted.sum(dim=0)
+    return merge_utils.disjoint_merge(weighted, merge_utils.calculate_majority_sign_mask(stacked, method=sign_method))
+
+
+def random_prune(tensor: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
+    """DARE: keep each element with probability `density` and rescale by 1 / density
+    (peft.utils.merge_utils.random_pruning with a generator; no draw at all when density >= 1)."""
+    if density >= 1:
+        return tensor
+    mask = torch.bernoulli(torch.full_like(tensor, density), generator=generator)
+    return (tensor * mask) / density

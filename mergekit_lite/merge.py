@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 
 from mergekit_lite import mathops
 from mergekit_lite.adapter import Adapter
+from mergekit_lite.combine import CombinedFactors, CombinePlan
 from mergekit_lite.errors import AdapterError, MergeError
 from mergekit_lite.plan import ROW_BLOCK, ROW_THREADS, WRITE_BEHIND, Op, Plan, PlannedTensor, merges_by_rows
 from mergekit_lite.reader import TensorReader
@@ -27,6 +29,15 @@ from mergekit_lite.stformat import DTYPES
 from mergekit_lite.writer import ShardWriter
 
 Progress = Callable[[PlannedTensor], None]
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """A shard as written: its file name, its size in bytes and its SHA-256 (hex; None when not asked for)."""
+
+    name: str
+    size: int
+    sha256: str | None
 
 
 def write_shards(plan: Plan, base: TensorReader, adapters: list[Adapter], folder: Path, device: torch.device,
@@ -39,48 +50,90 @@ def write_shards(plan: Plan, base: TensorReader, adapters: list[Adapter], folder
     On an error every file is closed and the error raised once the writer thread has stopped;
     the partial shards are left for the caller's staging folder to remove.
     """
-    factors = _Factors(adapters, device)
-    threads = torch.get_num_threads()  # our threads each set theirs to 1, which becomes torch's default: restored below
-    workspace = Workspace(WriteBehind.DEPTH + 1, threads) if device.type == "cpu" else None
-    # On the CPU this thread's own torch calls are small (factors, checks) except in whole-tensor
-    # merges; with one intra-op thread they start no OpenMP team, whose sleeping threads take
-    # longer to wake than the work takes (factor reads: 0.8 s against 0.3 s in a 6 GB merge).
-    own = threads if workspace is None else 1
-    by_shard: dict[int, list[PlannedTensor]] = {}
-    for t in plan.tensors:
-        by_shard.setdefault(t.shard, []).append(t)
-    paths: list[Path] = []
-    writers: list[ShardWriter] = []
-    try:
-        with WriteBehind() as behind:
-            for index, name in enumerate(plan.shard_names):
-                tensors = by_shard[index]
-                entries = [(t.name, t.dtype, t.shape) for t in tensors]
-                writer = ShardWriter(folder / name, entries, {"format": "pt"}, digest=digests is not None)
-                writers.append(writer)
-                for t in tensors:
-                    if not t.ops and t.dtype == t.src_dtype:
-                        src = base.locate(t.source)
-                        behind.submit(writer.copy_range, t.name, src.file, src.begin, src.nbytes)
-                    else:
-                        with _intra_op_threads(own if merges_by_rows(t) else threads):
-                            out = merge_tensor(t, base, factors, device, workspace)
-                        behind.submit(writer.write_tensor, t.name, out)
-                    if progress is not None:
-                        progress(t)
-                behind.submit(writer.close)
-                paths.append(writer.path)
-        if digests is not None:
-            digests.update({w.path.name: w.sha256.hexdigest() for w in writers if w.sha256 is not None})
-    finally:
-        for writer in writers:  # the writer thread has stopped here
-            writer.abort()
-        if workspace is not None:
-            workspace.close()
-        torch.set_num_threads(threads)
-        base.close()
-        factors.close()
-    return paths
+    with ShardMerger(plan, base, adapters, folder, device, progress, digest=digests is not None) as merger:
+        for index in range(len(plan.shard_names)):
+            merger.submit(index)
+        written = merger.finish()
+    if digests is not None:
+        digests.update({f.name: f.sha256 for f in written if f.sha256 is not None})
+    return [folder / f.name for f in written]
+
+
+def write_shard(plan: Plan, index: int, base: TensorReader, adapters: list[Adapter], folder: Path,
+                device: torch.device, progress: Progress | None = None) -> ShardFile:
+    """Write shard `index` of the plan alone into `folder` (a worker's job); return its name, size and SHA-256."""
+    with ShardMerger(plan, base, adapters, folder, device, progress, digest=True) as merger:
+        merger.submit(index)
+        (written,) = merger.finish()
+    return written
+
+
+class ShardMerger:
+    """Merges and writes shards of a plan one after the other, with one writer thread and one
+    row-merge workspace shared by all of them: a shard's last writes and its fsync overlap the
+    next shard's math.
+
+    Use as a context manager: `submit` queues a shard, `finish` waits for every write and says
+    what was written. On leaving by an error every file is closed once the writer thread has
+    stopped; the partial shards are left for the caller's staging folder to remove.
+    """
+
+    def __init__(self, plan: Plan, base: TensorReader, adapters: list[Adapter], folder: Path, device: torch.device,
+                 progress: Progress | None = None, digest: bool = False) -> None:
+        self.plan, self.base, self.folder, self.device = plan, base, folder, device
+        self.progress, self.digest = progress, digest
+        self.by_shard: dict[int, list[PlannedTensor]] = {}
+        for t in plan.tensors:
+            self.by_shard.setdefault(t.shard, []).append(t)
+        self.factors = _Factors(adapters, device, plan.combine)
+        self.writers: list[ShardWriter] = []
+        # our threads each set theirs to 1, which becomes torch's default: restored on exit
+        self.threads = torch.get_num_threads()
+        self.workspace = Workspace(WriteBehind.DEPTH + 1, self.threads) if device.type == "cpu" else None
+        # On the CPU this thread's own torch calls are small (factors, checks) except in whole-tensor
+        # merges; with one intra-op thread they start no OpenMP team, whose sleeping threads take
+        # longer to wake than the work takes (factor reads: 0.8 s against 0.3 s in a 6 GB merge).
+        self.own = self.threads if self.workspace is None else 1
+        self.behind = WriteBehind()
+
+    def submit(self, index: int) -> None:
+        """Merge shard `index` and queue its writes (and its close) on the writer thread."""
+        tensors = self.by_shard.get(index, [])
+        entries = [(t.name, t.dtype, t.shape) for t in tensors]
+        writer = ShardWriter(self.folder / self.plan.shard_names[index], entries, {"format": "pt"}, digest=self.digest)
+        self.writers.append(writer)
+        for t in tensors:
+            if not t.ops and t.dtype == t.src_dtype:
+                src = self.base.locate(t.source)
+                self.behind.submit(writer.copy_range, t.name, src.file, src.begin, src.nbytes)
+            else:
+                with _intra_op_threads(self.own if merges_by_rows(t) else self.threads):
+                    out = merge_tensor(t, self.base, self.factors, self.device, self.workspace)
+                self.behind.submit(writer.write_tensor, t.name, out)
+            if self.progress is not None:
+                self.progress(t)
+        self.behind.submit(writer.close)
+
+    def finish(self) -> list[ShardFile]:
+        """Wait for every queued write; the shards submitted so far, in order."""
+        self.behind.drain()
+        return [ShardFile(w.path.name, w.offset, w.sha256.hexdigest() if w.sha256 is not None else None)
+                for w in self.writers]
+
+    def __enter__(self) -> ShardMerger:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        try:
+            self.behind.__exit__(kind, exc, tb)
+        finally:
+            for writer in self.writers:  # the writer thread has stopped here
+                writer.abort()
+            if self.workspace is not None:
+                self.workspace.close()
+            torch.set_num_threads(self.threads)
+            self.base.close()
+            self.factors.close()
 
 
 def merge_tensor(t: PlannedTensor, base: TensorReader, factors: _Factors, device: torch.device,
@@ -218,13 +271,18 @@ class WriteBehind:
             self._pending.popleft().result()
         self._pending.append(self._pool.submit(fn, *args))
 
+    def drain(self) -> None:
+        """Wait for every queued job; raise the first error among them."""
+        while self._pending:
+            self._pending.popleft().result()
+
     def __enter__(self) -> WriteBehind:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         try:
-            while kind is None and self._pending:
-                self._pending.popleft().result()
+            if kind is None:
+                self.drain()
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
@@ -249,12 +307,14 @@ def _base_fp32(t: PlannedTensor, base: TensorReader, device: torch.device) -> to
 
 
 class _Factors:
-    """Adapter tensors by key, read on demand (pread, see TensorReader.load) in fp32 and checked for NaN/Inf."""
+    """Adapter tensors by key, read on demand (pread, see TensorReader.load) in fp32 and checked for NaN/Inf;
+    with `combine`, also the combined adapter's factors (its index is combine.index), from combine.py."""
 
-    def __init__(self, adapters: list[Adapter], device: torch.device) -> None:
+    def __init__(self, adapters: list[Adapter], device: torch.device, combine: CombinePlan | None = None) -> None:
         self.device = device
         self.readers = [TensorReader({k.key: k.entry for k in a.keys}) for a in adapters]
         self.labels = [a.label for a in adapters]
+        self.combined = CombinedFactors(combine, adapters, device) if combine is not None else None
 
     def get(self, index: int, key: str) -> torch.Tensor:
         """Adapter `index`'s tensor `key` in fp32 on the compute device."""
@@ -262,6 +322,8 @@ class _Factors:
 
     def get_many(self, index: int, keys: tuple[str, ...]) -> list[torch.Tensor]:
         """Adapter `index`'s tensors `keys`, in fp32 on the compute device."""
+        if self.combined is not None and index == self.combined.plan.index:
+            return self.combined.get_many(keys)
         tensors = []
         for key in keys:
             tensor = self.readers[index].load(key).to(device=self.device, dtype=torch.float32)
@@ -273,3 +335,5 @@ class _Factors:
     def close(self) -> None:
         for reader in self.readers:
             reader.close()
+        if self.combined is not None:
+            self.combined.close()

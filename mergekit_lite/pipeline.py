@@ -8,17 +8,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from mergekit_lite import mathops
 from mergekit_lite import publish as publish_module
 from mergekit_lite.adapter import Adapter, read_adapter
 from mergekit_lite.checkpoint import Checkpoint, read_checkpoint
+from mergekit_lite.digests import InputDigests
 from mergekit_lite.errors import AdapterError, InputError, MergekitError
+from mergekit_lite.executor import check_available, run_shards
 from mergekit_lite.gate import GateReport, run_gate
 from mergekit_lite.gate.report import fmt, markdown, skipped_report
+from mergekit_lite.hub import resolve_hub_sources
 from mergekit_lite.manifest import LoadedManifest, load_manifest
-from mergekit_lite.merge import Progress, write_shards
+from mergekit_lite.merge import Progress
 from mergekit_lite.package import write_configs, write_index, write_json
 from mergekit_lite.plan import Plan, build_plan
 from mergekit_lite.publish import check_output, new_parents, output_lock, publish, staging
@@ -66,15 +71,16 @@ def prepare(manifest_path: str | Path, for_output: bool = True) -> Job:
 
     Reads no tensor data and writes nothing; every input problem surfaces here.
     """
-    loaded = load_manifest(manifest_path)
+    loaded = resolve_hub_sources(load_manifest(manifest_path))  # hub ids -> local snapshot folders, once
     m = loaded.manifest
     checkpoint = read_checkpoint(loaded.base_path)
     adapters = [read_adapter(p, i, spec.weight, allow_pickle=spec.allow_pickle)
                 for i, (p, spec) in enumerate(zip(loaded.adapter_paths, m.adapters))]
-    plan = build_plan(checkpoint, adapters, m.dtype, loaded.max_shard_bytes)
+    plan = build_plan(checkpoint, adapters, m.dtype, loaded.max_shard_bytes, combine=m.combine)
     resolve_device(m.device_map)
     if for_output:
-        inputs = [loaded.base_path, *loaded.adapter_paths]
+        check_available(m.executor)  # Ray, when asked for, must be installed: refused before anything is written
+        inputs = loaded.input_folders
         check_output(loaded.output_path, inputs, m.output.overwrite, plan.total_bytes)
         check_adapter_values(adapters)
     return Job(loaded, checkpoint, adapters, plan)
@@ -89,8 +95,8 @@ def check_adapter_values(adapters: list[Adapter]) -> None:
     for adapter in adapters:
         reader = TensorReader({k.key: k.entry for k in adapter.keys})
         for key in adapter.keys:
-            tensor = reader.get(key.key)
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            tensor = reader.load(key.key)
+            if tensor.is_floating_point() and not mathops.all_finite(tensor):
                 raise AdapterError(f"{adapter.label}: `{key.key}` contains NaN or Inf values")
 
 
@@ -106,11 +112,13 @@ def execute(job: Job, progress: Progress | None = None, verify: bool = True, kee
     output = loaded.output_path
     device = resolve_device(m.device_map)
     source = tokenizer_source(m.tokenizer, loaded.base_path, loaded.adapter_paths, loaded.resolve)
-    with new_parents(output), output_lock(output), staging(output) as stage:
-        check_output(output, [loaded.base_path, *loaded.adapter_paths], m.output.overwrite, job.plan.total_bytes)
-        write_shards(job.plan, TensorReader(job.checkpoint.tensors), job.adapters, stage, device, progress)
+    with new_parents(output), output_lock(output), staging(output) as stage, InputDigests(_inputs(job, source)) as inputs:
+        check_output(output, loaded.input_folders, m.output.overwrite, job.plan.total_bytes)
+        digests: dict[str, str] = {}  # the shards' SHA-256, computed as they are written
+        run_shards(m.executor, job.plan, job.checkpoint.tensors, job.adapters, stage, device, progress, digests)
         write_index(stage, job.plan)
-        tokenizer_copies = copy_tokenizer(source, stage) if source is not None else []
+        if source is not None:
+            copy_tokenizer(source, stage)
         write_configs(stage, job.checkpoint.path, job.checkpoint.config, job.plan, load_tokenizer(source))
         report = None
         if verify and m.verify.enabled:
@@ -118,7 +126,7 @@ def execute(job: Job, progress: Progress | None = None, verify: bool = True, kee
             if not report.passed:
                 kept = publish_module.keep_rejected(stage, output) if keep_rejected else None
                 raise GateFailed(report, kept)
-        _describe(job, stage, report, source, tokenizer_copies)
+        _describe(job, stage, report, inputs.result(), digests)
         with _interrupts_deferred() as interrupted:
             publish(stage, output, m.output.overwrite)
     if interrupted:
@@ -146,7 +154,8 @@ def _interrupts_deferred() -> Iterator[list[bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _describe(job: Job, stage: Path, report: GateReport | None, source: Path | None, tokenizer_copies: list[Path]) -> None:
+def _describe(job: Job, stage: Path, report: GateReport | None, inputs: list[dict[str, Any]],
+              digests: dict[str, str]) -> None:
     """verification.json, the model card, the resolved manifest, the receipt and SHA256SUMS."""
     loaded = job.manifest
     m = loaded.manifest
@@ -154,11 +163,24 @@ def _describe(job: Job, stage: Path, report: GateReport | None, source: Path | N
     verification = report.to_dict() if report is not None else skipped_report(reason)
     write_json(stage / "verification.json", verification)
     gate_md = markdown(report, "mergekit-lite gate") if report is not None else None
-    base_id = f"{m.base.id}@{m.base.revision}" if m.base.id else None
-    card = model_card(loaded.output_path.name, loaded.base_path, base_id, job.plan.adapters, job.plan, gate_md, reason)
+    card = model_card(loaded.output_path.name, loaded.base_path, m.base.id, _card_adapters(job), job.plan, gate_md, reason,
+                      base_revision=m.base.revision)
     (stage / "README.md").write_text(card, encoding="utf-8")
     (stage / "manifest.yaml").write_text(
         resolved_manifest(m, loaded.base_path, loaded.adapter_paths, loaded.output_path), encoding="utf-8")
+    write_receipt(stage, inputs, job.plan, verification, digests, sources=loaded.hub_sources)
+    write_checksums(stage, digests)
+
+
+def _card_adapters(job: Job) -> list[dict[str, Any]]:
+    """The plan's adapter rows, a hub adapter named by `id@commit` rather than its cache folder."""
+    pins = job.manifest.pins
+    return [dict(a, path=f"{pin.repo_id}@{pin.commit}") if (pin := pins.get(f"adapters[{i}]")) else a
+            for i, a in enumerate(job.plan.adapters)]
+
+
+def _inputs(job: Job, source: Path | None) -> list[Path]:
+    """Every file the release is made from: base shards and configs, adapters, tokenizer files."""
     inputs = [*job.checkpoint.files, job.checkpoint.path / "config.json"]
     for extra in ("generation_config.json", "model.safetensors.index.json"):
         if (job.checkpoint.path / extra).is_file():
@@ -167,8 +189,7 @@ def _describe(job: Job, stage: Path, report: GateReport | None, source: Path | N
         inputs += [adapter.path / "adapter_config.json", adapter.weights_file or adapter.path / "adapter_model.safetensors"]
     if source is not None:
         inputs += [p for p in tokenizer_files(source) if p not in inputs]
-    write_receipt(stage, inputs, job.plan, verification)
-    write_checksums(stage)
+    return inputs
 
 
 def verify_release(manifest_path: str | Path, against: str | Path | None = None) -> GateReport:

@@ -14,7 +14,9 @@ from typing import Any
 
 from mergekit_lite.adapter import Adapter, AdapterKey
 from mergekit_lite.checkpoint import Checkpoint
+from mergekit_lite.combine import CombinePlan, plan_combine
 from mergekit_lite.errors import PlanError
+from mergekit_lite.manifest import CombineSpec
 from mergekit_lite.stformat import FLOAT_DTYPES, ITEMSIZE, TensorEntry
 from mergekit_lite.writer import STAGING
 
@@ -72,6 +74,7 @@ class Plan:
     embedding_rows: int | None
     peak_bytes: int
     accounted: list[str]  # adapter keys read but not applied (PEFT's copies of the original module)
+    combine: CombinePlan | None = None  # several adapters combined into one (`combine:` other than sum)
 
     @property
     def total_bytes(self) -> int:
@@ -84,8 +87,13 @@ class Plan:
         return doc
 
 
-def build_plan(ckpt: Checkpoint, adapters: list[Adapter], dtype: str, max_shard_bytes: int) -> Plan:
-    """Map every adapter tensor onto the base; fix output names, shapes, dtypes and shards."""
+def build_plan(ckpt: Checkpoint, adapters: list[Adapter], dtype: str, max_shard_bytes: int,
+               combine: CombineSpec | None = None) -> Plan:
+    """Map every adapter tensor onto the base; fix output names, shapes, dtypes and shards.
+
+    With a `combine` method other than sum, each module's LoRA deltas become one delta of the
+    combined adapter (adapter index len(adapters)), whose factors combine.py computes in the merge.
+    """
     ops: dict[str, list[Op]] = defaultdict(list)
     accounted: list[str] = []
     resolve = _Resolver(ckpt)
@@ -103,6 +111,10 @@ def build_plan(ckpt: Checkpoint, adapters: list[Adapter], dtype: str, max_shard_
     by_index = {a.index: a for a in adapters}
     for t in tensors:
         _finalise(t, by_index, entries)
+    base_shapes = {name: entry.shape for name, entry in ckpt.tensors.items()}
+    combined = plan_combine(combine, ckpt.path, adapters, tensors, base_shapes) if combine is not None else None
+    if combined is not None:
+        _fold_combined(tensors, combined)
     shapes = {t.name: t for t in tensors}
     shard_names = _assign_shards(tensors, max_shard_bytes)
     rows = shapes[ckpt.input_embedding].shape[0] if ckpt.input_embedding in shapes else None
@@ -114,8 +126,9 @@ def build_plan(ckpt: Checkpoint, adapters: list[Adapter], dtype: str, max_shard_
         tied_in=ckpt.tied,
         tied_out=tied_out,
         embedding_rows=rows,
-        peak_bytes=_peak(tensors, adapters),
+        peak_bytes=_peak(tensors, adapters, combined),
         accounted=accounted,
+        combine=combined,
     )
 
 
@@ -317,6 +330,17 @@ def _layout(op: Op, shape: tuple[int, ...], a: tuple[int, ...], b: tuple[int, ..
     )
 
 
+def _fold_combined(tensors: list[PlannedTensor], combined: CombinePlan) -> None:
+    """Replace each module's per-adapter LoRA deltas by one delta of the combined adapter."""
+    by_target = {m.target: m for m in combined.modules}
+    for t in tensors:
+        module = by_target.get(t.name)
+        if module is None:
+            continue
+        kept = [op for op in t.ops if op.kind == "base_layer"]  # checked against the base, not applied
+        t.ops = kept + [Op("delta", combined.index, module.keys, module.scaling, module.layout)]
+
+
 def _assign_shards(tensors: list[PlannedTensor], max_bytes: int) -> list[str]:
     """Greedy split in order, like huggingface_hub's: a tensor larger than the limit gets a shard of its own."""
     shard, size = 0, 0
@@ -336,10 +360,17 @@ def merges_by_rows(t: PlannedTensor) -> bool:
     return len(t.shape) == 2 and bool(t.ops) and all(op.kind == "delta" and op.layout == "linear" for op in t.ops)
 
 
-def _peak(tensors: list[PlannedTensor], adapters: list[Adapter]) -> int:
+def _peak(tensors: list[PlannedTensor], adapters: list[Adapter], combined: CombinePlan | None = None) -> int:
     """Predicted peak bytes of the merge: the largest working set of one tensor, the reused buffers,
-    and the outputs of the tensors before it, which the writer thread may still be writing."""
+    and the outputs of the tensors before it, which the writer thread may still be writing.
+    A combined adapter adds the work of combining one module, and for dare the factors it holds."""
     factor_bytes = {(a.index, k.key): 4 * k.entry.numel for a in adapters for k in a.keys}
+    held = 0
+    if combined is not None:
+        for m in combined.modules:
+            work = m.work_bytes(combined.effective, combined.svd_full_matrices)
+            factor_bytes.update({(combined.index, m.keys[0]): work, (combined.index, m.keys[1]): 0})
+        held = combined.held_bytes()
     worst = by_rows_out = by_rows_width = whole_out = 0
     for t in tensors:
         if not t.ops and t.dtype == t.src_dtype:
@@ -359,7 +390,7 @@ def _peak(tensors: list[PlannedTensor], adapters: list[Adapter]) -> int:
     scratch = ROW_THREADS * 2 * 4 * (ROW_BLOCK + 3 * by_rows_width) if by_rows_out else 0
     reused = (WRITE_BEHIND + 1) * by_rows_out + scratch
     # and the staging buffers of the shard being written and of the one before it, while it closes
-    return worst + reused + WRITE_BEHIND * whole_out + 2 * STAGING
+    return worst + reused + WRITE_BEHIND * whole_out + 2 * STAGING + held
 
 
 def _adapter_summary(adapter: Adapter) -> dict[str, Any]:

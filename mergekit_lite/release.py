@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import platform
 import sys
 from datetime import datetime, timezone
@@ -12,27 +11,11 @@ from typing import Any
 import yaml
 
 from mergekit_lite import __version__
+from mergekit_lite.digests import file_records
 from mergekit_lite.package import TORCH_NAMES, write_json
 from mergekit_lite.plan import Plan
 
 LIBRARIES = ("torch", "transformers", "peft", "safetensors", "accelerate", "huggingface_hub", "numpy")
-
-
-def sha256_file(path: Path, chunk: int = 8 * 2**20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_records(paths: list[Path], root: Path | None = None) -> list[dict[str, Any]]:
-    """[{path, size, sha256}] for files, paths relative to `root` when given."""
-    return [
-        {"path": str(p.relative_to(root)) if root else str(p), "size": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in paths
-    ]
 
 
 def versions() -> dict[str, str]:
@@ -58,11 +41,18 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
         "dtypes": sorted({TORCH_NAMES.get(t.dtype, t.dtype) for t in plan.tensors}),
         "tie_word_embeddings": {"base": plan.tied_in, "release": plan.tied_out},
         "embedding_rows": plan.embedding_rows,
+        "combine": plan.combine.summary() if plan.combine is not None else {"method": "sum"},
     }
 
 
-def write_receipt(folder: Path, inputs: list[Path], plan: Plan, verification: dict[str, Any]) -> None:
-    """release.json: what was read and written, with SHA-256, and the versions that did it."""
+def write_receipt(folder: Path, inputs: list[dict[str, Any]], plan: Plan, verification: dict[str, Any],
+                  known: dict[str, str] | None = None, sources: list[dict[str, str]] | None = None) -> None:
+    """release.json: what was read and written, with SHA-256, and the versions that did it.
+
+    `inputs` are file_records of the inputs; `known` maps release-relative paths to digests
+    already computed (the shards'); `sources` records each hub input (manifest key, repo id,
+    requested revision, resolved commit, snapshot folder).
+    """
     outputs = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in ("release.json", "SHA256SUMS"))
     write_json(folder / "release.json", {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -70,32 +60,50 @@ def write_receipt(folder: Path, inputs: list[Path], plan: Plan, verification: di
         "versions": versions(),
         "plan": plan_summary(plan),
         "verification": {"passed": verification.get("passed"), "verified": verification.get("verified", True)},
-        "inputs": file_records(inputs),
-        "outputs": file_records(outputs, folder),
+        "sources": sources or [],
+        "inputs": inputs,
+        "outputs": file_records(outputs, folder, known),
     })
 
 
-def write_checksums(folder: Path) -> None:
-    """SHA256SUMS over every file of the release, checkable with `sha256sum -c SHA256SUMS`."""
+def write_checksums(folder: Path, known: dict[str, str] | None = None) -> None:
+    """SHA256SUMS over every file of the release, checkable with `sha256sum -c SHA256SUMS`.
+
+    `known` as for write_receipt: digests of files that need not be read again.
+    """
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "SHA256SUMS")
-    lines = [f"{sha256_file(p)}  {p.relative_to(folder)}" for p in files]
+    lines = [f"{r['sha256']}  {r['path']}" for r in file_records(files, folder, known)]
     (folder / "SHA256SUMS").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def resolved_manifest(manifest: Any, base: Path, adapters: list[Path], output: Path) -> str:
-    """The manifest as run, with every path made absolute."""
+    """The manifest as run, with every path made absolute (a hub source keeps its `id`, with the
+    `revision` the caller pinned to the resolved commit)."""
     data = manifest.model_dump(mode="json", exclude_none=True)
     data["base"] = {"path": str(base)} if manifest.base.path is not None else data["base"]
-    for entry, path in zip(data["adapters"], adapters):
-        entry["path"] = str(path)
+    for entry, spec, path in zip(data["adapters"], manifest.adapters, adapters):
+        if spec.path is not None:
+            entry["path"] = str(path)
     data["output"]["path"] = str(output)
     header = f"# resolved by mergekit-lite {__version__}: the manifest this release was built from\n"
     return header + yaml.safe_dump(data, sort_keys=False)
 
 
+def _combine_line(combine: dict[str, Any]) -> str:
+    """How the adapters were combined, in words, for the model card."""
+    if combine["method"] == "sum":
+        return "`sum` (each adapter's weighted delta added to the base)"
+    params = ", ".join(f"{k}={v}" for k, v in combine.items() if k != "method" and v is not None)
+    return f"`{combine['method']}` ({params}), as PEFT's `add_weighted_adapter` then `merge_and_unload`"
+
+
 def model_card(name: str, base: Path, base_id: str | None, adapters: list[dict[str, Any]], plan: Plan,
-               gate_markdown: str | None, skipped_because: str = "--no-verify") -> str:
-    """README.md: provenance, adapters, dtype, the gate's figures, the tool's version."""
+               gate_markdown: str | None, skipped_because: str = "--no-verify", base_revision: str | None = None) -> str:
+    """README.md: provenance, adapters, dtype, the gate's figures, the tool's version.
+
+    `base_id` (a hub repository id) goes into the front matter's `base_model`; `base_revision`
+    (its resolved commit) into the text.
+    """
     front = ["---", "library_name: transformers", "tags:", "- mergekit-lite", "- lora", "- merge"]
     if base_id:
         front.append(f"base_model: {base_id}")
@@ -106,10 +114,11 @@ def model_card(name: str, base: Path, base_id: str | None, adapters: list[dict[s
         targets = ", ".join(targets) if isinstance(targets, list) else str(targets)
         rows.append(f"| {a['index']} | `{a['path']}` | {a['variant']} | {a['r']} | {a['lora_alpha']} | {a['weight']:g} | {targets} |")
     summary = plan_summary(plan)
+    pinned = f" (commit `{base_revision}`)" if base_id and base_revision else ""
     body = [
         f"# {name}",
         "",
-        f"Base model `{base_id or base}` with {len(adapters)} LoRA adapter{'s' if len(adapters) > 1 else ''} merged "
+        f"Base model `{base_id or base}`{pinned} with {len(adapters)} LoRA adapter{'s' if len(adapters) > 1 else ''} merged "
         f"by mergekit-lite {__version__}.",
         "",
         *rows,
@@ -118,6 +127,7 @@ def model_card(name: str, base: Path, base_id: str | None, adapters: list[dict[s
         f"- tensors: {summary['tensors']} ({summary['changed_tensors']} changed by the adapters), "
         f"{len(summary['shards'])} shard(s), {summary['total_size']} bytes",
         f"- tied embeddings: base {plan.tied_in}, release {plan.tied_out}",
+        f"- adapters combined: {_combine_line(summary['combine'])}",
         "",
         gate_markdown or f"### NOT VERIFIED\n\nThis release was published with the verification gate skipped ({skipped_because}).\n",
         "Files: `release.json` records the SHA-256 of every input and output file and the library versions; "

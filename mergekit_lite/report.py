@@ -38,13 +38,18 @@ def plan_table(plan: Plan, limit: int | None = None) -> str:
             f"adapter {a['index']} {a['path']}  ({a['variant']}, r={a['r']}, alpha={a['lora_alpha']}, "
             f"weight={a['weight']:g}, {a['tensors']} tensors)"
         )
+    if plan.combine is not None:
+        params = ", ".join(f"{k}={v}" for k, v in plan.combine.summary().items() if k != "method" and v is not None)
+        lines.append(f"adapter {plan.combine.index} = `{plan.combine.method}` of the adapters above ({params}), "
+                     "as PEFT's add_weighted_adapter")
     dtypes = sorted({_PEFT_NAMES.get(t.dtype, t.dtype) for t in plan.tensors})
     tie = "tied" if plan.tied_out else ("untied (the adapters change lm_head or the embedding)" if plan.tied_in else "untied")
     lines += [
         f"output    {len(plan.tensors)} tensors ({len(changed)} changed), {', '.join(dtypes)}, "
         f"{len(plan.shard_names)} shard{'s' if len(plan.shard_names) > 1 else ''}, {human_bytes(plan.total_bytes)}",
         f"embedding {tie}" + (f", {plan.embedding_rows} rows" if plan.embedding_rows else ""),
-        f"memory    merge working set up to {human_bytes(plan.peak_bytes)} (the largest changed tensor in fp32)",
+        f"memory    merge buffers up to {human_bytes(plan.peak_bytes)} (the tensor in hand, the reused row-block "
+        "and output buffers, the writes in flight), on top of the process itself",
         "",
     ]
     rows = [("tensor", "shape", "dtype", "operations")]

@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import os
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 
@@ -36,6 +37,9 @@ def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 _START_WRITEBACK = _sync_file_range()  # a libc function, looked up once; not state
+# SHA-256 runs at ~1.1 GB/s a core, about the speed of the direct writes: a thread of its own lets the
+# two overlap (hashlib and pwrite both release the GIL). Shared by all writers; it holds no state.
+_HASHER = ThreadPoolExecutor(1, "mergekit-sha256")
 _SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -156,9 +160,19 @@ class ShardWriter:
         self.filled -= end
 
     def _send(self, data: memoryview) -> None:
-        """Write `data` at the end of the file (with direct I/O while the filesystem takes it)."""
-        if self.sha256 is not None:
-            self.sha256.update(data)  # without the GIL, as the bytes are still in cache
+        """Write `data` at the end of the file (with direct I/O while the filesystem takes it).
+
+        With a digest, the bytes are hashed on the hashing thread while they are written: both
+        only read them, and the call returns when both are done, so the caller may reuse the buffer.
+        """
+        hashed = _HASHER.submit(self.sha256.update, data) if self.sha256 is not None and len(data) else None
+        try:
+            self._write_at_end(data)
+        finally:
+            if hashed is not None:
+                hashed.result()
+
+    def _write_at_end(self, data: memoryview) -> None:
         start, done = self.offset, 0
         while done < len(data):
             try:

@@ -388,7 +388,7 @@ def _(r: Rig) -> Path:
     return r.manifest(base="./loop")
 
 
-simple("base-by-hub-id", "needs hub resolution", lambda r: r.manifest(base={"id": "org/model", "revision": "0" * 40}))
+simple("base-by-hub-id", "(revision `0000000000000000000000000000000000000000`) is not in the local Hugging Face cache", lambda r: r.manifest(base={"id": "org/model", "revision": "0" * 40}))
 simple("tokenizer-folder-missing", "no tokenizer files", lambda r: r.manifest(tokenizer="./no-tokenizer-here"))
 
 

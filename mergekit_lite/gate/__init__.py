@@ -8,7 +8,7 @@ from pathlib import Path
 from mergekit_lite.adapter import Adapter
 from mergekit_lite.checkpoint import Checkpoint
 from mergekit_lite.gate.algebra import check_algebra
-from mergekit_lite.gate.endtoend import DEFAULT_PROMPTS, check_end_to_end
+from mergekit_lite.gate.endtoend import DEFAULT_PROMPTS, check_end_to_end, placement
 from mergekit_lite.gate.packaging import check_packaging
 from mergekit_lite.gate.report import GateReport
 from mergekit_lite.gate.structure import check_structure
@@ -55,8 +55,8 @@ def run_gate(plan: Plan, checkpoint: Checkpoint, adapters: list[Adapter], candid
     else:
         tokenizer = load_tokenizer(candidate) if has_tokenizer(candidate) else source
         _guarded(report, "end_to_end", check_end_to_end, report, candidate, checkpoint.path,
-                 [(a.path, a.weight) for a in adapters], device_map, tokenizer, prompts, settings.max_new_tokens,
-                 limits, plan.embedding_rows, frozenset(settings.thresholds))
+                 [(a.path, a.weight) for a in adapters], placement(settings, device_map), tokenizer, prompts, settings.max_new_tokens,
+                 limits, plan.embedding_rows, frozenset(settings.thresholds), plan.combine)
     return report
 
 

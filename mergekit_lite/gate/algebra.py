@@ -5,6 +5,10 @@ factors in factored form (W x + s B (A x), the DoRA rescale, replacements, token
 random probes x, in float64, without ever forming B @ A: a path independent of the merge's.
 The difference is measured in ulps of the output dtype, so rounding once passes and a wrong
 scale, transpose, key or dtype does not. Unchanged tensors must equal the base byte for byte.
+
+With a combined adapter (`combine:` other than sum), B and A are the combined factors, computed
+afresh by combine.py (the merge's own are gone by now): this checks that the merge applied them
+rightly; the combination itself is checked end to end against PEFT's add_weighted_adapter.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from mergekit_lite.adapter import Adapter
+from mergekit_lite.combine import CombinedFactors
 from mergekit_lite.gate.report import GateReport
 from mergekit_lite.plan import Op, Plan, PlannedTensor
 from mergekit_lite.reader import TensorReader
@@ -36,6 +41,7 @@ def check_algebra(report: GateReport, plan: Plan, adapters: list[Adapter], base:
     """Record finiteness, unchanged-equals-base and the probe checks over every planned tensor."""
     out = TensorReader(candidate)
     factors = [TensorReader({k.key: k.entry for k in a.keys}) for a in adapters]
+    combined = CombinedFactors(plan.combine, adapters) if plan.combine is not None else None
     non_finite: list[str] = []
     differs: list[str] = []
     figures: list[TensorFigures] = []
@@ -50,7 +56,7 @@ def check_algebra(report: GateReport, plan: Plan, adapters: list[Adapter], base:
             if not _equals_base(t, merged, base, candidate[t.name]):
                 differs.append(t.name)
             continue
-        figures.append(_probe(t, merged, base, factors))
+        figures.append(_probe(t, merged, base, factors, combined))
     report.add("structure", "no NaN or Inf", not non_finite, len(non_finite), 0, ", ".join(non_finite[:3]))
     untouched = sum(1 for t in plan.tensors if not t.ops)
     report.add("algebra", f"{untouched} unchanged tensors equal the base", not differs, len(differs), 0,
@@ -76,7 +82,8 @@ def _raw(entry: TensorEntry):
     return TensorReader({entry.name: entry}).raw_chunks(entry.name, 2**26)
 
 
-def _probe(t: PlannedTensor, merged: torch.Tensor, base: TensorReader, factors: list[TensorReader]) -> TensorFigures:
+def _probe(t: PlannedTensor, merged: torch.Tensor, base: TensorReader, factors: list[TensorReader],
+           combined: CombinedFactors | None = None) -> TensorFigures:
     """Compare W'x with the factored expectation in float64; figures in output-dtype ulps."""
     vector = merged.dim() == 1
     transposed = any(op.layout == "conv1d" and op.kind == "dora" for op in t.ops)
@@ -84,7 +91,11 @@ def _probe(t: PlannedTensor, merged: torch.Tensor, base: TensorReader, factors: 
     cols = w_out.shape[0] if transposed else w_out.shape[1]
     x = torch.ones(1, 1, dtype=torch.float64) if vector else torch.randn(
         cols, PROBES, dtype=torch.float64, generator=torch.Generator().manual_seed(cols))
-    get = lambda op, i: factors[op.adapter].get(op.keys[i]).to(torch.float64)  # noqa: E731
+    def get(op: Op, i: int) -> torch.Tensor:
+        if combined is not None and op.adapter == combined.plan.index:
+            return combined.get_many((op.keys[i],))[0].to(torch.float64)
+        return factors[op.adapter].get(op.keys[i]).to(torch.float64)
+
     w0 = base.get(t.source)
     w0 = w0.reshape(-1, 1) if vector else w0
     y_base = _matmul(w0, x, transposed)

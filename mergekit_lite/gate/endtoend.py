@@ -1,7 +1,8 @@
 """Gate check 3, end to end: PEFT's unmerged base + adapters against the merged release.
 
-Both are loaded the way a user would (transformers, PEFT), placed with the manifest's device_map,
-and run on the same prompts: max |logit difference|, mean KL, top-1 agreement, and greedy
+Both are loaded the way a user would (transformers, PEFT), placed with the manifest's device_map
+(or `verify.device_map`, with `max_memory` and disk offload through accelerate for models larger
+than memory), and run on the same prompts: max |logit difference|, mean KL, top-1 agreement, and greedy
 continuations compared token by token.
 
 Both run in float32, whatever the release's dtype: the base's stored weights upcast exactly, so
@@ -13,14 +14,21 @@ merged bf16 weights computed in fp32 are 0.52 from it.
 
 from __future__ import annotations
 
+import tempfile
 import warnings
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mergekit_lite.combine import COMBINED, CombinePlan
 from mergekit_lite.gate.report import GateReport
 from mergekit_lite.gate.tolerances import within
+from mergekit_lite.manifest import AUTO_PLACEMENTS, VerifySpec, parse_size
 
 DEFAULT_PROMPTS = [
     "Hello! How are you today?",
@@ -53,9 +61,10 @@ def prompt_ids(tokenizer: Any, prompts: list[str] | None, vocab: int) -> tuple[l
     return out, f"{len(out)} {source} prompts, {kind}"
 
 
-def reference_model(base: Path, adapters: list[tuple[Path, float]], dtype: torch.dtype, device_map: str,
-                    embedding_rows: int | None = None):
-    """PEFT's base + adapters, unmerged, each adapter's scaling multiplied by its manifest weight.
+def reference_model(base: Path, adapters: list[tuple[Path, float]], dtype: torch.dtype, loading: dict[str, Any],
+                    embedding_rows: int | None = None, combine: CombinePlan | None = None):
+    """PEFT's base + adapters, unmerged, each adapter's scaling multiplied by its manifest weight;
+    with `combine`, PEFT's add_weighted_adapter of them instead (see _add_combined).
 
     When the adapters resize the vocabulary, the base is resized first, as the training recipe did.
     """
@@ -63,13 +72,18 @@ def reference_model(base: Path, adapters: list[tuple[Path, float]], dtype: torch
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, device_map=device_map)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **loading)
     if embedding_rows is not None and embedding_rows != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(embedding_rows)
     names = [f"adapter_{i}" for i in range(len(adapters))]
-    peft_model = PeftModel.from_pretrained(model, adapters[0][0], adapter_name=names[0])
+    # PEFT places an offloaded base again once the adapter is in: with the same budgets and folder
+    redispatch = {k: v for k, v in loading.items() if k in ("max_memory", "offload_folder")}
+    peft_model = PeftModel.from_pretrained(model, adapters[0][0], adapter_name=names[0], **redispatch)
     for name, (path, _) in zip(names[1:], adapters[1:]):
         peft_model.load_adapter(path, adapter_name=name)
+    if combine is not None:
+        _add_combined(peft_model, names, [weight for _, weight in adapters], combine)
+        return peft_model.eval()
     if len(names) > 1:
         peft_model.base_model.set_adapter(names)
     for module in peft_model.modules():
@@ -80,17 +94,105 @@ def reference_model(base: Path, adapters: list[tuple[Path, float]], dtype: torch
     return peft_model.eval()
 
 
+def _add_combined(peft_model, names: list[str], weights: list[float], combine: CombinePlan) -> None:
+    """PEFT's add_weighted_adapter with the manifest's method, parameters and weights, seeded with
+    torch.manual_seed(seed) (torch's generator is restored afterwards), then only the new adapter active.
+
+    The combination runs on the CPU, as the merge's does: input factors on a GPU are moved to the
+    CPU for it (they are small), and the new adapter is moved to where they were.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    homes = {id(m): _move_factors(m, names, lambda device: device.type not in ("cpu", "meta"), "cpu") for m in layers}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(combine.seed)
+        peft_model.add_weighted_adapter(
+            names, weights, COMBINED, combination_type=combine.method, svd_rank=combine.svd_rank,
+            svd_clamp=combine.svd_clamp, svd_full_matrices=combine.svd_full_matrices, density=combine.density,
+            majority_sign_method=combine.majority_sign_method)
+    for module in layers:
+        if (home := homes[id(module)]) is not None:
+            _move_factors(module, [COMBINED, *names], lambda device: device.type == "cpu", home)
+    peft_model.set_adapter(COMBINED)
+
+
+def _move_factors(module, names: list[str], which, to: torch.device | str) -> torch.device | None:
+    """Move the named adapters' factors of one LoRA layer whose device satisfies `which` to `to`;
+    the device the first of them was on (None when none moved)."""
+    moved = None
+    for holder in (module.lora_A, module.lora_B, module.lora_embedding_A, module.lora_embedding_B):
+        for name in names:
+            if name in holder:
+                param = holder[name].weight if isinstance(holder[name], torch.nn.Module) else holder[name]
+                if which(param.device):
+                    moved = moved or param.device
+                    param.data = param.data.to(to)
+    return moved
+
+
 COMPUTE_DTYPE = torch.float32
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the check puts its two models, with accelerate: a device map (`auto` and its kin let
+    accelerate fill the devices in turn within `max_memory`, then offload the rest to disk), the
+    per-device budgets in bytes, and the folder the offloaded weights go to (None: the system's
+    temporary folder). The weights are float32 on every device, so placement changes no figure.
+    """
+
+    device_map: str = "cpu"
+    max_memory: dict[int | str, int] | None = None
+    offload_folder: Path | None = None
+
+    @contextmanager
+    def loading(self) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        """from_pretrained arguments for the reference and for the release; with an automatic
+        device map each gets an offload folder of its own, removed with everything in it afterwards."""
+        if self.device_map not in AUTO_PLACEMENTS:
+            yield {"device_map": self.device_map}, {"device_map": self.device_map}
+            return
+        made = self.offload_folder is not None and not self.offload_folder.exists()
+        if self.offload_folder is not None:
+            self.offload_folder.mkdir(parents=True, exist_ok=True)
+        try:
+            with tempfile.TemporaryDirectory(prefix="mergekit-offload-", dir=self.offload_folder) as tmp:
+                yield tuple({"device_map": self.device_map, "max_memory": self.max_memory,  # type: ignore[misc]
+                             "offload_folder": str(Path(tmp) / part)} for part in ("reference", "release"))
+        finally:
+            if made and self.offload_folder is not None and not any(self.offload_folder.iterdir()):
+                self.offload_folder.rmdir()
+
+    def describe(self, reference, merged) -> dict[str, Any]:
+        """For the report: the device map asked for, and how many modules of each model went where."""
+        doc: dict[str, Any] = {"device_map": self.device_map}
+        if self.max_memory is not None:
+            doc["max_memory"] = {str(k): v for k, v in self.max_memory.items()}
+        for name, model in (("reference", reference), ("release", merged)):
+            placed = getattr(model, "hf_device_map", None) or {"": str(next(model.parameters()).device)}
+            doc[name] = dict(Counter(str(d) for d in placed.values()))
+        return doc
+
+
+def placement(settings: VerifySpec, device_map: str) -> Placement:
+    """The manifest's `verify` placement, or the merge's own `device_map` when it gives none."""
+    budgets = None
+    if settings.max_memory is not None:
+        budgets = {int(k) if k.isdigit() else k: parse_size(v) for k, v in settings.max_memory.items()}
+    folder = Path(settings.offload_folder) if settings.offload_folder is not None else None
+    return Placement(settings.device_map or device_map, budgets, folder)
 
 
 EFFECT_SHARE = 0.5  # the logit threshold is at most this share of the adapters' own effect
 
 
 def check_end_to_end(report: GateReport, candidate: Path, base: Path, adapters: list[tuple[Path, float]],
-                     device_map: str, tokenizer: Any, prompts: list[str] | None, new_tokens: int,
+                     placement: Placement, tokenizer: Any, prompts: list[str] | None, new_tokens: int,
                      limits: dict[str, float], embedding_rows: int | None = None,
-                     fixed: frozenset[str] = frozenset()) -> None:
-    """Record the end-to-end metrics of the candidate against PEFT's reference.
+                     fixed: frozenset[str] = frozenset(), combine: CombinePlan | None = None) -> None:
+    """Record the end-to-end metrics of the candidate against PEFT's reference (with `combine`, PEFT's
+    add_weighted_adapter of the adapters: an independent check of the combination).
 
     The max |logit diff| threshold is the dtype's, or half the adapters' own effect (the largest
     logit change between base and base + adapters) when that is smaller, so that a weak adapter
@@ -99,17 +201,24 @@ def check_end_to_end(report: GateReport, candidate: Path, base: Path, adapters: 
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _run(report, candidate, base, adapters, COMPUTE_DTYPE, device_map, tokenizer, prompts, new_tokens,
-             dict(limits), embedding_rows, fixed)
+        _run(report, candidate, base, adapters, COMPUTE_DTYPE, placement, tokenizer, prompts, new_tokens,
+             dict(limits), embedding_rows, fixed, combine)
 
 
 def _run(report: GateReport, candidate: Path, base: Path, adapters: list[tuple[Path, float]], dtype: torch.dtype,
-         device_map: str, tokenizer: Any, prompts: list[str] | None, new_tokens: int, limits: dict[str, float],
-         embedding_rows: int | None, fixed: frozenset[str]) -> None:
+         placement: Placement, tokenizer: Any, prompts: list[str] | None, new_tokens: int, limits: dict[str, float],
+         embedding_rows: int | None, fixed: frozenset[str], combine: CombinePlan | None = None) -> None:
     from transformers import AutoModelForCausalLM
 
-    reference = reference_model(base, adapters, dtype, device_map, embedding_rows)
-    merged = AutoModelForCausalLM.from_pretrained(candidate, dtype=dtype, device_map=device_map).eval()
+    with placement.loading() as (for_reference, for_release):
+        reference = reference_model(base, adapters, dtype, for_reference, embedding_rows, combine)
+        merged = AutoModelForCausalLM.from_pretrained(candidate, dtype=dtype, **for_release).eval()
+        report.context["placement"] = placement.describe(reference, merged)
+        _measure(report, reference, merged, dtype, tokenizer, prompts, new_tokens, limits, fixed)
+
+
+def _measure(report: GateReport, reference, merged, dtype: torch.dtype, tokenizer: Any, prompts: list[str] | None,
+             new_tokens: int, limits: dict[str, float], fixed: frozenset[str]) -> None:
     vocab = merged.get_input_embeddings().weight.shape[0]
     ids, how = prompt_ids(tokenizer, prompts, vocab)
     ref_logits = [_forward(reference, seq) for seq in ids]
@@ -140,8 +249,14 @@ def _run(report: GateReport, candidate: Path, base: Path, adapters: list[tuple[P
         report.add("end_to_end", metric, within(metric, value, limit), value, limit, detail[metric])
 
 
-def _forward(model, ids: torch.Tensor) -> torch.Tensor:
+def _input_device(model) -> torch.device:
+    """Where inputs go: the embedding's device; the CPU when it is offloaded (accelerate's hooks move them on)."""
     device = model.get_input_embeddings().weight.device
+    return torch.device("cpu") if device.type == "meta" else device
+
+
+def _forward(model, ids: torch.Tensor) -> torch.Tensor:
+    device = _input_device(model)
     with torch.no_grad():
         return model(input_ids=ids.unsqueeze(0).to(device)).logits[0].to("cpu", torch.float64)
 
@@ -195,8 +310,7 @@ def _generate(model, seq: torch.Tensor, n: int) -> list[int]:
     """Exactly n greedy tokens (no early stop), through transformers' own generate."""
     from transformers import GenerationConfig
 
-    device = model.get_input_embeddings().weight.device
-    ids = seq.unsqueeze(0).to(device)
+    ids = seq.unsqueeze(0).to(_input_device(model))
     config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)

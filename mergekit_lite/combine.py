@@ -1,0 +1,396 @@
+"""Several adapters combined into one, as PEFT's `add_weighted_adapter` builds it (`combine:` in the manifest).
+
+Plan time, without tensor data: `plan_combine` refuses what PEFT refuses (or would silently get
+wrong), then asks PEFT itself, on a meta-device copy of the model, which modules get the combined
+adapter, in which order, with which rank and scaling. The result, a CombinePlan, is plain data.
+
+Merge time: `CombinedFactors` computes one module's combined factors (A, B) from the input factors
+(mathops.combine_*), on the CPU in fp32, when the merge or the gate asks for them; the merge then
+adds s_c B A like any LoRA delta. The dare methods draw random masks: PEFT draws them from torch's
+global generator module after module in the model's `named_modules` order, after the draws that
+initialise the new adapter's layers. For the same masks, the first request replays those draws on
+a private generator and computes every module in that order up front, holding the combined
+factors (the size of one adapter, in fp32) until the merge ends. The other methods are computed
+module by module as the merge reaches them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mergekit_lite import mathops
+from mergekit_lite.adapter import PREFIX, Adapter
+from mergekit_lite.errors import AdapterError, PlanError
+from mergekit_lite.manifest import DENSITY_METHODS, RANDOM_METHODS, SIGN_METHODS, SVD_METHODS, CombineSpec
+from mergekit_lite.reader import TensorReader
+
+if TYPE_CHECKING:
+    from mergekit_lite.plan import PlannedTensor
+
+SAME_RANK = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # PEFT stacks their factors
+LORA_LAYOUTS = ("linear", "conv1d", "embedding")
+COMBINED = "combined"  # the new adapter's name in PEFT
+REPLAYED_INITS = (True, False, "gaussian")  # initialisations whose random draws are replayed (and tested) for dare
+_UNSUPPORTED = {  # adapter_config.json fields PEFT's add_weighted_adapter does not combine
+    "use_dora": "combines the LoRA factors only, not DoRA's magnitude vectors",
+    "lora_bias": "does not combine lora_B biases",
+    "modules_to_save": "does not combine modules_to_save copies",
+    "trainable_token_indices": "does not combine trainable tokens",
+}
+
+
+@dataclass(frozen=True)
+class CombinedInput:
+    """One input adapter's factors at a module."""
+
+    adapter: int
+    lora_a: str  # key in the adapter file
+    lora_b: str
+    scaling: float  # PEFT's scaling of this adapter at this module
+    weight: float  # the manifest weight
+
+
+@dataclass(frozen=True)
+class CombinedModule:
+    """One module of the combined adapter."""
+
+    module: str  # as named in the model, e.g. model.layers.0.self_attn.q_proj
+    target: str  # the output tensor its delta goes to
+    layout: str  # linear | conv1d | embedding
+    in_features: int
+    out_features: int
+    rank: int  # rows of the combined A
+    scaling: float  # PEFT's scaling of the combined adapter: 1 (alpha = r), or sqrt(r) with use_rslora
+    inputs: tuple[CombinedInput, ...]
+
+    @property
+    def keys(self) -> tuple[str, str]:
+        """The combined factors' names, as PEFT would save them."""
+        if self.layout == "embedding":
+            return f"{PREFIX}{self.module}.lora_embedding_A", f"{PREFIX}{self.module}.lora_embedding_B"
+        return f"{PREFIX}{self.module}.lora_A.weight", f"{PREFIX}{self.module}.lora_B.weight"
+
+    def work_bytes(self, method: str, full_matrices: bool) -> int:
+        """Rough peak bytes of computing this module's factors: the inputs and their fp32 copies, the
+        stacked and weighted tensors, and for the svd methods the deltas and U, S, V^T."""
+        n = len(self.inputs)
+        factors = (1 if method == "cat" else n) * self.rank * (self.in_features + self.out_features) * 4
+        out = self.rank * (self.in_features + self.out_features) * 4
+        if method not in SVD_METHODS:
+            return 4 * factors + out
+        dense = self.in_features * self.out_features * 4
+        small, large = sorted((self.in_features, self.out_features))
+        svd = (large * large + small * small if full_matrices else 2 * large * small) * 4
+        return factors + (n + 4) * dense + svd + out
+
+
+@dataclass(frozen=True)
+class CombinePlan:
+    """The combined adapter, as PEFT's add_weighted_adapter would build it."""
+
+    method: str  # as the manifest asks
+    effective: str  # what PEFT runs: `linear` when there is a single adapter
+    index: int  # the adapter index the plan's ops use for the combined adapter (the number of adapters)
+    rank: int  # PEFT's r (and lora_alpha) of the new adapter
+    density: float | None
+    majority_sign_method: str
+    svd_rank: int | None
+    svd_clamp: float | None
+    svd_full_matrices: bool
+    seed: int
+    init: bool | str  # init_lora_weights of the new adapter's layers (the first adapter's), replayed for dare
+    modules: tuple[CombinedModule, ...]  # in the model's named_modules order
+
+    def summary(self) -> dict[str, Any]:
+        """The method and its parameters, for the model card and the receipt."""
+        doc: dict[str, Any] = {"method": self.method, "rank": self.rank}
+        if self.effective != self.method:
+            doc["effective_method"] = self.effective
+        if self.effective in DENSITY_METHODS:
+            doc["density"] = self.density
+        if self.effective in SIGN_METHODS:
+            doc["majority_sign_method"] = self.majority_sign_method
+        if self.effective in SVD_METHODS:
+            doc.update(svd_rank=self.svd_rank, svd_clamp=self.svd_clamp, svd_full_matrices=self.svd_full_matrices)
+        if self.effective in RANDOM_METHODS:
+            doc["seed"] = self.seed
+        return doc
+
+    def held_bytes(self) -> int:
+        """Bytes of combined factors held through the merge: all of them for dare, else none."""
+        if self.effective not in RANDOM_METHODS:
+            return 0
+        return sum(m.rank * (m.in_features + m.out_features) * 4 for m in self.modules)
+
+
+# ------------------------------------------------------------------------------------------ plan time
+
+
+def plan_combine(spec: CombineSpec, base: Path, adapters: list[Adapter], tensors: list[PlannedTensor],
+                 base_shapes: dict[str, tuple[int, ...]]) -> CombinePlan | None:
+    """The combined adapter for `spec` (None for `sum`), from configs, headers and the finalised
+    per-adapter ops; refuses, with a PlanError naming the problem, what PEFT would refuse."""
+    if spec.method == "sum":
+        return None
+    method = spec.method
+    effective = "linear" if len(adapters) == 1 else method
+    _refuse_unsupported(method, adapters, tensors, base_shapes)
+    ranks = [_max_rank(a) for a in adapters]
+    if effective in SAME_RANK and len(set(ranks)) > 1:
+        listed = ", ".join(f"adapter {a.index} r={r}" for a, r in zip(adapters, ranks))
+        raise PlanError(f"`combine: {method}` needs adapters of one rank, as PEFT's add_weighted_adapter does "
+                        f"({listed}); use `cat`, `svd` or `sum`")
+    rank = sum(ranks) if effective == "cat" else (spec.svd_rank or max(ranks)) if effective in SVD_METHODS else ranks[0]
+    init = adapters[0].config.get("init_lora_weights", True)
+    if effective in RANDOM_METHODS and init not in REPLAYED_INITS:
+        raise PlanError(f"{adapters[0].label}: `init_lora_weights: {init}` is copied to the combined adapter, and "
+                        f"`combine: {method}` reproduces PEFT's random draws only after the initialisations "
+                        f"{', '.join(map(str, REPLAYED_INITS))}; put another adapter first")
+    layers = peft_layers(base, adapters, rank, _combined_targets(method, adapters))
+    uses = _lora_uses(adapters, tensors)
+    modules = []
+    for layer in layers:
+        modules.append(_module(method, effective, layer, uses.pop(layer["module"], None), adapters, rank))
+    if uses:
+        module, found = next(iter(uses.items()))
+        raise PlanError(f"adapter {found[0][1].adapter}: PEFT's add_weighted_adapter would drop its factors for "
+                        f"`{module}` (the combined adapter takes the first adapter's layers_to_transform, "
+                        "layers_pattern and exclude_modules); put the adapter with the widest reach first, or use `sum`")
+    return CombinePlan(method, effective, len(adapters), rank, spec.density, spec.majority_sign_method or "total",
+                       spec.svd_rank, spec.svd_clamp, True if spec.svd_full_matrices is None else spec.svd_full_matrices,
+                       spec.seed or 0, init, tuple(modules))
+
+
+def _refuse_unsupported(method: str, adapters: list[Adapter], tensors: list[PlannedTensor],
+                        base_shapes: dict[str, tuple[int, ...]]) -> None:
+    for adapter in adapters:
+        for key, why in _UNSUPPORTED.items():
+            if adapter.config.get(key):
+                raise PlanError(f"{adapter.label}: `{key}` is set, and PEFT's add_weighted_adapter {why}; "
+                                f"`combine: {method}` takes plain LoRA adapters (use `combine: sum`)")
+    labels = {a.index: a.label for a in adapters}
+    for t in tensors:
+        for op in t.ops:
+            if op.kind == "delta" and op.layout in LORA_LAYOUTS:
+                continue
+            if op.kind == "base_layer" and t.shape == base_shapes.get(t.source):
+                continue  # PEFT's saved copy of a targeted embedding, equal to the base: checked, not applied
+            raise PlanError(f"{labels[op.adapter]}: `{op.keys[0]}` changes `{t.name}` outside its LoRA factors "
+                            f"({op.kind}), which PEFT's add_weighted_adapter does not combine; "
+                            f"`combine: {method}` takes plain LoRA adapters (use `combine: sum`)")
+
+
+def _max_rank(adapter: Adapter) -> int:
+    """The rank PEFT's add_weighted_adapter counts for an adapter: r, or the largest of rank_pattern."""
+    pattern = adapter.config.get("rank_pattern") or {}
+    return int(max([adapter.config.get("r", 8), *pattern.values()]))
+
+
+def _combined_targets(method: str, adapters: list[Adapter]) -> set[str] | str:
+    """PEFT's target_modules of the combined adapter: the union of the sets, or the regexes or-ed."""
+    targets = [a.config.get("target_modules") for a in adapters]
+    for adapter, target in zip(adapters, targets):
+        if not target:
+            raise PlanError(f"{adapter.label}: `combine: {method}` needs `target_modules` in adapter_config.json, "
+                            "as PEFT's add_weighted_adapter does")
+    if all(isinstance(t, list) for t in targets):
+        return set().union(*targets)
+    if all(isinstance(t, str) for t in targets):
+        return "|".join(f"({t})" for t in targets)
+    kinds = ", ".join(f"adapter {a.index}: {type(t).__name__}" for a, t in zip(adapters, targets))
+    raise PlanError(f"`combine: {method}`: the adapters' `target_modules` mix lists and regular expressions ({kinds}), "
+                    "which PEFT's add_weighted_adapter refuses; use `combine: sum`")
+
+
+def peft_layers(base: Path, adapters: list[Adapter], rank: int, targets: set[str] | str) -> list[dict[str, Any]]:
+    """The layers PEFT gives the combined adapter, in named_modules order, with its own scalings and
+    shapes: the base model is built on the meta device from config.json (no weights), the adapters and
+    the combined adapter are injected into it as add_weighted_adapter does."""
+    import dataclasses
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    names = [f"adapter_{a.index}" for a in adapters]
+    try:
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+            warnings.simplefilter("ignore")
+            configs = [LoraConfig.from_pretrained(str(a.path)) for a in adapters]
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
+            peft_model = get_peft_model(model, configs[0], adapter_name=names[0], low_cpu_mem_usage=True)
+            for name, config in zip(names[1:], configs[1:]):
+                peft_model.add_adapter(name, config, low_cpu_mem_usage=True)
+            lora = peft_model.base_model
+            lora.peft_config[COMBINED] = dataclasses.replace(
+                configs[0], r=rank, lora_alpha=rank, target_modules=targets, alpha_pattern={}, rank_pattern={})
+            lora.inject_adapter(lora.model, COMBINED, low_cpu_mem_usage=True)
+    except Exception as exc:  # noqa: BLE001  whatever PEFT or transformers refuse here is an input problem
+        raise PlanError(f"PEFT cannot build the combined adapter on this base: {type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())[:300]}") from None
+    layers = []
+    for module_name, module in lora.model.named_modules():
+        if not isinstance(module, LoraLayer) or not (COMBINED in module.lora_A or COMBINED in module.lora_embedding_A):
+            continue
+        present = [(a.index, module.scaling[n]) for a, n in zip(adapters, names)
+                   if n in module.lora_A or n in module.lora_embedding_A]
+        layers.append({"module": module_name, "embedding": COMBINED in module.lora_embedding_A,
+                       "in_features": module.in_features, "out_features": module.out_features,
+                       "scaling": module.scaling[COMBINED], "present": present})
+    return layers
+
+
+def _lora_uses(adapters: list[Adapter], tensors: list[PlannedTensor]) -> dict[str, list[tuple[str, Any]]]:
+    """Per module, in manifest order: (output tensor, op) of every LoRA delta planned for it."""
+    modules = {(a.index, k.key): k.module for a in adapters for k in a.keys}
+    uses: dict[str, list[tuple[str, Any]]] = defaultdict(list)
+    for t in tensors:
+        for op in t.ops:
+            if op.kind == "delta" and op.layout in LORA_LAYOUTS:
+                uses[modules[op.adapter, op.keys[0]]].append((t.name, op))
+    for found in uses.values():
+        found.sort(key=lambda use: use[1].adapter)
+    return uses
+
+
+def _module(method: str, effective: str, layer: dict[str, Any], found: list[tuple[str, Any]] | None,
+            adapters: list[Adapter], rank: int) -> CombinedModule:
+    """One combined module, checked against the per-adapter plan."""
+    name = layer["module"]
+    present = dict(layer["present"])
+    have = {op.adapter for _, op in found or []}
+    if not found:
+        raise PlanError(f"`combine: {method}`: PEFT gives the combined adapter module `{name}`, which no adapter has "
+                        "factors for; add_weighted_adapter would fail there; use `combine: sum`")
+    for index in sorted(set(present) ^ have):
+        problem = ("targets it but its file has no factors for it: PEFT would combine its untrained initial factors"
+                   if index in present else "has factors for it that PEFT does not load (its config does not target it)")
+        raise PlanError(f"`combine: {method}`: adapter {index} {problem} at `{name}`; use `combine: sum`")
+    layouts = {op.layout for _, op in found}
+    if len(layouts) > 1:
+        raise PlanError(f"`combine: {method}`: the adapters see `{name}` with different layouts {sorted(layouts)} "
+                        "(fan_in_fan_out differs?)")
+    layout = layouts.pop()
+    if (layout == "embedding") != layer["embedding"]:
+        raise PlanError(f"`combine: {method}`: `{name}` is {'an embedding' if layer['embedding'] else 'not an embedding'} "
+                        "for PEFT but the adapters' keys say otherwise")
+    weights = {a.index: a.weight for a in adapters}
+    inputs = tuple(CombinedInput(op.adapter, op.keys[0], op.keys[1], present[op.adapter], weights[op.adapter])
+                   for _, op in found)
+    entries = {(a.index, k.key): k.entry.shape for a in adapters for k in a.keys}
+    a_shapes = {entries[i.adapter, i.lora_a] for i in inputs}
+    b_shapes = {entries[i.adapter, i.lora_b] for i in inputs}
+    module_rank = rank
+    if effective in SAME_RANK:
+        if len(a_shapes) > 1 or len(b_shapes) > 1:
+            raise PlanError(f"`combine: {method}` needs equal factor shapes at each module, as PEFT stacks them; "
+                            f"`{name}` has A {sorted(map(list, a_shapes))} and B {sorted(map(list, b_shapes))} (rank_pattern?)")
+        module_rank = next(iter(a_shapes))[0]
+    elif effective in SVD_METHODS and rank > min(layer["in_features"], layer["out_features"]):
+        raise PlanError(f"`combine: {method}`: rank {rank} is larger than `{name}` allows "
+                        f"({layer['out_features']}x{layer['in_features']}); give a smaller `svd_rank`")
+    return CombinedModule(name, found[0][0], layout, layer["in_features"], layer["out_features"], module_rank,
+                          layer["scaling"], inputs)
+
+
+# ------------------------------------------------------------------------------------------ merge time
+
+
+class CombinedFactors:
+    """The combined adapter's factors, computed on the CPU in fp32 when asked for, handed out on `device`."""
+
+    def __init__(self, plan: CombinePlan, adapters: list[Adapter], device: torch.device | None = None) -> None:
+        self.plan = plan
+        self.device = device or torch.device("cpu")
+        self.readers = {a.index: TensorReader({k.key: k.entry for k in a.keys}) for a in adapters}
+        self.labels = {a.index: a.label for a in adapters}
+        self.by_key = {key: (m, i) for m in plan.modules for i, key in enumerate(m.keys)}
+        self.threads = torch.get_num_threads()  # the merge runs some of its threads on one: compute with all
+        self._last: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._all: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def get_many(self, keys: tuple[str, ...]) -> list[torch.Tensor]:
+        """The combined factors named `keys` (see CombinedModule.keys)."""
+        out = []
+        for key in keys:
+            module, which = self.by_key[key]
+            out.append(self.factors(module)[which].to(self.device))
+        return out
+
+    def factors(self, module: CombinedModule) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of one module, exactly as PEFT's add_weighted_adapter makes them on the CPU."""
+        if self.plan.effective in RANDOM_METHODS:
+            if self._all is None:
+                self._all = self._all_in_peft_order()
+            return self._all[module.module]
+        if self._last is None or self._last[0] != module.module:
+            self._last = (module.module, self._compute(module, None))
+        return self._last[1]
+
+    def _all_in_peft_order(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(self.plan.seed)
+        for module in self.plan.modules:
+            replay_init_draws(module, self.plan.rank, self.plan.init, generator)
+        return {m.module: self._compute(m, generator) for m in self.plan.modules}
+
+    def _compute(self, module: CombinedModule, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        plan = self.plan
+        inputs = [(self._load(i.adapter, i.lora_a), self._load(i.adapter, i.lora_b), i.scaling, i.weight)
+                  for i in module.inputs]
+        with _threads(self.threads):
+            if plan.effective == "cat":
+                return mathops.combine_cat(inputs, module.rank)
+            if plan.effective in SVD_METHODS:
+                method = "linear" if plan.effective == "svd" else plan.effective.removesuffix("_svd")
+                return mathops.combine_svd(method, inputs, module.layout != "linear", plan.rank, plan.density,
+                                           plan.majority_sign_method, plan.svd_clamp, plan.svd_full_matrices, generator)
+            return mathops.combine_factorwise(plan.effective, inputs, plan.density, plan.majority_sign_method, generator)
+
+    def _load(self, index: int, key: str) -> torch.Tensor:
+        tensor = self.readers[index].load(key).to(torch.float32)
+        if not mathops.all_finite(tensor):
+            raise AdapterError(f"{self.labels[index]}: `{key}` contains NaN or Inf values")
+        return tensor
+
+    def close(self) -> None:
+        """Let go of the held factors."""
+        self._last = self._all = None
+
+
+def replay_init_draws(module: CombinedModule, rank: int, init: bool | str, generator: torch.Generator) -> None:
+    """Draw from `generator` what PEFT 0.21's LoraLayer.update_layer draws from torch's global generator
+    when add_weighted_adapter creates the combined adapter's layer for `module` (values discarded)."""
+    fan_in, fan_out = module.in_features, module.out_features
+    if module.layout == "embedding":
+        torch.randn((rank, fan_in), generator=generator)  # lora_embedding_A
+        torch.randn((fan_out, rank), generator=generator)  # lora_embedding_B
+        if init:  # reset_lora_parameters: A zeroed, B drawn like nn.Embedding's weight
+            torch.nn.init.normal_(torch.empty(fan_out, rank), generator=generator)
+        return
+    torch.nn.init.kaiming_uniform_(torch.empty(rank, fan_in), a=math.sqrt(5), generator=generator)  # nn.Linear(in, r)
+    torch.nn.init.kaiming_uniform_(torch.empty(fan_out, rank), a=math.sqrt(5), generator=generator)  # nn.Linear(r, out)
+    if init is True:
+        torch.nn.init.kaiming_uniform_(torch.empty(rank, fan_in), a=math.sqrt(5), generator=generator)
+    elif init == "gaussian":
+        torch.nn.init.normal_(torch.empty(rank, fan_in), std=1 / rank, generator=generator)
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count for the calling thread set to `n`, restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
