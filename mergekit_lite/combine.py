@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -347,7 +345,7 @@ class CombinedFactors:
         plan = self.plan
         inputs = [(self._load(i.adapter, i.lora_a), self._load(i.adapter, i.lora_b), i.scaling, i.weight)
                   for i in module.inputs]
-        with _threads(self.threads):
+        with mathops.intra_op_threads(self.threads):
             if plan.effective == "cat":
                 return mathops.combine_cat(inputs, module.rank)
             if plan.effective in SVD_METHODS:
@@ -384,13 +382,3 @@ def replay_init_draws(module: CombinedModule, rank: int, init: bool | str, gener
     elif init == "gaussian":
         torch.nn.init.normal_(torch.empty(rank, fan_in), std=1 / rank, generator=generator)
 
-
-@contextmanager
-def _threads(n: int) -> Iterator[None]:
-    """torch's intra-op thread count for the calling thread set to `n`, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -189,3 +191,14 @@ def random_prune(tensor: torch.Tensor, density: float, generator: torch.Generato
         return tensor
     mask = torch.bernoulli(torch.full_like(tensor, density), generator=generator)
     return (tensor * mask) / density
+
+
+@contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count for the calling thread set to `n`, restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -107,7 +106,7 @@ class ShardMerger:
                 src = self.base.locate(t.source)
                 self.behind.submit(writer.copy_range, t.name, src.file, src.begin, src.nbytes)
             else:
-                with _intra_op_threads(self.own if merges_by_rows(t) else self.threads):
+                with mathops.intra_op_threads(self.own if merges_by_rows(t) else self.threads):
                     out = merge_tensor(t, self.base, self.factors, self.device, self.workspace)
                 self.behind.submit(writer.write_tensor, t.name, out)
             if self.progress is not None:
@@ -237,17 +236,6 @@ class Workspace:
     def close(self) -> None:
         """Stop the threads."""
         self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-@contextmanager
-def _intra_op_threads(n: int) -> Iterator[None]:
-    """torch's intra-op thread count for the calling thread set to `n`, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class WriteBehind:

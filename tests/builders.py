@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import IA3Config, LoKrConfig, LoraConfig, PeftModel, get_peft_model
+from peft import IA3Config, LoKrConfig, LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

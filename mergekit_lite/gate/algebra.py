@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 
+from mergekit_lite import mathops
 from mergekit_lite.adapter import Adapter
 from mergekit_lite.combine import CombinedFactors
 from mergekit_lite.gate.report import GateReport
@@ -24,8 +25,10 @@ from mergekit_lite.reader import TensorReader
 from mergekit_lite.stformat import DTYPES, TensorEntry
 
 PROBES = 4
-BLOCK_ELEMENTS = 8 * 2**20  # rows are upcast to float64 in blocks of about this many elements
+BLOCK_ELEMENTS = 2**18  # rows are upcast in blocks of about this many elements: each block's passes stay in cache
 _MANTISSA = {torch.float32: 24, torch.float16: 11, torch.bfloat16: 8, torch.float64: 53}
+_INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}
+_EXPONENT_MASK = {torch.float32: 0x7F800000, torch.float16: 0x7C00, torch.bfloat16: 0x7F80, torch.float64: 0x7FF0000000000000}
 
 
 @dataclass
@@ -49,7 +52,7 @@ def check_algebra(report: GateReport, plan: Plan, adapters: list[Adapter], base:
         if t.name not in candidate or candidate[t.name].shape != t.shape or candidate[t.name].dtype != t.dtype:
             continue  # already reported by the structure checks
         merged = out.get(t.name)
-        if merged.is_floating_point() and not bool(torch.isfinite(merged).all()):
+        if merged.is_floating_point() and not mathops.all_finite(merged):
             non_finite.append(t.name)
             continue
         if not t.ops:
@@ -112,8 +115,7 @@ def _probe(t: PlannedTensor, merged: torch.Tensor, base: TensorReader, factors: 
             continue
         started = True
         y = _apply(op, y, x, unmerged, transposed, get)
-    actual = _matmul(w_out, x, transposed)
-    scale = _ulp_scale(w_out, x, transposed)
+    actual, scale = _matmul_and_ulp_scale(w_out, x, transposed)
     ratio = (actual - y).abs() / scale
     # The share of the expected change W'x - Wx that is present, by regression onto it: 1 when
     # right, 0 when an adapter is missing, 2 when it is applied twice. Its deviation from 1 is
@@ -162,39 +164,79 @@ def _dora_norm(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> 
     return total.clamp_min(0).sqrt()
 
 
+def _work_dtype(w: torch.Tensor) -> torch.dtype:
+    """float32 for 16-bit weights, float64 otherwise.
+
+    A 16-bit W is exact in float32, and float32's rounding in W x (2^-24 relative, times the
+    square root of the row length) is 2^-16 of the 16-bit ulps the check measures in: far below
+    what it can see, at half float64's cost. float32 weights need float64.
+    """
+    return torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else torch.float64
+
+
 def _matmul(w: torch.Tensor, x: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """W x (or W^T x) in float64, upcasting W a block of rows at a time."""
+    """W x (or W^T x) in float64, computed a block of rows at a time in _work_dtype(W)."""
+    work = _work_dtype(w)
+    xw = x.to(work)
     if transposed:
-        out = torch.zeros(w.shape[1], x.shape[1], dtype=torch.float64)
-        for start, block in _blocks(w):
-            out += block.T @ x[start:start + block.shape[0]]
-        return out
-    return torch.cat([block @ x for _, block in _blocks(w)])
+        out = torch.zeros(w.shape[1], x.shape[1], dtype=work)
+        for start, block in _blocks(w, work):
+            out += block.T @ xw[start:start + block.shape[0]]
+        return out.to(torch.float64)
+    return torch.cat([block @ xw for _, block in _blocks(w, work)]).to(torch.float64)
 
 
-def _ulp_scale(w: torch.Tensor, x: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """sqrt(sum_j (ulp(W_ij) x_j)^2): the spread of W x that one-ulp errors in W would cause."""
-    bits = _MANTISSA[w.dtype]
-    tiny = torch.finfo(w.dtype).tiny
-    x2 = x * x
+def _matmul_and_ulp_scale(w: torch.Tensor, x: torch.Tensor, transposed: bool,
+                          work: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W x, sqrt(sum_j (ulp(W_ij) x_j)^2)) in float64, in one pass over W: the product, and the
+    spread of it that one-ulp errors in W would cause. A float tensor's ulp is a power of two
+    read off its exponent bits (see _ulp_squared)."""
+    work = work or _work_dtype(w)
+    xw = x.to(work)
+    x2 = xw * xw
+    rows = max(1, BLOCK_ELEMENTS // max(1, w.shape[1]))
     if transposed:
-        acc = torch.zeros(w.shape[1], x.shape[1], dtype=torch.float64)
+        product = torch.zeros(w.shape[1], x.shape[1], dtype=work)
+        spread = torch.zeros(w.shape[1], x.shape[1], dtype=work)
     else:
-        parts = []
-    for start, block in _blocks(w):
-        _, exponent = torch.frexp(block.abs().clamp_min(tiny))
-        ulp2 = torch.pow(2.0, 2.0 * (exponent.to(torch.float64) - bits))
+        products, spreads = [], []
+    for start in range(0, w.shape[0], rows):
+        block = w[start:start + rows].to(work)
+        ulp2 = _ulp_squared(block, w.dtype)
         if transposed:
-            acc += ulp2.T @ x2[start:start + block.shape[0]]
+            product += block.T @ xw[start:start + block.shape[0]]
+            spread += ulp2.T @ x2[start:start + block.shape[0]]
         else:
-            parts.append(ulp2 @ x2)
-    return (acc if transposed else torch.cat(parts)).sqrt()
+            products.append(block @ xw)
+            spreads.append(ulp2 @ x2)
+    if not transposed:
+        product, spread = torch.cat(products), torch.cat(spreads)
+    if work != torch.float64 and not (bool((spread > 0).all()) and mathops.all_finite(spread)
+                                      and mathops.all_finite(product)):
+        # bfloat16 rows of values below 2^-63 (or above 2^63) have ulps whose squares under- (over-)
+        # flow float32: redo in float64
+        return _matmul_and_ulp_scale(w, x, transposed, torch.float64)
+    return product.to(torch.float64), spread.to(torch.float64).sqrt()
 
 
-def _blocks(w: torch.Tensor):
+def _ulp_squared(block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """ulp(W_ij)^2 for the `dtype` values W held exactly in `block` (float32 or float64), where
+    ulp(v) = 2^(e - mantissa bits of dtype) for |v| = m 2^e, m in [0.5, 1), and the smallest
+    normal's ulp for zeros and subnormals.
+
+    Clearing the sign and mantissa bits leaves 2^(e-1) exactly, for the cost of an integer AND;
+    frexp and pow over a float64 copy cost five times as much (the algebra check's largest cost).
+    """
+    bits = _MANTISSA[dtype]
+    exponent_only = (block.view(_INT[block.dtype]) & _EXPONENT_MASK[block.dtype]).view(block.dtype)
+    floor = exponent_only.clamp_min(torch.finfo(dtype).tiny)  # 2^(e-1), at least the smallest normal's
+    return (floor * floor).mul_(2.0 ** (2 - 2 * bits))
+
+
+def _blocks(w: torch.Tensor, work: torch.dtype = torch.float64):
     rows = max(1, BLOCK_ELEMENTS // max(1, w.shape[1]))
     for start in range(0, w.shape[0], rows):
-        yield start, w[start:start + rows].to(torch.float64)
+        yield start, w[start:start + rows].to(work)
 
 
 def _resize(y_base: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
