@@ -288,8 +288,13 @@ def _end_to_end(report) -> dict[str, object]:
     return {c.name: c.figure for c in report.checks if c.group == "end_to_end"}
 
 
-def test_end_to_end_with_disk_offload_gives_the_same_figures(zoo, tmp_path):
-    """A CPU budget far below the model's size sends most modules to disk; the figures do not move."""
+def test_end_to_end_with_disk_offload_gives_the_same_figures(zoo, tmp_path, monkeypatch):
+    """A CPU budget far below the model's size sends most modules to disk; the figures do not move,
+    and nothing is left in the working directory (PEFT writes re-keyed copies of offloaded files
+    relative to it)."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     out = run_merge(_manifest(tmp_path / "plain", zoo, "lora", "bfloat16", "5GB"))
     plain = verify_release(tmp_path / "plain" / "manifest.yaml", against=out)
     offload = tmp_path / "offload"
@@ -307,3 +312,4 @@ def test_end_to_end_with_disk_offload_gives_the_same_figures(zoo, tmp_path):
     assert figures == _end_to_end(plain)
     assert figures["max_abs_logit_diff"] > 0, "the merge's own rounding shows: the figures are not trivially zero"
     assert not offload.exists(), "the offload folder (made for the check) is removed with what was offloaded"
+    assert list(cwd.iterdir()) == [] and Path.cwd() == cwd

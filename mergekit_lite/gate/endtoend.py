@@ -14,6 +14,7 @@ merged bf16 weights computed in fp32 are 0.52 from it.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import warnings
 from collections import Counter
@@ -158,8 +159,17 @@ class Placement:
             self.offload_folder.mkdir(parents=True, exist_ok=True)
         try:
             with tempfile.TemporaryDirectory(prefix="mergekit-offload-", dir=self.offload_folder) as tmp:
-                yield tuple({"device_map": self.device_map, "max_memory": self.max_memory,  # type: ignore[misc]
-                             "offload_folder": str(Path(tmp) / part)} for part in ("reference", "release"))
+                # PEFT 0.21 re-keys an offloaded base's safetensors files into copies named
+                # os.path.join(*path.split(os.sep)) (peft_model._update_offload): the leading "/" is
+                # lost, so each copy is written, and later read, relative to the working directory.
+                # Working in this temporary folder keeps those copies in it, removed with it.
+                previous = os.getcwd()
+                os.chdir(tmp)
+                try:
+                    yield tuple({"device_map": self.device_map, "max_memory": self.max_memory,  # type: ignore[misc]
+                                 "offload_folder": str(Path(tmp) / part)} for part in ("reference", "release"))
+                finally:
+                    os.chdir(previous)
         finally:
             if made and self.offload_folder is not None and not any(self.offload_folder.iterdir()):
                 self.offload_folder.rmdir()
