@@ -65,8 +65,18 @@ def write_manifest(folder: Path, name: str, rig_inputs: dict[str, Path], dtype: 
 
 
 def start(manifest: Path, **kwargs) -> subprocess.Popen:
+    # SIGINT back to its default in the child: a test suite started in the background (`cmd &`,
+    # nohup) inherits SIGINT ignored, and Python keeps an ignored SIGINT ignored, as it should
+    then = kwargs.pop("preexec_fn", None)
+
+    def prepare_child() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if then is not None:
+            then()
+
     return subprocess.Popen([sys.executable, "-m", "mergekit_lite", "merge", "-q", str(manifest)], cwd=manifest.parent,
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=prepare_child, **kwargs)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
