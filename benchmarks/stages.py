@@ -4,6 +4,7 @@ Runs the CLI in this process with the pipeline's stage functions wrapped in time
 one JSON object of seconds per stage on stdout.
 
     .venv/bin/python benchmarks/stages.py MANIFEST
+    .venv/bin/python benchmarks/stages.py MANIFEST --no-shard-hashing   # what hashing the shards costs
 """
 
 from __future__ import annotations
@@ -56,5 +57,21 @@ def run(manifest: str) -> dict[str, float]:
     return {k: round(v, 2) for k, v in seconds.items()}
 
 
+def without_shard_hashing() -> None:
+    """For measuring what hashing costs: the shard writers keep no digest (the receipt then hashes
+    the shards afterwards, by reading them back: its time moves to `write_receipt`)."""
+    import mergekit_lite.writer as writer
+
+    init = writer.ShardWriter.__init__
+
+    def no_digest(self, path, entries, metadata, digest=False):  # noqa: ANN001
+        init(self, path, entries, metadata, digest=False)
+
+    writer.ShardWriter.__init__ = no_digest
+
+
 if __name__ == "__main__":
+    if "--no-shard-hashing" in sys.argv:
+        sys.argv.remove("--no-shard-hashing")
+        without_shard_hashing()
     print(json.dumps(run(sys.argv[1])))
