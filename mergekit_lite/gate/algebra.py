@@ -13,7 +13,6 @@ rightly; the combination itself is checked end to end against PEFT's add_weighte
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 import torch
 
@@ -49,25 +48,18 @@ def check_algebra(report: GateReport, plan: Plan, adapters: list[Adapter], base:
     non_finite: list[str] = []
     differs: list[str] = []
     figures: list[TensorFigures] = []
-
-    def check(t: PlannedTensor) -> str | TensorFigures | None:
+    for t in plan.tensors:
+        if t.name not in candidate or candidate[t.name].shape != t.shape or candidate[t.name].dtype != t.dtype:
+            continue  # already reported by the structure checks
         merged = out.get(t.name)
         if merged.is_floating_point() and not mathops.all_finite(merged):
-            return "non-finite"
-        if not t.ops:
-            return None if _equals_base(t, merged, base, candidate[t.name]) else "differs"
-        return _probe(t, merged, base, factors, combined)
-
-    # already reported by the structure checks when missing or of another shape or dtype
-    tensors = [t for t in plan.tensors
-               if t.name in candidate and candidate[t.name].shape == t.shape and candidate[t.name].dtype == t.dtype]
-    for t, found in zip(tensors, _map_tensors(check, tensors, parallel=combined is None)):
-        if found == "non-finite":
             non_finite.append(t.name)
-        elif found == "differs":
-            differs.append(t.name)
-        elif isinstance(found, TensorFigures):
-            figures.append(found)
+            continue
+        if not t.ops:
+            if not _equals_base(t, merged, base, candidate[t.name]):
+                differs.append(t.name)
+            continue
+        figures.append(_probe(t, merged, base, factors, combined))
     report.add("structure", "no NaN or Inf", not non_finite, len(non_finite), 0, ", ".join(non_finite[:3]))
     untouched = sum(1 for t in plan.tensors if not t.ops)
     report.add("algebra", f"{untouched} unchanged tensors equal the base", not differs, len(differs), 0,
@@ -81,22 +73,6 @@ def check_algebra(report: GateReport, plan: Plan, adapters: list[Adapter], base:
         limit = limits[metric]
         report.add("algebra", f"{label} ({len(figures)} changed tensors)", value <= limit, value, limit,
                    f"worst: {worst.name}")
-
-
-def _map_tensors(check, tensors: list[PlannedTensor], parallel: bool):
-    """check(t) for every tensor, in order; with `parallel`, tensors side by side on torch's
-    intra-op thread count of threads, each running torch single-threaded (the per-tensor work is
-    small matrix products and Python between them, which one team of intra-op threads leaves
-    mostly idle). A combined adapter's factors are computed by one object with a cache: serial."""
-    threads = torch.get_num_threads()
-    if not parallel or threads < 2:
-        yield from map(check, tensors)
-        return
-    try:
-        with ThreadPoolExecutor(threads, "mergekit-algebra", initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            yield from pool.map(check, tensors)
-    finally:
-        torch.set_num_threads(threads)  # the workers' setting can leak into torch's default
 
 
 def _equals_base(t: PlannedTensor, merged: torch.Tensor, base: TensorReader, entry: TensorEntry) -> bool:
