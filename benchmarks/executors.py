@@ -39,6 +39,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from speed import warm  # the same warm page cache as the speed benchmark (this folder is on sys.path)
+
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
 EXECUTORS = {
@@ -67,14 +69,6 @@ def build(size: float, shard: str) -> tuple[Path, dict[str, Path]]:
                         f"output: {{path: ./merged, max_shard_size: {shard}}}\nexecutor: {spec}\n")
         manifests[name] = path
     return folder, manifests
-
-
-def warm(folder: Path) -> None:
-    buffer = bytearray(16 * 2**20)
-    for path in sorted((folder / "base").iterdir()):
-        with open(path, "rb", buffering=0) as fh:
-            while fh.readinto(buffer):
-                pass
 
 
 def _tree_rss(root: int) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_lite.errors import CheckpointError
-from mergekit_lite.stformat import TensorEntry, read_header
+from mergekit_lite.stformat import DuplicateKey, TensorEntry, no_duplicates, read_header
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,10 @@ def read_json(path: Path, unique_keys: bool = False) -> dict[str, Any]:
         if path.stat().st_size > MAX_JSON_BYTES:
             raise CheckpointError(f"`{path}` is larger than {MAX_JSON_BYTES} bytes; too large for a JSON config")
         text = path.read_text(encoding="utf-8")
-        data = json.loads(text, object_pairs_hook=_unique if unique_keys else None)
+        data = json.loads(text, object_pairs_hook=no_duplicates if unique_keys else None)
     except FileNotFoundError:
         raise CheckpointError(f"`{path}` does not exist") from None
-    except _RepeatedKey as exc:
+    except DuplicateKey as exc:
         raise CheckpointError(f"`{path}` gives the key `{exc.args[0]}` twice") from None
     except (OSError, ValueError) as exc:  # ValueError: bad UTF-8, bad JSON, an integer of 4300+ digits
         raise CheckpointError(f"`{path}` is not valid JSON: {' '.join(str(exc).split())[:200]}") from None
@@ -93,19 +93,6 @@ def read_json(path: Path, unique_keys: bool = False) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"`{path}` is not a JSON object")
     return data
-
-
-class _RepeatedKey(Exception):
-    pass
-
-
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _RepeatedKey(key)
-        out[key] = value
-    return out
 
 
 def _weight_files(path: Path) -> list[Path]:

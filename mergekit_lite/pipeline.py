@@ -168,8 +168,8 @@ def _describe(job: Job, stage: Path, report: GateReport | None, inputs: list[dic
     (stage / "README.md").write_text(card, encoding="utf-8")
     (stage / "manifest.yaml").write_text(
         resolved_manifest(m, loaded.base_path, loaded.adapter_paths, loaded.output_path), encoding="utf-8")
-    write_receipt(stage, inputs, job.plan, verification, digests, sources=loaded.hub_sources)
-    write_checksums(stage, digests)
+    hashed = write_receipt(stage, inputs, job.plan, verification, digests, sources=loaded.hub_sources)
+    write_checksums(stage, hashed)  # only release.json itself is left to hash
 
 
 def _card_adapters(job: Job) -> list[dict[str, Any]]:

@@ -46,14 +46,16 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
 
 
 def write_receipt(folder: Path, inputs: list[dict[str, Any]], plan: Plan, verification: dict[str, Any],
-                  known: dict[str, str] | None = None, sources: list[dict[str, str]] | None = None) -> None:
+                  known: dict[str, str] | None = None, sources: list[dict[str, str]] | None = None) -> dict[str, str]:
     """release.json: what was read and written, with SHA-256, and the versions that did it.
 
     `inputs` are file_records of the inputs; `known` maps release-relative paths to digests
     already computed (the shards'); `sources` records each hub input (manifest key, repo id,
-    requested revision, resolved commit, snapshot folder).
+    requested revision, resolved commit, snapshot folder). Returns every output's digest, for
+    write_checksums.
     """
-    outputs = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in ("release.json", "SHA256SUMS"))
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in ("release.json", "SHA256SUMS"))
+    outputs = file_records(paths, folder, known)
     write_json(folder / "release.json", {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["mergekit-lite", *sys.argv[1:]]) if sys.argv else "mergekit-lite",
@@ -62,8 +64,9 @@ def write_receipt(folder: Path, inputs: list[dict[str, Any]], plan: Plan, verifi
         "verification": {"passed": verification.get("passed"), "verified": verification.get("verified", True)},
         "sources": sources or [],
         "inputs": inputs,
-        "outputs": file_records(outputs, folder, known),
+        "outputs": outputs,
     })
+    return {r["path"]: r["sha256"] for r in outputs}
 
 
 def write_checksums(folder: Path, known: dict[str, str] | None = None) -> None:

@@ -90,8 +90,8 @@ def read_header(path: Path) -> Header:
             raise CheckpointError(f"{where} is truncated: header of {n} bytes but the file has {size}")
         raw = fh.read(n)
     try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except _DuplicateKey as exc:
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except DuplicateKey as exc:
         raise CheckpointError(f"{where}: duplicate tensor name `{_shown(exc.args[0])}` in the header") from None
     except ValueError as exc:  # bad UTF-8, bad JSON, or an integer of more than 4300 digits
         raise CheckpointError(f"{where}: header is not valid JSON ({' '.join(str(exc).split())[:200]})") from None
@@ -155,15 +155,16 @@ def _shown(name: str) -> str:
     return name if name.isprintable() else repr(name)[:80]
 
 
-class _DuplicateKey(Exception):
-    pass
+class DuplicateKey(Exception):
+    """A JSON object names the same key twice (raised by `no_duplicates`)."""
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+def no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """json.loads object_pairs_hook that refuses a key given twice (json keeps the last silently)."""
     out: dict[str, object] = {}
     for key, value in pairs:
         if key in out:
-            raise _DuplicateKey(key)
+            raise DuplicateKey(key)
         out[key] = value
     return out
 
