@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -52,6 +53,19 @@ class _Warnings(logging.Handler):
         click.echo("warning: " + " ".join(record.getMessage().split()), err=True)
 
 
+def _quiet_hub_progress_bars() -> None:
+    """Turn off the loading bars of transformers and huggingface_hub (the gate's model loads would
+    interleave them with ours) without importing them: both read this variable at import, and
+    importing transformers costs 0.6 s that a merge with its architecture cached no longer pays."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "huggingface_hub" in sys.modules:  # already imported (a program calling main()): tell them directly
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mergekit-lite")
 def main() -> None:
@@ -59,9 +73,7 @@ def main() -> None:
 
     Example: mergekit-lite merge manifest.yaml
     """
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # the loading bars of the gate's models would interleave with ours
+    _quiet_hub_progress_bars()
     log = logging.getLogger("mergekit_lite")
     if not log.handlers:
         log.addHandler(_Warnings())

@@ -13,6 +13,7 @@ once per version of the file:
 
 The cache lives in $MERGEKIT_LITE_CACHE, else $XDG_CACHE_HOME/mergekit-lite, else
 ~/.cache/mergekit-lite; `MERGEKIT_LITE_CACHE=off` turns it off. It is one small JSON file,
+digests.json (a JsonStore; checkpoint keeps its embedding names in another, architectures.json),
 replaced atomically; a cache that cannot be read or written is ignored (it only saves time).
 """
 
@@ -23,6 +24,7 @@ import json
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -68,7 +70,7 @@ def file_records(paths: list[Path], root: Path | None = None, known: dict[str, s
 
 
 def cache_folder() -> Path | None:
-    """Where the digest cache lives, or None when MERGEKIT_LITE_CACHE=off."""
+    """Where the caches live (digests, checkpoint's embedding names), or None when MERGEKIT_LITE_CACHE=off."""
     configured = os.environ.get("MERGEKIT_LITE_CACHE")
     if configured:
         return None if configured.lower() == "off" else Path(configured).expanduser()
@@ -82,44 +84,72 @@ def identity(path: Path) -> str:
     return f"{os.path.realpath(path)}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}"
 
 
-class DigestCache:
-    """Digests of input files by identity(): loaded at the start of a run, saved at its end."""
+class JsonStore:
+    """One small JSON object in the cache folder, `name`: read when made, written back by `save`.
 
-    def __init__(self, folder: Path | None) -> None:
-        self.file = folder / CACHE_FILE if folder is not None else None
-        self.entries: dict[str, str] = {}
+    Saving merges what other runs wrote meanwhile, keeps the newest `limit` entries and replaces
+    the file atomically. Entries that fail `valid`, and a file that cannot be read or written, are
+    ignored: a cache only saves time. With no folder (the cache off) nothing is kept or written.
+    """
+
+    def __init__(self, folder: Path | None, name: str, limit: int, valid: Callable[[Any], bool]) -> None:
+        self.file = folder / name if folder is not None else None
+        self.limit = limit
+        self._valid = valid
+        self.entries: dict[str, Any] = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        if self.file is None:
+            return {}
+        try:
+            data = json.loads(self.file.read_text(encoding="utf-8"))
+            return {k: v for k, v in data.items() if isinstance(k, str) and self._valid(v)}
+        except (OSError, ValueError, AttributeError, RecursionError):
+            return {}
+
+    def get(self, key: str) -> Any:
+        return self.entries.get(key)
+
+    def put(self, key: str, value: Any) -> None:
         if self.file is not None:
-            try:
-                data = json.loads(self.file.read_text(encoding="utf-8"))
-                self.entries = {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)}
-            except (OSError, ValueError, AttributeError):
-                self.entries = {}
-
-    def get(self, path: Path) -> str | None:
-        """The cached digest of `path`, if its identity is unchanged."""
-        return self.entries.get(identity(path)) if self.file is not None else None
-
-    def put(self, path: Path, digest: str, before: str) -> None:
-        """Remember `digest` for `path` if its identity is still `before` (it did not change while hashed)."""
-        if self.file is not None and identity(path) == before:
-            self.entries.pop(before, None)
-            self.entries[before] = digest  # most recent last
+            self.entries.pop(key, None)
+            self.entries[key] = value  # most recent last
 
     def save(self) -> None:
-        """Write the cache back atomically, merged with what other runs wrote meanwhile; errors are ignored."""
+        """Write the entries back, merged with the file's current ones; errors are ignored."""
         if self.file is None:
             return
         try:
             self.file.parent.mkdir(parents=True, exist_ok=True)
-            fresh = DigestCache(self.file.parent).entries
+            fresh = self._read()
             fresh.update(self.entries)
-            keep = dict(list(fresh.items())[-CACHE_LIMIT:])
-            fd, tmp = tempfile.mkstemp(prefix=".digests.", dir=self.file.parent)
+            keep = dict(list(fresh.items())[-self.limit:])
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.file.stem}.", dir=self.file.parent)
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 json.dump(keep, fh)
             os.replace(tmp, self.file)
         except OSError:
             pass
+
+
+class DigestCache:
+    """Digests of input files by identity(): loaded at the start of a run, saved at its end."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.store = JsonStore(folder, CACHE_FILE, CACHE_LIMIT, lambda v: isinstance(v, str))
+
+    def get(self, path: Path) -> str | None:
+        """The cached digest of `path`, if its identity is unchanged."""
+        return self.store.get(identity(path)) if self.store.file is not None else None
+
+    def put(self, path: Path, digest: str, before: str) -> None:
+        """Remember `digest` for `path` if its identity is still `before` (it did not change while hashed)."""
+        if self.store.file is not None and identity(path) == before:
+            self.store.put(before, digest)
+
+    def save(self) -> None:
+        """Write the cache back atomically, merged with what other runs wrote meanwhile; errors are ignored."""
+        self.store.save()
 
 
 def input_records(paths: list[Path], cache: DigestCache, stop: threading.Event | None = None) -> list[dict[str, Any]]:

@@ -1,6 +1,7 @@
 """Hub sources: a repository `id` and `revision` resolved to a local snapshot folder.
 
-The only module that imports huggingface_hub. pipeline.prepare calls `resolve_hub_sources` once;
+The only module that imports huggingface_hub, and only for a manifest with hub sources (0.1 s of
+imports otherwise). pipeline.prepare calls `resolve_hub_sources` once;
 every later stage sees plain local folders. Only the files a merge reads are fetched: configs,
 tokenizer files and chat templates, then the weight files (for a sharded base, exactly the shards
 its index names, so that a repository that also ships e.g. `consolidated.safetensors` does not
@@ -15,21 +16,13 @@ import logging
 import os
 import re
 from pathlib import Path
-
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    HFValidationError,
-    IncompleteSnapshotError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from huggingface_hub.file_download import repo_folder_name
+from typing import TYPE_CHECKING
 
 from mergekit_lite.errors import InputError, ManifestError
 from mergekit_lite.manifest import HubPin, LoadedManifest
+
+if TYPE_CHECKING:
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +73,7 @@ def fetch(where: str, repo_id: str, revision: str | None, cache: Path, label: st
     if revision is None:
         log.warning("%s `%s` gives no `revision`: using `%s`, which is commit %s now; pin `revision: %s` "
                     "for a reproducible release", label, repo_id, DEFAULT_REVISION, commit, commit)
-    storage = (cache / repo_folder_name(repo_id=repo_id, repo_type="model")).resolve()
+    storage = _storage(cache, repo_id).resolve()
     return HubPin(where, repo_id, requested, commit, folder.resolve(), storage)
 
 
@@ -119,6 +112,17 @@ def _base_weights(folder: Path) -> list[str]:
 
 def _snapshot(repo_id: str, revision: str, cache: Path, patterns: list[str], offline: bool, label: str) -> Path:
     """snapshot_download restricted to `patterns`, its errors turned into one-line input errors."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
     what = f"{label} `{repo_id}` revision `{revision}`"
     try:
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, allow_patterns=patterns,
@@ -144,12 +148,19 @@ def _snapshot(repo_id: str, revision: str, cache: Path, patterns: list[str], off
         raise InputError(f"{what}: cannot use the cache `{cache}`: {exc.strerror or exc}") from None
 
 
+def _storage(cache: Path, repo_id: str) -> Path:
+    """The cache's folder for a model repository (its blobs, refs and snapshots)."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    return cache / repo_folder_name(repo_id=repo_id, repo_type="model")
+
+
 def _not_cached(repo_id: str, revision: str, cache: Path, offline: bool, label: str,
                 exc: LocalEntryNotFoundError) -> InputError:
     """The error for a snapshot that is neither cached nor downloadable, saying which part is missing."""
     why = "HF_HUB_OFFLINE is set" if offline else f"the Hub cannot be reached ({_first_line(exc.__cause__ or exc)})"
     hint = _download_hint(repo_id, revision, cache)
-    storage = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
+    storage = _storage(cache, repo_id)
     if not storage.is_dir():
         return ManifestError(f"{label} `{repo_id}` (revision `{revision}`) is not in the local Hugging Face cache "
                              f"`{cache}` and {why}: {hint}, or point `cache_dir` (or HF_HUB_CACHE) at the cache that holds it")

@@ -110,13 +110,17 @@ class Rig:
         ref_manifest = write_manifest(run, "reference.yaml", self.inputs, "float32", "reference", "8KB")
         began = time.monotonic()
         code, _, err = finish(start(ref_manifest))
-        self.duration = time.monotonic() - began  # one whole run: interpreter, plan, merge, gate, publish
+        first = time.monotonic() - began
         assert code == 0, err
         self.reference = run / "reference"
         self.shards = json.loads((self.reference / INDEX).read_text())["weight_map"]
         assert len(set(self.shards.values())) >= 10, "the new release should have many shards"
+        began = time.monotonic()
         code, _, err = finish(start(self.previous_manifest))
         assert code == 0, err
+        # one whole run: interpreter, plan, merge, gate, publish; the first run also fills the
+        # architecture cache (checkpoint.py), which the runs under test then find
+        self.duration = min(first, time.monotonic() - began)
         self.previous = tree(run / "out")
         assert "model.safetensors" in self.previous, "the previous release is a one-file bf16 release"
 

@@ -371,7 +371,9 @@ def test_a_manifest_without_hub_sources_never_calls_huggingface_hub(hub_cache: H
     def refuse(*args, **kwargs):
         raise AssertionError("snapshot_download called")
 
-    monkeypatch.setattr(hub, "snapshot_download", refuse)
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)  # hub.py imports it when it needs it
     loaded = load_manifest(write_yaml(tmp_path, hub_doc(str(hub_cache.base_new), [str(hub_cache.lora)])))
     assert hub.resolve_hub_sources(loaded) is loaded
     with_id = load_manifest(write_yaml(tmp_path / "id", hub_doc({"id": BASE_ID}, [str(hub_cache.lora)])))
