@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import hashlib
 import os
 from collections.abc import Callable, Iterable
@@ -15,12 +14,11 @@ from types import TracebackType
 import torch
 
 from mergekit_lite.errors import MergeError
+from mergekit_lite.reader import ALIGN, set_direct
 from mergekit_lite.stformat import ITEMSIZE, NAMES, encode_header
 
 STAGING = 16 * 2**20  # bytes gathered before each write to the file
-ALIGN = 4096  # direct I/O writes whole blocks from block-aligned memory at block-aligned offsets
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_DIRECT = getattr(os, "O_DIRECT", 0)
 # errors with which copy_file_range says "not here" (another filesystem, an old kernel), not "failed"
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM}
 
@@ -69,7 +67,7 @@ class ShardWriter:
         self.position = 0
         self.offset = 0  # bytes in the file so far: where the staging buffer starts
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC, 0o666)
-        self.direct = _set_direct(self.fd, True)
+        self.direct = set_direct(self.fd, True)
         memory = torch.empty(STAGING + ALIGN, dtype=torch.uint8)
         start = -memory.data_ptr() % ALIGN
         self.staging = memory[start : start + STAGING]  # block-aligned
@@ -153,7 +151,7 @@ class ShardWriter:
         """Write the staged bytes: all of them when `final`, else the whole blocks among them."""
         end = self.filled if final or not self.direct else self.filled // ALIGN * ALIGN
         if final and self.direct and end % ALIGN:
-            self.direct = _set_direct(self.fd, False)  # the last partial block goes through the page cache
+            self.direct = set_direct(self.fd, False)  # the last partial block goes through the page cache
         self._send(self.view[:end])
         if end and self.filled > end:  # the partial block left over (shorter than `end`): to the front
             self.staging[: self.filled - end].copy_(self.staging[end : self.filled])
@@ -180,9 +178,9 @@ class ShardWriter:
             except OSError as exc:  # a filesystem that takes O_DIRECT but not these writes
                 if not self.direct or exc.errno != errno.EINVAL:
                     raise
-                self.direct = _set_direct(self.fd, False)
+                self.direct = set_direct(self.fd, False)
             if self.direct and done % ALIGN:
-                self.direct = _set_direct(self.fd, False)
+                self.direct = set_direct(self.fd, False)
         self.offset += done
         if not self.direct and _START_WRITEBACK is not None and done:
             _START_WRITEBACK(self.fd, start, done, _SYNC_FILE_RANGE_WRITE)  # advisory: fsync does the rest
@@ -210,18 +208,6 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
-
-
-def _set_direct(fd: int, on: bool) -> bool:
-    """Turn direct I/O on or off for `fd`; return whether it is on (it stays off where unsupported)."""
-    if not _DIRECT:
-        return False
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags | _DIRECT if on else flags & ~_DIRECT)
-    except OSError:
-        return False
-    return on
 
 
 def _kernel_copy(src: int, dst: int, src_offset: int, dst_offset: int, nbytes: int) -> int:

@@ -125,6 +125,18 @@ def _nan(built: Built, current: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _inf(built: Built, current: torch.Tensor) -> torch.Tensor:
+    out = current.clone()
+    out[1, 2] = float("-inf")
+    return out
+
+
+def _nan_flat(built: Built, current: torch.Tensor) -> torch.Tensor:
+    out = current.clone()
+    out.view(-1)[1] = float("nan")
+    return out
+
+
 def _wrong_dtype(built: Built, folder: Path) -> None:
     def mutate(tensors, where):
         tensors[K0] = tensors[K0].to(torch.float16)
@@ -258,6 +270,9 @@ EXTRA: dict[str, Defect] = {
                                         "generation_config.json"),
     "tokenizer_json_corrupt": Defect(_tokenizer_corrupt, ("packaging", "tokenizer shipped"), "JSONDecodeError"),
     "tokenizer_eos_changed": Defect(_eos_token_changed, ("packaging", ""), also=("packaging",)),
+    # a changed tensor's NaN/Inf is found through its product with the probes, an unchanged one's by a pass of its own
+    "inf_in_changed_tensor": Defect(_set(Q0, _inf), ("structure", "no NaN or Inf"), Q0),
+    "nan_in_unchanged_tensor": Defect(_set(NORM0, _nan_flat), ("structure", "no NaN or Inf"), NORM0),
 }
 EXTRA_DTYPES = {"rope_theta_changed": list(DTYPES)}  # the others do not depend on the dtype: float32 only
 

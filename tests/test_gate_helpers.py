@@ -14,7 +14,6 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
@@ -235,44 +234,3 @@ def next_ulp(t: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """Each element moved one ulp of its own dtype toward +inf (`up`) or -inf."""
     inf = torch.full_like(t, float("inf"))
     return torch.where(up, torch.nextafter(t, inf), torch.nextafter(t, -inf))
-
-
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_ulp_from_exponent_bits_equals_frexp_definition(dtype: torch.dtype) -> None:
-    """The algebra check's ulp (exponent bits) against the textbook one (frexp), over normals,
-    subnormals, zeros, powers of two and both signs."""
-    from mergekit_lite.gate.algebra import _MANTISSA, _ulp_squared
-
-    info = torch.finfo(dtype)
-    values = torch.cat([
-        torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 10.0 ** torch.randint(-3, 4, (4096,)).float(),
-        torch.tensor([0.0, -0.0, 1.0, -1.0, 2.0, 0.5, info.tiny, info.tiny / 4, -info.tiny / 8, info.max, -info.max]),
-    ]).to(dtype)
-    _, exponent = torch.frexp(values.abs().clamp_min(info.tiny).to(torch.float64))
-    textbook = torch.pow(2.0, 2.0 * (exponent.to(torch.float64) - _MANTISSA[dtype]))
-    for work in (torch.float32, torch.float64) if dtype != torch.float32 else (torch.float64,):
-        ours = _ulp_squared(values.to(work), dtype).to(torch.float64)
-        # squares below float32's range (bfloat16 values under 2^-63) underflow to 0; a row of only
-        # such values is redone in float64 (test_algebra_redoes_underflowing_rows_in_float64)
-        representable = (textbook >= torch.finfo(work).smallest_normal * 2.0 ** -23) & (textbook <= torch.finfo(work).max)
-        assert torch.equal(ours[representable], textbook[representable]), work
-        assert ((ours[~representable] == 0) | ours[~representable].isinf()).all()
-        assert not torch.equal(_ulp_squared((values * 2).to(work), dtype).to(torch.float64), textbook)  # control
-
-
-def test_algebra_redoes_underflowing_rows_in_float64() -> None:
-    from mergekit_lite.gate.algebra import _matmul_and_ulp_scale
-
-    w = torch.randn(6, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    w[2] = (w[2].float() * 1e-25).to(torch.bfloat16)  # squares of its ulps underflow float32
-    w[4, 7] = 1e30  # and this one's overflows
-    x = torch.randn(64, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    product, spread = _matmul_and_ulp_scale(w, x, False)
-    product64, spread64 = _matmul_and_ulp_scale(w, x, False, torch.float64)
-    assert (spread > 0).all()
-    assert torch.equal(spread, spread64) and torch.equal(product, product64)
-    assert torch.isfinite(spread).all()
-    product32, _ = _matmul_and_ulp_scale(w[[0, 1, 3]], x, False)  # control: normal rows stay in float32
-    assert not torch.equal(product32, product64[[0, 1, 3]])

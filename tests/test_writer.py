@@ -4,6 +4,7 @@ and the write-behind thread's error handling."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import threading
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import mergekit_lite.reader as reader_module
 import mergekit_lite.writer as writer_module
 from mergekit_lite.errors import MergeError
 from mergekit_lite.merge import WriteBehind
@@ -45,7 +47,7 @@ def mode(request, monkeypatch) -> str:
     staging buffer so that every path through it is taken."""
     monkeypatch.setattr(writer_module, "STAGING", SMALL_STAGING)
     if request.param == "buffered":
-        monkeypatch.setattr(writer_module, "_DIRECT", 0)
+        monkeypatch.setattr(reader_module, "DIRECT", 0)
     return request.param
 
 
@@ -93,7 +95,7 @@ def test_copies_equal_their_source_bytes(tmp_path: Path, mode: str, source: Path
 
 @pytest.mark.parametrize("error", [errno.EXDEV, errno.ENOSYS, errno.EINVAL])
 def test_copy_falls_back_when_the_kernel_cannot(tmp_path: Path, monkeypatch, source: Path, error: int) -> None:
-    monkeypatch.setattr(writer_module, "_DIRECT", 0)  # kernel copies are used with buffered writes
+    monkeypatch.setattr(reader_module, "DIRECT", 0)  # kernel copies are used with buffered writes
 
     def refuse(*args, **kwargs):
         raise OSError(error, os.strerror(error))
@@ -105,7 +107,7 @@ def test_copy_falls_back_when_the_kernel_cannot(tmp_path: Path, monkeypatch, sou
 
 
 def test_copy_reports_other_errors(tmp_path: Path, monkeypatch, source: Path) -> None:
-    monkeypatch.setattr(writer_module, "_DIRECT", 0)
+    monkeypatch.setattr(reader_module, "DIRECT", 0)
 
     def broken(*args, **kwargs):
         raise OSError(errno.EIO, "Input/output error")
@@ -117,14 +119,14 @@ def test_copy_reports_other_errors(tmp_path: Path, monkeypatch, source: Path) ->
 
 def test_direct_io_refused_at_write_time_falls_back(tmp_path: Path, monkeypatch) -> None:
     """A filesystem that accepts O_DIRECT when set but fails the writes with EINVAL."""
-    if not writer_module._DIRECT:
+    if not reader_module.DIRECT:
         pytest.skip("no O_DIRECT on this platform")
     monkeypatch.setattr(writer_module, "STAGING", SMALL_STAGING)
     real = os.pwrite
     refused = []
 
     def pwrite(fd, data, offset):
-        if writer_module.fcntl.fcntl(fd, writer_module.fcntl.F_GETFL) & writer_module._DIRECT:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & reader_module.DIRECT:
             refused.append(offset)
             raise OSError(errno.EINVAL, "Invalid argument")
         return real(fd, data, offset)
