@@ -7,7 +7,7 @@ import errno
 import hashlib
 import os
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from types import TracebackType
 
@@ -68,9 +68,11 @@ class ShardWriter:
         self.offset = 0  # bytes in the file so far: where the staging buffer starts
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC, 0o666)
         self.direct = set_direct(self.fd, True)
-        memory = torch.empty(STAGING + ALIGN, dtype=torch.uint8)
-        start = -memory.data_ptr() % ALIGN
-        self.staging = memory[start : start + STAGING]  # block-aligned
+        # With a digest, two staging buffers: one is filled while the other's bytes are still being hashed
+        self.buffers = [_aligned(STAGING) for _ in range(2 if digest else 1)]
+        self.hashing: list[Future[None] | None] = [None] * len(self.buffers)  # each buffer's hash in progress
+        self.turn = 0
+        self.staging = self.buffers[0]  # the buffer being filled, block-aligned
         self.view = memoryview(self.staging.numpy())  # the same bytes, for the system calls
         self.filled = 0  # bytes waiting in the staging buffer
         self._stage(torch.frombuffer(bytearray(encode_header(entries, metadata)), dtype=torch.uint8))
@@ -148,27 +150,32 @@ class ShardWriter:
                 self._write_out()
 
     def _write_out(self, final: bool = False) -> None:
-        """Write the staged bytes: all of them when `final`, else the whole blocks among them."""
+        """Write the staged bytes: all of them when `final`, else the whole blocks among them.
+
+        With a digest, the bytes are hashed on the hashing thread while they are written, and go on
+        being hashed while the other staging buffer is filled: the hash, the longest of the three
+        (SHA-256 ~1.1 GB/s a core, direct writes ~1.5 GB/s, copies ~5 GB/s), never waits for a copy.
+        """
         end = self.filled if final or not self.direct else self.filled // ALIGN * ALIGN
         if final and self.direct and end % ALIGN:
             self.direct = set_direct(self.fd, False)  # the last partial block goes through the page cache
-        self._send(self.view[:end])
-        if end and self.filled > end:  # the partial block left over (shorter than `end`): to the front
-            self.staging[: self.filled - end].copy_(self.staging[end : self.filled])
-        self.filled -= end
+        data = self.view[:end]
+        hashed = _HASHER.submit(self.sha256.update, data) if self.sha256 is not None and end else None
+        self.hashing[self.turn] = hashed
+        self._write_at_end(data)
+        following = (self.turn + 1) % len(self.buffers)
+        self._wait_hash(following)  # its bytes are hashed before it is filled again
+        left = self.filled - end  # a partial block (shorter than `end`), moved to the front of the next buffer
+        if left:
+            self.buffers[following][:left].copy_(self.staging[end : self.filled])
+        self.turn, self.filled = following, left
+        self.staging = self.buffers[following]
+        self.view = memoryview(self.staging.numpy())
 
-    def _send(self, data: memoryview) -> None:
-        """Write `data` at the end of the file (with direct I/O while the filesystem takes it).
-
-        With a digest, the bytes are hashed on the hashing thread while they are written: both
-        only read them, and the call returns when both are done, so the caller may reuse the buffer.
-        """
-        hashed = _HASHER.submit(self.sha256.update, data) if self.sha256 is not None and len(data) else None
-        try:
-            self._write_at_end(data)
-        finally:
-            if hashed is not None:
-                hashed.result()
+    def _wait_hash(self, index: int) -> None:
+        hashed, self.hashing[index] = self.hashing[index], None
+        if hashed is not None:
+            hashed.result()
 
     def _write_at_end(self, data: memoryview) -> None:
         start, done = self.offset, 0
@@ -191,11 +198,17 @@ class ShardWriter:
             missing = self.entries[self.position][0]
             raise MergeError(f"internal error: `{self.path.name}` closed before `{missing}` was written")
         self._write_out(final=True)
+        for index in range(len(self.buffers)):
+            self._wait_hash(index)
         os.fsync(self.fd)
         self.abort()
 
     def abort(self) -> None:
         """Close the file as it is (after an error; the caller removes it). Safe to call twice."""
+        for index, hashed in enumerate(self.hashing):  # let the hashing thread finish with our buffers
+            if hashed is not None:
+                wait([hashed])
+                self.hashing[index] = None
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
@@ -208,6 +221,13 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
+
+
+def _aligned(nbytes: int) -> torch.Tensor:
+    """`nbytes` of block-aligned memory (a torch tensor, so that copies into it run without the GIL)."""
+    memory = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+    start = -memory.data_ptr() % ALIGN
+    return memory[start : start + nbytes]
 
 
 def _kernel_copy(src: int, dst: int, src_offset: int, dst_offset: int, nbytes: int) -> int:
