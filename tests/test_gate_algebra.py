@@ -21,7 +21,10 @@ from mergekit_lite.stformat import read_header
 def test_ulp_from_exponent_bits_equals_frexp_definition(dtype: torch.dtype) -> None:
     """The algebra check's ulp (exponent bits) against the textbook one (frexp), over normals,
     subnormals, zeros, powers of two and both signs."""
-    from mergekit_lite.gate.algebra import _MANTISSA, _ulp_squared
+    from mergekit_lite.gate.algebra import _MANTISSA, _ULP_SCALE, _exponent_squared
+
+    def ulp_squared(block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return _exponent_squared(block, dtype) * _ULP_SCALE[dtype]
 
     info = torch.finfo(dtype)
     values = torch.cat([
@@ -31,13 +34,13 @@ def test_ulp_from_exponent_bits_equals_frexp_definition(dtype: torch.dtype) -> N
     _, exponent = torch.frexp(values.abs().clamp_min(info.tiny).to(torch.float64))
     textbook = torch.pow(2.0, 2.0 * (exponent.to(torch.float64) - _MANTISSA[dtype]))
     for work in (torch.float32, torch.float64) if dtype != torch.float32 else (torch.float64,):
-        ours = _ulp_squared(values.to(work), dtype).to(torch.float64)
+        ours = ulp_squared(values.to(work), dtype).to(torch.float64)
         # squares below float32's range (bfloat16 values under 2^-63) underflow to 0; a row of only
         # such values is redone in float64 (test_algebra_redoes_underflowing_rows_in_float64)
         representable = (textbook >= torch.finfo(work).smallest_normal * 2.0 ** -23) & (textbook <= torch.finfo(work).max)
         assert torch.equal(ours[representable], textbook[representable]), work
         assert ((ours[~representable] == 0) | ours[~representable].isinf()).all()
-        assert not torch.equal(_ulp_squared((values * 2).to(work), dtype).to(torch.float64), textbook)  # control
+        assert not torch.equal(ulp_squared((values * 2).to(work), dtype).to(torch.float64), textbook)  # control
 
 
 def test_algebra_redoes_underflowing_rows_in_float64() -> None:

@@ -14,7 +14,7 @@ rightly; the combination itself is checked end to end against PEFT's add_weighte
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -33,6 +33,7 @@ READ_AHEAD = 2**30  # bytes: a larger tensor is read when its turn comes
 BLOCK_ELEMENTS = 2**18  # rows are upcast in blocks of about this many elements: each block's passes stay in cache
 _MANTISSA = {torch.float32: 24, torch.float16: 11, torch.bfloat16: 8, torch.float64: 53}
 _INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}
+_ULP_SCALE = {dtype: 2.0 ** (2 - 2 * bits) for dtype, bits in _MANTISSA.items()}  # ulp^2 / (2^(e-1))^2
 _EXPONENT_MASK = {torch.float32: 0x7F800000, torch.float16: 0x7C00, torch.bfloat16: 0x7F80, torch.float64: 0x7FF0000000000000}
 
 
@@ -96,19 +97,22 @@ class ReadAhead:
 
     def __init__(self, candidate: TensorReader, base: TensorReader, tensors: list[PlannedTensor]) -> None:
         self.candidate, self.base, self.tensors = candidate, base, tensors
-        self.pool = ThreadPoolExecutor(1, "mergekit-readahead")
+        self.pool = ThreadPoolExecutor(2, "mergekit-readahead")  # the candidate's reads and the base's side by side
 
-    def _read(self, t: PlannedTensor, slot: tuple[AlignedBuffer, AlignedBuffer]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.candidate.load_into(t.name, slot[0], direct=True), self.base.load_into(t.source, slot[1])
+    def _read(self, t: PlannedTensor, slot: tuple[AlignedBuffer, AlignedBuffer]) -> tuple[Future, Future]:
+        return (self.pool.submit(self.candidate.load_into, t.name, slot[0], True),
+                self.pool.submit(self.base.load_into, t.source, slot[1]))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         slots = [(AlignedBuffer(), AlignedBuffer()) for _ in range(2)]  # one tensor checked, the next read
         ahead = None
         for i, t in enumerate(self.tensors):
-            pair = ahead.result() if ahead is not None else self._read(t, slots[i % 2])
+            reads = ahead if ahead is not None else self._read(t, slots[i % 2])
+            wait(reads)  # both done with their buffers before an error is raised
+            pair = (reads[0].result(), reads[1].result())
             following = self.tensors[i + 1] if i + 1 < len(self.tensors) else None
             small = following is not None and self.candidate.locate(following.name).nbytes <= READ_AHEAD
-            ahead = self.pool.submit(self._read, following, slots[(i + 1) % 2]) if small else None
+            ahead = self._read(following, slots[(i + 1) % 2]) if small else None
             yield pair  # the caller is done with it when it asks for the next, whose read reuses its buffers
 
     def __enter__(self) -> ReadAhead:
@@ -228,7 +232,7 @@ def _matmul_and_ulp_scale(w: torch.Tensor, x: torch.Tensor, transposed: bool, wo
                           rows: RowPasses | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(W x, sqrt(sum_j (ulp(W_ij) x_j)^2)) in float64, in one pass over W: the product, and the
     spread of it that one-ulp errors in W would cause. A float tensor's ulp is a power of two
-    read off its exponent bits (see _ulp_squared)."""
+    read off its exponent bits (see _exponent_squared)."""
     work = work or _work_dtype(w)
     product, spread = (rows or RowPasses(1)).run(w, x, transposed, work, spread=True)
     assert spread is not None
@@ -272,7 +276,7 @@ class RowPasses:
             spread: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(W x or W^T x, and the ulp spread's square when `spread`) in `work`."""
         xw = x.to(work)
-        x2 = xw * xw
+        x2 = (xw * xw).mul_(_ULP_SCALE[w.dtype])
         step = max(1, BLOCK_ELEMENTS // max(1, w.shape[1]))
         blocks = [(start, min(w.shape[0], start + step)) for start in range(0, w.shape[0], step)]
         n = min(self.threads, len(blocks))
@@ -312,7 +316,7 @@ def _row_pass(w: torch.Tensor, xw: torch.Tensor, x2: torch.Tensor, transposed: b
             torch.mm(block, xw, out=product[start:stop])
         if square is None:
             continue
-        ulp2 = _ulp_squared(block, dtype, out=block)  # in place: the block is done with
+        ulp2 = _exponent_squared(block, dtype, out=block)  # in place: the block is done with; x2 carries _ULP_SCALE
         if transposed:
             square.addmm_(ulp2.T, x2[start:stop])
         else:
@@ -328,22 +332,25 @@ def _buffer(scratch: dict[torch.dtype, torch.Tensor], shape: tuple[int, ...], dt
     return held[:numel].view(shape)
 
 
-def _ulp_squared(block: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """ulp(W_ij)^2 for the `dtype` values W held exactly in `block` (float32 or float64), where
-    ulp(v) = 2^(e - mantissa bits of dtype) for |v| = m 2^e, m in [0.5, 1), and the smallest
-    normal's ulp for zeros and subnormals (into `out` when given).
+def _exponent_squared(block: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(2^(e-1))^2 for the `dtype` values W held exactly in `block` (float32 or float64), into `out`
+    when given: ulp(W_ij)^2 / _ULP_SCALE[dtype], where ulp(v) = 2^(e - mantissa bits of dtype) for
+    |v| = m 2^e, m in [0.5, 1), and the smallest normal's ulp for zeros and subnormals. The row
+    passes fold _ULP_SCALE, a power of two, into x^2: the same products, one pass fewer.
 
     Clearing the sign and mantissa bits leaves 2^(e-1) exactly, for the cost of an integer AND;
     frexp and pow over a float64 copy cost five times as much (the algebra check's largest cost).
+    Zeros and subnormals count as the smallest normal; where that one's square underflows the
+    block's dtype anyway (bfloat16 in float32), the clamp changes nothing and is skipped.
     """
-    bits = _MANTISSA[dtype]
     out = torch.empty_like(block) if out is None else out
     integer = _INT[block.dtype]
     mask = torch.tensor(_EXPONENT_MASK[block.dtype], dtype=integer)  # as a tensor: a faster kernel than a scalar's
     torch.bitwise_and(block.view(integer), mask, out=out.view(integer))  # 2^(e-1)
-    out.clamp_min_(torch.finfo(dtype).tiny)  # at least the smallest normal's
-    out.mul_(out)
-    return out.mul_(2.0 ** (2 - 2 * bits))
+    tiny, work = torch.finfo(dtype).tiny, torch.finfo(block.dtype)
+    if tiny * tiny >= work.smallest_normal * work.eps:  # its square is representable (else it is 0 like a zero's)
+        out.clamp_min_(tiny)
+    return out.mul_(out)
 
 
 def _blocks(w: torch.Tensor, work: torch.dtype = torch.float64):
