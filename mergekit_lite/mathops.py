@@ -16,8 +16,11 @@ def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, layout:
     linear: W is [out, in], delta = B @ A. conv1d (GPT-2, fan_in_fan_out): W is [in, out], delta = (B @ A)^T.
     embedding: A is [r, vocab], B is [dim, r], W is [vocab, dim], delta = (B @ A)^T.
     """
-    delta = torch.matmul(lora_b, lora_a, out=out)
-    delta.mul_(scale)
+    if math.frexp(scale)[0] == 0.5:  # a power of two (1 with lora_alpha = r, 2 with 2r): exact on B's few
+        delta = torch.matmul(lora_b * scale if scale != 1 else lora_b, lora_a, out=out)  # entries, the same bits
+    else:
+        delta = torch.matmul(lora_b, lora_a, out=out)
+        delta.mul_(scale)
     return delta.T if layout in ("conv1d", "embedding") else delta
 
 

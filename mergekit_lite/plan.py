@@ -27,7 +27,7 @@ from mergekit_lite.writer import STAGING
 #   dora         DoRA: W = m / ||W0 + dW|| * (W + dW)
 #   rows         W[indices] = rows (trainable tokens)
 # Every op of an adapter has scale = manifest weight * PEFT scaling where it applies.
-ROW_BLOCK = 2**19  # elements of a linear weight merged at a time by one thread, in two fp32 blocks of 2 MiB
+ROW_BLOCK = 2**17  # elements of a linear weight merged at a time by one thread, in two fp32 blocks of 512 KiB (in L2)
 ROW_THREADS = 8  # at most this many threads merge the blocks of one tensor
 WRITE_BEHIND = 2  # the writer thread may be this many tensors behind the math
 _OUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}

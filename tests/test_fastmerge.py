@@ -179,3 +179,17 @@ def test_shard_digests_come_with_the_shards(zoo, tmp_path: Path) -> None:
                                       torch.device("cpu"), digests=digests)
     assert len(paths) > 1
     assert digests == _digests(tmp_path / "out")
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0, 0.5, 4.0, 0.125])
+def test_power_of_two_scales_fold_into_b_bit_for_bit(scale: float) -> None:
+    """lora_delta scales B's few entries instead of the product for a power-of-two scale: the
+    same bits as PEFT's order, (B @ A) * scale, since such a scaling rounds nowhere."""
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(16, 300, generator=g) * 0.01, torch.randn(200, 16, generator=g) * 0.01
+    expected = (b @ a) * scale
+    assert torch.equal(mathops.lora_delta(a, b, scale, "linear"), expected)
+    assert torch.equal(mathops.lora_delta(a, b, scale, "conv1d"), expected.T)
+    folded_anyway = (b * 3.0) @ a  # control: a scale that is not a power of two does round differently
+    assert not torch.equal(folded_anyway, (b @ a) * 3.0)
+    assert torch.equal(mathops.lora_delta(a, b, 3.0, "linear"), (b @ a) * 3.0)
