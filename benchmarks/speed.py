@@ -12,9 +12,10 @@ write-back of the one before.
 
 `cp+sync` (the copy fsync'd, as mergekit-lite's atomic publish does with its output) is shown
 for reference; the ratios are against plain `cp -r`, as the targets are. mergekit-lite runs
-three ways: `mergekit` (--no-verify, an empty digest cache: every input is hashed for the
-receipt, as on a first run), `mk-cached` (--no-verify, the inputs' digests known from an earlier
-run on the same files: a nightly job's case) and `mk+gate` (the gate's streamed checks --
+three ways: `mergekit` (--no-verify, an empty cache: every input is hashed for the receipt and
+transformers is imported to name the embeddings, as on a first run), `mk-cached` (--no-verify,
+the inputs' digests and the architecture known from an earlier run on the same files: a nightly
+job's case) and `mk+gate` (the gate's streamed checks --
 structure, per-tensor algebra, packaging -- with `verify.logits: false`: the end-to-end check
 loads two float32 copies of the model, 24 GB for the 6 GB checkpoint, more than these machines
 have).
@@ -81,9 +82,10 @@ def commands(folder: Path) -> dict[str, list[str]]:
 
 
 def digest_cache(tool: str, folder: Path) -> str:
-    """MERGEKIT_LITE_CACHE for a run: `mergekit` starts with an empty digest cache every time (it
-    hashes every input, as a first run does); `mk-cached` and `mk+gate` use one the first run
-    of the size filled (a rerun on the same base: the inputs' digests are known)."""
+    """MERGEKIT_LITE_CACHE for a run: `mergekit` starts with an empty cache every time (it hashes
+    every input and builds the architecture on the meta device, as a first run does); `mk-cached`
+    and `mk+gate` use one the first run of the size filled (a rerun on the same base: the inputs'
+    digests and the embedding names are known)."""
     if tool == "mergekit":
         fresh = folder / "digests-cold"
         shutil.rmtree(fresh, ignore_errors=True)

@@ -70,7 +70,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
 
 def read_tensors(path: Path) -> tuple[list[Path], dict[str, TensorEntry]]:
     """The weight files of a safetensors folder and its tensors, from headers and index, checked."""
-    files = _weight_files(path)
+    files = weight_files(path)
     tensors: dict[str, TensorEntry] = {}
     for file in files:
         for name, entry in read_header(file).tensors.items():
@@ -108,7 +108,7 @@ def read_json(path: Path, unique_keys: bool = False) -> dict[str, Any]:
     return data
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
     index = path / INDEX
     if index.is_file():
         weight_map = read_json(index, unique_keys=True).get("weight_map")

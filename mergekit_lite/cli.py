@@ -117,7 +117,7 @@ def merge(manifest: str, no_verify: bool, keep_rejected: bool, quiet: bool) -> N
 
     from mergekit_lite.pipeline import GateFailed, execute, prepare
 
-    job = prepare(manifest)
+    job = prepare(manifest, hash_inputs=True)
     if not quiet:
         click.echo(plan_table(job.plan, 12))
         click.echo("")

@@ -19,13 +19,15 @@ replaced atomically; a cache that cannot be read or written is ignored (it only 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +40,20 @@ class Cancelled(Exception):
 
 
 def sha256_file(path: Path, chunk: int = 8 * 2**20, stop: threading.Event | None = None) -> str:
-    """Hex SHA-256 of a file, read in chunks into one reused buffer (hashed without the GIL)."""
+    """Hex SHA-256 of a regular file, read in chunks into one reused buffer (hashed without the GIL).
+
+    Anything else (a FIFO nobody writes would block the open for ever) is refused with an OSError:
+    inputs are hashed on a background thread that may start before they have been checked.
+    """
     digest = hashlib.sha256()
     buffer = bytearray(chunk)
     view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as fh:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO's open returns at once
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    os.set_blocking(fd, True)
+    with open(fd, "rb", buffering=0) as fh:
         while n := fh.readinto(buffer):
             if stop is not None and stop.is_set():
                 raise Cancelled(str(path))
@@ -167,21 +178,33 @@ def input_records(paths: list[Path], cache: DigestCache, stop: threading.Event |
 
 
 class InputDigests:
-    """The inputs' records (input_records), computed on a background thread while the merge runs.
+    """The inputs' records (input_records), computed on a background thread while the run goes on.
 
-    Started first, hashing overlaps the merge instead of following it; `close` stops the thread
-    early when the run fails, and saves what was hashed to the cache when it succeeded.
+    Started first, hashing overlaps the rest instead of following it: a merge starts it with the
+    base's weight files as soon as their names are known (before transformers is imported to
+    name the embeddings, 2 s that the hashing then fills), and `add`s the other inputs once the
+    plan is made. `close` stops the thread early when the run fails; `result` saves what was
+    hashed to the cache when it succeeded.
     """
 
     def __init__(self, paths: list[Path]) -> None:
         self._stop = threading.Event()
         self._cache = DigestCache(cache_folder())
         self._pool = ThreadPoolExecutor(1, "mergekit-hash")
-        self._future = self._pool.submit(input_records, paths, self._cache, self._stop)
+        self._paths: list[Path] = []
+        self._futures: list[Future[list[dict[str, Any]]]] = []
+        self.add(paths)
+
+    def add(self, paths: list[Path]) -> None:
+        """Hash these too, after those given before (a path given before is not hashed again)."""
+        fresh = [p for p in paths if p not in self._paths]
+        self._paths += fresh
+        if fresh:
+            self._futures.append(self._pool.submit(input_records, fresh, self._cache, self._stop))
 
     def result(self) -> list[dict[str, Any]]:
-        """The records, once every input has been hashed."""
-        records = self._future.result()
+        """The records, in the order the paths were given, once every input has been hashed."""
+        records = [r for future in self._futures for r in future.result()]
         self._cache.save()
         return records
 

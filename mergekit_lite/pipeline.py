@@ -15,7 +15,7 @@ import torch
 from mergekit_lite import mathops
 from mergekit_lite import publish as publish_module
 from mergekit_lite.adapter import Adapter, read_adapter
-from mergekit_lite.checkpoint import Checkpoint, read_checkpoint
+from mergekit_lite.checkpoint import Checkpoint, read_checkpoint, weight_files
 from mergekit_lite.digests import InputDigests
 from mergekit_lite.errors import AdapterError, InputError, MergekitError
 from mergekit_lite.executor import check_available, run_shards
@@ -64,26 +64,42 @@ class Job:
     checkpoint: Checkpoint
     adapters: list[Adapter]
     plan: Plan
+    inputs: InputDigests | None = None  # the inputs' digests, being computed (prepare's hash_inputs)
 
 
-def prepare(manifest_path: str | Path, for_output: bool = True) -> Job:
+def prepare(manifest_path: str | Path, for_output: bool = True, hash_inputs: bool = False) -> Job:
     """Load the manifest, read headers and configs, build the plan, and (for a merge) vet the output.
 
-    Reads no tensor data and writes nothing; every input problem surfaces here.
+    Reads no tensor data and writes nothing; every input problem surfaces here. With `hash_inputs`
+    (a merge about to run), the base's weight files start being hashed for the receipt on a
+    background thread as soon as their names are known (Job.inputs; execute adds the rest).
     """
     loaded = resolve_hub_sources(load_manifest(manifest_path))  # hub ids -> local snapshot folders, once
     m = loaded.manifest
-    checkpoint = read_checkpoint(loaded.base_path)
-    adapters = [read_adapter(p, i, spec.weight, allow_pickle=spec.allow_pickle)
-                for i, (p, spec) in enumerate(zip(loaded.adapter_paths, m.adapters))]
-    plan = build_plan(checkpoint, adapters, m.dtype, loaded.max_shard_bytes, combine=m.combine)
-    resolve_device(m.device_map)
-    if for_output:
-        check_available(m.executor)  # Ray, when asked for, must be installed: refused before anything is written
-        inputs = loaded.input_folders
-        check_output(loaded.output_path, inputs, m.output.overwrite, plan.total_bytes)
-        check_adapter_values(adapters)
-    return Job(loaded, checkpoint, adapters, plan)
+    inputs = InputDigests(_base_files(loaded.base_path)) if hash_inputs else None
+    try:
+        checkpoint = read_checkpoint(loaded.base_path)
+        adapters = [read_adapter(p, i, spec.weight, allow_pickle=spec.allow_pickle)
+                    for i, (p, spec) in enumerate(zip(loaded.adapter_paths, m.adapters))]
+        plan = build_plan(checkpoint, adapters, m.dtype, loaded.max_shard_bytes, combine=m.combine)
+        resolve_device(m.device_map)
+        if for_output:
+            check_available(m.executor)  # Ray, when asked for, must be installed: refused before anything is written
+            check_output(loaded.output_path, loaded.input_folders, m.output.overwrite, plan.total_bytes)
+            check_adapter_values(adapters)
+    except BaseException:
+        if inputs is not None:
+            inputs.close()
+        raise
+    return Job(loaded, checkpoint, adapters, plan, inputs)
+
+
+def _base_files(base: Path) -> list[Path]:
+    """The base's weight files if their names can be had now; errors are read_checkpoint's to report."""
+    try:
+        return [p for p in weight_files(base) if p.is_file()] if (base / "config.json").is_file() else []
+    except (MergekitError, OSError):
+        return []
 
 
 def check_adapter_values(adapters: list[Adapter]) -> None:
@@ -110,25 +126,27 @@ def execute(job: Job, progress: Progress | None = None, verify: bool = True, kee
     loaded = job.manifest
     m = loaded.manifest
     output = loaded.output_path
-    device = resolve_device(m.device_map)
-    source = tokenizer_source(m.tokenizer, loaded.base_path, loaded.adapter_paths, loaded.resolve)
-    with new_parents(output), output_lock(output), staging(output) as stage, InputDigests(_inputs(job, source)) as inputs:
-        check_output(output, loaded.input_folders, m.output.overwrite, job.plan.total_bytes)
-        digests: dict[str, str] = {}  # the shards' SHA-256, computed as they are written
-        run_shards(m.executor, job.plan, job.checkpoint.tensors, job.adapters, stage, device, progress, digests)
-        write_index(stage, job.plan)
-        if source is not None:
-            copy_tokenizer(source, stage)
-        write_configs(stage, job.checkpoint.path, job.checkpoint.config, job.plan, load_tokenizer(source))
-        report = None
-        if verify and m.verify.enabled:
-            report = run_gate(job.plan, job.checkpoint, job.adapters, stage, m.verify, m.device_map, source)
-            if not report.passed:
-                kept = publish_module.keep_rejected(stage, output) if keep_rejected else None
-                raise GateFailed(report, kept)
-        _describe(job, stage, report, inputs.result(), digests)
-        with _interrupts_deferred() as interrupted:
-            publish(stage, output, m.output.overwrite)
+    with job.inputs or InputDigests([]) as inputs:  # hashed on a background thread all along
+        device = resolve_device(m.device_map)
+        source = tokenizer_source(m.tokenizer, loaded.base_path, loaded.adapter_paths, loaded.resolve)
+        inputs.add(_inputs(job, source))
+        with new_parents(output), output_lock(output), staging(output) as stage:
+            check_output(output, loaded.input_folders, m.output.overwrite, job.plan.total_bytes)
+            digests: dict[str, str] = {}  # the shards' SHA-256, computed as they are written
+            run_shards(m.executor, job.plan, job.checkpoint.tensors, job.adapters, stage, device, progress, digests)
+            write_index(stage, job.plan)
+            if source is not None:
+                copy_tokenizer(source, stage)
+            write_configs(stage, job.checkpoint.path, job.checkpoint.config, job.plan, load_tokenizer(source))
+            report = None
+            if verify and m.verify.enabled:
+                report = run_gate(job.plan, job.checkpoint, job.adapters, stage, m.verify, m.device_map, source)
+                if not report.passed:
+                    kept = publish_module.keep_rejected(stage, output) if keep_rejected else None
+                    raise GateFailed(report, kept)
+            _describe(job, stage, report, inputs.result(), digests)
+            with _interrupts_deferred() as interrupted:
+                publish(stage, output, m.output.overwrite)
     if interrupted:
         raise Interrupted(f"interrupted after publishing: the release at `{output}` is complete and verified")
     return Result(output, report)
@@ -207,7 +225,7 @@ def verify_release(manifest_path: str | Path, against: str | Path | None = None)
 
 def run_merge(manifest_path: str | Path, progress: Progress | None = None, verify: bool = True) -> Path:
     """Plan, merge, verify and publish the release a manifest describes; return the output folder."""
-    return execute(prepare(manifest_path), progress, verify).output
+    return execute(prepare(manifest_path, hash_inputs=True), progress, verify).output
 
 
 def resolve_device(device_map: str) -> torch.device:

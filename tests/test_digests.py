@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import mergekit_lite.digests as digests_module
 from helpers import write_manifest
 from mergekit_lite.digests import DigestCache, InputDigests, cache_folder, identity, input_records
 from mergekit_lite.pipeline import execute, prepare
@@ -122,11 +123,72 @@ def test_digest_not_cached_when_the_file_changes_while_hashed(tmp_path: Path, ca
     assert store.get(path) is None
 
 
+def _sparse_files(folder: Path, n: int) -> list[Path]:
+    paths = [folder / f"big{i}.bin" for i in range(n)]
+    for p in paths:
+        with open(p, "wb") as fh:
+            fh.truncate(256 * 2**20)
+    return paths
+
+
 def test_input_digests_stop_when_closed(tmp_path: Path, cache: Path) -> None:
-    big = tmp_path / "big.bin"
-    with open(big, "wb") as fh:
-        fh.truncate(256 * 2**20)
-    digests = InputDigests([big] * 8)
+    digests = InputDigests(_sparse_files(tmp_path, 8))
     digests.close()  # returns once the thread has stopped, long before 2 GiB are hashed
-    assert digests._future.done()
+    assert all(f.done() for f in digests._futures)
     assert not (cache / "digests.json").exists()
+
+
+def test_input_digests_added_later_keep_the_order_given_and_hash_each_file_once(tmp_path: Path, cache: Path,
+                                                                                 monkeypatch) -> None:
+    files = []
+    for i, data in enumerate([b"a", b"bb", b"ccc", b"dddd"]):
+        files.append(tmp_path / f"f{i}")
+        files[-1].write_bytes(data)
+    hashed: list[Path] = []
+    real = digests_module.sha256_file
+
+    def counting(path, *args, **kwargs):
+        hashed.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(digests_module, "sha256_file", counting)
+    with InputDigests(files[:2]) as digests:  # a merge starts with the base's weight files
+        digests.add([files[1], files[0], files[2], files[3]])  # then every input, those included
+        records = digests.result()
+    assert [r["path"] for r in records] == [str(f) for f in files]
+    assert [r["sha256"] for r in records] == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    assert sorted(hashed) == sorted(files)  # once each (control: the list added names two of them again)
+
+
+def test_a_merge_that_fails_after_hashing_started_stops_the_hashing(tmp_path: Path, cache: Path, monkeypatch) -> None:
+    """prepare(hash_inputs=True) starts hashing the base before the adapters are read; an input
+    error after that stops the thread (no hashing goes on behind the error line)."""
+    from mergekit_lite import pipeline
+    from mergekit_lite.errors import InputError
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    started: list[InputDigests] = []
+    real = pipeline.InputDigests
+
+    def spy(paths):
+        started.append(real(paths))
+        return started[-1]
+
+    def refuse(path):
+        raise InputError("no base here")
+
+    monkeypatch.setattr(pipeline, "InputDigests", spy)
+    monkeypatch.setattr(pipeline, "weight_files", lambda path: _sparse_files(tmp_path, 8))
+    monkeypatch.setattr(pipeline, "read_checkpoint", refuse)
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"base: {base}\nadapters: [{tmp_path}]\ndtype: bfloat16\noutput: {tmp_path / 'out'}\n")
+    with pytest.raises(InputError):
+        pipeline.prepare(manifest, hash_inputs=True)
+    assert len(started) == 1 and started[0]._stop.is_set()  # closed: the thread has stopped
+    assert all(f.done() for f in started[0]._futures)
+    started.clear()
+    with pytest.raises(InputError):
+        pipeline.prepare(manifest)
+    assert started == []  # control: without hash_inputs (a plan, a verify) nothing is hashed

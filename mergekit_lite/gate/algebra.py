@@ -29,7 +29,7 @@ from mergekit_lite.reader import AlignedBuffer, TensorReader
 from mergekit_lite.stformat import DTYPES, TensorEntry
 
 PROBES = 4
-READ_AHEAD = 2**30  # bytes: a larger tensor is read when its turn comes
+READ_AHEAD = 64 * 2**20  # bytes: a larger tensor (an embedding) is mapped when its turn comes, not read ahead
 BLOCK_ELEMENTS = 2**18  # rows are upcast in blocks of about this many elements: each block's passes stay in cache
 _MANTISSA = {torch.float32: 24, torch.float16: 11, torch.bfloat16: 8, torch.float64: 53}
 _INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}
@@ -92,8 +92,9 @@ class ReadAhead:
     tensor before is checked, so that the disk and the CPU work at the same time: a release just
     written with direct I/O is not in the page cache, and its bytes come back from disk (1.3-1.7
     GB/s here). The candidate is read with direct I/O, the base through the page cache (it may be
-    there), into reused buffers (TensorReader.load_into). One tensor is read ahead when it is no
-    larger than READ_AHEAD bytes, so that memory stays of the order of the largest tensor."""
+    there), into two pairs of reused buffers (TensorReader.load_into). Tensors larger than
+    READ_AHEAD bytes (embeddings, mostly) are mapped instead when their turn comes, so that the
+    buffers stay small and memory of the order of the largest tensor."""
 
     def __init__(self, candidate: TensorReader, base: TensorReader, tensors: list[PlannedTensor]) -> None:
         self.candidate, self.base, self.tensors = candidate, base, tensors
@@ -107,13 +108,18 @@ class ReadAhead:
         slots = [(AlignedBuffer(), AlignedBuffer()) for _ in range(2)]  # one tensor checked, the next read
         ahead = None
         for i, t in enumerate(self.tensors):
-            reads = ahead if ahead is not None else self._read(t, slots[i % 2])
-            wait(reads)  # both done with their buffers before an error is raised
-            pair = (reads[0].result(), reads[1].result())
+            if self._large(t):  # mapped, and let go with the tensors: the buffers stay small
+                pair = self.candidate.get(t.name), self.base.get(t.source)
+            else:
+                reads = ahead if ahead is not None else self._read(t, slots[i % 2])
+                wait(reads)  # both done with their buffers before an error is raised
+                pair = reads[0].result(), reads[1].result()
             following = self.tensors[i + 1] if i + 1 < len(self.tensors) else None
-            small = following is not None and self.candidate.locate(following.name).nbytes <= READ_AHEAD
-            ahead = self._read(following, slots[(i + 1) % 2]) if small else None
+            ahead = self._read(following, slots[(i + 1) % 2]) if following and not self._large(following) else None
             yield pair  # the caller is done with it when it asks for the next, whose read reuses its buffers
+
+    def _large(self, t: PlannedTensor) -> bool:
+        return max(self.candidate.locate(t.name).nbytes, self.base.locate(t.source).nbytes) > READ_AHEAD
 
     def __enter__(self) -> ReadAhead:
         return self
