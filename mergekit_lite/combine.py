@@ -27,7 +27,7 @@ import torch
 from mergekit_lite import mathops
 from mergekit_lite.adapter import PREFIX, Adapter
 from mergekit_lite.errors import AdapterError, PlanError
-from mergekit_lite.manifest import DENSITY_METHODS, RANDOM_METHODS, SIGN_METHODS, SVD_METHODS, CombineSpec
+from mergekit_lite.specs import DENSITY_METHODS, RANDOM_METHODS, SIGN_METHODS, SVD_METHODS, CombineSpec
 from mergekit_lite.reader import TensorReader
 
 if TYPE_CHECKING:

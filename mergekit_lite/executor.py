@@ -28,7 +28,7 @@ import torch
 
 from mergekit_lite.adapter import Adapter
 from mergekit_lite.errors import InputError, MergeError, MergekitError
-from mergekit_lite.manifest import ExecutorSpec
+from mergekit_lite.specs import ExecutorSpec
 from mergekit_lite.merge import Progress, ShardFile, write_shard, write_shards
 from mergekit_lite.plan import Plan
 from mergekit_lite.reader import TensorReader

@@ -16,7 +16,7 @@ from mergekit_lite.adapter import Adapter, AdapterKey
 from mergekit_lite.checkpoint import Checkpoint
 from mergekit_lite.combine import CombinePlan, plan_combine
 from mergekit_lite.errors import PlanError
-from mergekit_lite.manifest import CombineSpec
+from mergekit_lite.specs import CombineSpec
 from mergekit_lite.stformat import FLOAT_DTYPES, ITEMSIZE, TensorEntry
 from mergekit_lite.writer import STAGING
 

@@ -32,7 +32,8 @@ import mergekit_lite.pipeline as pipeline_module
 from mergekit_lite.cli import main
 from mergekit_lite.errors import ManifestError, MergeError
 from mergekit_lite.executor import RAY_MISSING, run_shards
-from mergekit_lite.manifest import ExecutorSpec, load_manifest
+from mergekit_lite.manifest import load_manifest
+from mergekit_lite.specs import ExecutorSpec
 from mergekit_lite.pipeline import prepare, run_merge, verify_release
 
 LOCAL = {"kind": "local"}

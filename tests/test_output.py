@@ -12,7 +12,7 @@ from safetensors import safe_open
 import mergekit_lite.merge as merge_module
 from mergekit_lite import run_merge
 from mergekit_lite.errors import MergeError
-from mergekit_lite.manifest import parse_size
+from mergekit_lite.specs import parse_size
 from mergekit_lite.stformat import read_header
 
 

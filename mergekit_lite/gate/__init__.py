@@ -13,7 +13,7 @@ from mergekit_lite.gate.packaging import check_packaging
 from mergekit_lite.gate.report import GateReport
 from mergekit_lite.gate.structure import check_structure
 from mergekit_lite.gate.tolerances import thresholds
-from mergekit_lite.manifest import VerifySpec
+from mergekit_lite.specs import VerifySpec
 from mergekit_lite.plan import Plan
 from mergekit_lite.reader import TensorReader
 from mergekit_lite.tokenizer import has_tokenizer, load_tokenizer

@@ -29,7 +29,7 @@ import torch
 from mergekit_lite.combine import COMBINED, CombinePlan
 from mergekit_lite.gate.report import GateReport
 from mergekit_lite.gate.tolerances import within
-from mergekit_lite.manifest import AUTO_PLACEMENTS, VerifySpec, parse_size
+from mergekit_lite.specs import AUTO_PLACEMENTS, VerifySpec, parse_size
 
 DEFAULT_PROMPTS = [
     "Hello! How are you today?",

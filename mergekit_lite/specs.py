@@ -1,0 +1,255 @@
+"""The manifest's sections (v1): strict pydantic models, one per key of the manifest, and the
+size parser. manifest.py assembles them into the Manifest and loads it from YAML."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from typing_extensions import Annotated
+
+DType = Literal["float32", "float16", "bfloat16", "auto"]
+METRICS = ("max_abs_logit_diff", "mean_kl", "top1_agreement", "greedy_match")
+AUTO_PLACEMENTS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate computes these device maps
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", re.ASCII)
+_REVISION = re.compile(r"\w[\w.+-]*(/[\w.+-]+)*", re.ASCII)  # a commit, a tag or a branch (`refs/pr/1` too)
+_SIZE_UNITS = {
+    "": 1, "B": 1,
+    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}
+
+
+def _short_form(field: str):
+    """Accept a bare string where a mapping has one required field."""
+
+    def convert(value: Any) -> Any:
+        return {field: value} if isinstance(value, str) else value
+
+    return convert
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Located(Strict):
+    """Where an input comes from: a local folder (`path`) or a hub repository (`id`, `revision`)."""
+
+    path: str | None = None
+    id: str | None = None
+    revision: str | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _repo_id(cls, value: str | None) -> str | None:
+        if value is not None and (not _REPO_ID.fullmatch(value) or "--" in value or ".." in value or len(value) > 96):
+            raise ValueError(f"{value[:60]!r} is not a Hugging Face repository id such as `org/name` "
+                             "(letters, digits, `-`, `_`, `.`; a local folder goes in `path`)")
+        return value
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, value: str | None) -> str | None:
+        if value is not None and (not _REVISION.fullmatch(value) or ".." in value):
+            raise ValueError(f"{value[:60]!r} is not a revision: give a commit hash (40 hex digits), a tag or a branch")
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Located:
+        if (self.path is None) == (self.id is None):
+            raise ValueError("give exactly one of `path` or `id`")
+        if self.revision is not None and self.id is None:
+            raise ValueError("`revision` goes with `id`, not with `path`")
+        return self
+
+
+class Source(Located):
+    """A local folder (`path`) or a hub repository (`id` with a pinned `revision`)."""
+
+
+class AdapterSpec(Located):
+    """One PEFT LoRA adapter (a local folder `path`, or a hub `id` and `revision`) and the weight
+    its delta is multiplied by.
+
+    `allow_pickle: true` lets mergekit-lite read an adapter that ships only a pickle
+    (`adapter_model.bin`), and then only through `torch.load(weights_only=True)`, which refuses
+    anything but tensors. It is off by default because unpickling can run arbitrary code.
+    """
+
+    weight: float = Field(default=1.0, allow_inf_nan=False)
+    allow_pickle: bool = Field(
+        default=False,
+        description="Read a pickle-only adapter (adapter_model.bin) with torch.load(weights_only=True).",
+    )
+
+
+class OutputSpec(Strict):
+    """Where the release goes and how it is sharded."""
+
+    path: str
+    max_shard_size: str | int = "5GB"
+    overwrite: bool = False
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, value: str | int) -> str | int:
+        parse_size(value)
+        return value
+
+
+class VerifySpec(Strict):
+    """Tuning of the verification gate."""
+
+    enabled: bool = True
+    prompts: list[str] | None = None
+    logits: bool = True
+    max_new_tokens: int = Field(default=16, ge=0)
+    thresholds: dict[Literal[METRICS], float] = Field(default_factory=dict)  # type: ignore[valid-type]
+    # placement of the end-to-end check's two models (PEFT's reference and the release), with accelerate
+    device_map: str | None = Field(default=None, description="Where the end-to-end models go: cpu, cuda, cuda:N, "
+                                   "auto, balanced, balanced_low_0 or sequential (default: the manifest's device_map).")
+    max_memory: dict[str, str | int] | None = Field(
+        default=None, description="Per device memory budget for `device_map: auto` (a GPU index, cpu, mps), e.g. {'0': 20GB, cpu: 64GB}.")
+    offload_folder: str | None = Field(default=None, description="Where weights that fit nowhere else are offloaded "
+                                       "(a temporary folder inside it, removed afterwards; default: the system's temporary folder).")
+
+    @field_validator("device_map")
+    @classmethod
+    def _placement(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"cpu|auto|balanced|balanced_low_0|sequential|cuda(:\d+)?", value):
+            raise ValueError(f"{value!r} is not one of cpu, cuda, cuda:N, auto, balanced, balanced_low_0, sequential")
+        return value
+
+    @field_validator("max_memory")
+    @classmethod
+    def _budgets(cls, value: dict[str, str | int] | None) -> dict[str, str | int] | None:
+        for device, size in (value or {}).items():
+            if not re.fullmatch(r"\d+|cpu|mps|disk", device):
+                raise ValueError(f"{device[:40]!r} is not a device: give a GPU index ('0'), cpu, mps or disk")
+            parse_size(size)
+        return value
+
+    @model_validator(mode="after")
+    def _auto_placement(self) -> VerifySpec:
+        if (self.max_memory is not None or self.offload_folder is not None) and self.device_map not in AUTO_PLACEMENTS:
+            raise ValueError("`max_memory` and `offload_folder` place the models with accelerate: set "
+                             "`verify.device_map: auto` (or balanced, balanced_low_0, sequential) with them")
+        return self
+
+
+class ExecutorSpec(Strict):
+    """Where the shards of the merge are computed and written.
+
+    `local`: threads of this process (the default). `processes`: `workers` processes on this machine.
+    `ray`: one Ray task per shard on the cluster at `address`, each task on `cpus_per_worker` CPUs,
+    at most `workers` at a time; every node must reach the inputs and the output folder at the same paths.
+    """
+
+    kind: Literal["local", "processes", "ray"] = "local"
+    workers: int | None = Field(default=None, ge=1, description="processes: how many (default: one per CPU core); "
+                                "ray: at most this many shards in flight (default: as many as the cluster schedules).")
+    address: str | None = Field(default=None, description="ray: `auto` (a running cluster), `ray://HOST:PORT`, "
+                                "HOST:PORT, or `local` (default: RAY_ADDRESS, else a new single-machine instance).")
+    cpus_per_worker: int | None = Field(default=None, ge=1, description="ray: CPUs each task asks for and uses (default 1).")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"auto|local|ray://[\w.:\[\]-]+|[\w.\[\]:-]+:\d+", value):
+            raise ValueError(f"{value[:60]!r} is not a Ray address: give `auto`, `local`, `ray://HOST:PORT` or HOST:PORT")
+        return value
+
+    @model_validator(mode="after")
+    def _fits_kind(self) -> ExecutorSpec:
+        if self.kind == "local" and self.workers is not None:
+            raise ValueError("`workers` goes with `kind: processes` or `kind: ray`; `local` merges on threads of this process")
+        for key in ("address", "cpus_per_worker"):
+            if self.kind != "ray" and getattr(self, key) is not None:
+                raise ValueError(f"`{key}` goes with `kind: ray`, not `kind: {self.kind}`")
+        return self
+
+
+
+COMBINE_METHODS = ("sum", "cat", "linear", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+                   "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
+DENSITY_METHODS = ("ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
+                   "magnitude_prune", "magnitude_prune_svd")
+SIGN_METHODS = ("ties", "ties_svd", "dare_ties", "dare_ties_svd")
+RANDOM_METHODS = ("dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd")
+SVD_METHODS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+
+
+class CombineSpec(Strict):
+    """How several adapters are combined (each adapter's `weight` is its weight here).
+
+    `sum` (the default): W' = W + sum_i weight_i s_i B_i A_i, exactly, in fp32, rounded once; the
+    adapters stay separate, as PEFT's unmerged forward with all of them active.
+
+    Every other method is PEFT's `add_weighted_adapter(adapters, weights, combination_type=method, ...)`
+    followed by `merge_and_unload()` of the new adapter, with the same results (bitwise the same
+    combined factors on the CPU): `cat` (exact: the factors stacked, rank = sum of ranks), `svd`
+    (the weighted sum of the deltas, truncated to `svd_rank`), `linear`, `ties`, `dare_linear`,
+    `dare_ties`, `magnitude_prune`, and the `<method>_svd` variants (the method applied to the
+    deltas, then truncated). Note that PEFT's `linear` (and `ties`, `dare_*`, `magnitude_prune`)
+    combines the A factors and the B factors separately, with weights sqrt(weight_i s_i): the result
+    B A holds cross terms B_j A_i between adapters and is NOT the sum of the deltas; use `sum` or
+    `cat` for that. `linear`, `ties`, `dare_*` and `magnitude_prune` need adapters of one rank.
+    The combination runs on the CPU in fp32, module by module; the dare methods draw their masks from
+    a generator seeded with `seed`, as PEFT does from torch's after `torch.manual_seed(seed)`.
+    """
+
+    method: Literal[COMBINE_METHODS] = "sum"  # type: ignore[valid-type]
+    density: float | None = Field(default=None, gt=0, le=1, description="ties, dare_*, magnitude_prune (and their "
+                                  "_svd variants): the share of values kept, 0 < density <= 1.")
+    majority_sign_method: Literal["total", "frequency"] | None = Field(
+        default=None, description="ties, dare_ties (and _svd): how the sign of each value is elected (PEFT's default: total).")
+    svd_rank: int | None = Field(default=None, ge=1, description="svd methods: rank of the combined adapter "
+                                 "(default: the largest of the adapters' ranks).")
+    svd_clamp: float | None = Field(default=None, gt=0, le=1, description="svd methods: clamp the factors' entries "
+                                    "to this quantile of their magnitudes (default: no clamping).")
+    svd_full_matrices: bool | None = Field(default=None, description="svd methods: full (PEFT's default, true) or "
+                                           "reduced SVD; reduced needs far less memory for large matrices.")
+    seed: int | None = Field(default=None, ge=0, description="dare methods: the seed of the random masks (default 0).")
+
+    @model_validator(mode="after")
+    def _parameters_fit(self) -> CombineSpec:
+        uses = {"density": DENSITY_METHODS, "majority_sign_method": SIGN_METHODS, "svd_rank": SVD_METHODS,
+                "svd_clamp": SVD_METHODS, "svd_full_matrices": SVD_METHODS, "seed": RANDOM_METHODS}
+        for key, methods in uses.items():
+            if getattr(self, key) is not None and self.method not in methods:
+                raise ValueError(f"`{key}` goes with {', '.join(methods)}; `{self.method}` does not use it")
+        if self.method in DENSITY_METHODS and self.density is None:
+            raise ValueError(f"`{self.method}` needs `density`, the share of values kept (0 < density <= 1)")
+        return self
+
+
+SourceField = Annotated[Source, BeforeValidator(_short_form("path"), json_schema_input_type=str | Source)]
+AdapterField = Annotated[AdapterSpec, BeforeValidator(_short_form("path"), json_schema_input_type=str | AdapterSpec)]
+OutputField = Annotated[OutputSpec, BeforeValidator(_short_form("path"), json_schema_input_type=str | OutputSpec)]
+ExecutorField = Annotated[ExecutorSpec, BeforeValidator(_short_form("kind"), json_schema_input_type=str | ExecutorSpec)]
+CombineField = Annotated[CombineSpec, BeforeValidator(_short_form("method"), json_schema_input_type=str | CombineSpec)]
+
+
+
+def parse_size(value: str | int) -> int:
+    """`5GB` -> 5_000_000_000, `200KiB` -> 204_800 (Hugging Face conventions); ints are bytes."""
+    if isinstance(value, bool):
+        raise ValueError("a size is a number of bytes or a string such as 5GB")
+    if isinstance(value, int):
+        number, unit = value, ""
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
+        if not match or match.group(2).upper() not in _SIZE_UNITS:
+            raise ValueError(f"{value!r} is not a size such as 5GB, 500MB or 2GiB")
+        number, unit = float(match.group(1)), match.group(2).upper()
+    if not math.isfinite(number * _SIZE_UNITS[unit]):
+        raise ValueError(f"{value[:20]!r}... is not a size such as 5GB, 500MB or 2GiB")
+    size = int(number * _SIZE_UNITS[unit])
+    if size < 1:
+        raise ValueError(f"{value!r}: a shard size must be at least one byte")
+    return size
+
+
