@@ -41,7 +41,9 @@ def main() -> None:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # three loading bars would split the answers below
     print(f"\n== 3. one prompt, three models (greedy): {PROMPT!r}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
