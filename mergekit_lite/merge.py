@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -193,11 +193,7 @@ class Workspace:
     used it has finished (WriteBehind waits for it before taking another job).
 
     The row blocks of a tensor are shared among `threads` threads (torch's intra-op thread count,
-    at most ROW_THREADS), each running torch on a single intra-op thread with its own fp32 scratch
-    blocks. Parts of a tensor then run side by side without OpenMP's barriers, which stall whenever
-    another process takes a core: on a 2-core machine shared with another job, the math of a 2 GB
-    merge took 9 to 40 s with two intra-op threads and 2.0 to 2.6 s this way (1.2 s either way on
-    an idle machine).
+    at most ROW_THREADS; see mathops.BlockThreads), each with its own fp32 scratch blocks.
     """
 
     def __init__(self, slots: int, threads: int) -> None:
@@ -205,7 +201,7 @@ class Workspace:
         self.turn = 0
         threads = max(1, min(threads, ROW_THREADS))
         self.scratch = [(torch.empty(0), torch.empty(0)) for _ in range(threads)]
-        self.pool = ThreadPoolExecutor(threads, "mergekit-rows", initializer=torch.set_num_threads, initargs=(1,))
+        self.threads = mathops.BlockThreads(threads, "mergekit-rows")
 
     def output(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """The next output buffer, viewed as an uninitialised tensor of `shape` and `dtype`."""
@@ -223,19 +219,16 @@ class Workspace:
         rows, cols = base.shape
         blocks = mathops.row_blocks(rows, cols, ROW_BLOCK)
         numel = max(r1 - r0 for r0, r1 in blocks) * cols
-        n = len(self.scratch)
-        parts = [part for i in range(n) if (part := blocks[i * len(blocks) // n : (i + 1) * len(blocks) // n])]
-        futures = []
-        for i, part in enumerate(parts):
+        parts = mathops.split(blocks, len(self.scratch))
+        for i in range(len(parts)):
             if self.scratch[i][0].numel() < numel:
                 self.scratch[i] = (torch.empty(numel), torch.empty(numel))
-            futures.append(self.pool.submit(mathops.merge_linear_rows, base, deltas, out, *self.scratch[i], part))
-        wait(futures)  # every part has let go of the shared buffers before an error is raised
-        return all([f.result() for f in futures])
+        calls = [(base, deltas, out, *self.scratch[i], part) for i, part in enumerate(parts)]
+        return all(self.threads.map(mathops.merge_linear_rows, calls))
 
     def close(self) -> None:
         """Stop the threads."""
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.threads.close()
 
 
 class WriteBehind:

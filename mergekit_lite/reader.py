@@ -38,10 +38,15 @@ class AlignedBuffer:
         """The first `nbytes` bytes (grown to hold them), for a read system call."""
         if self.memory.numel() < nbytes:
             self.memory = torch.empty(0, dtype=torch.uint8)  # free the old one first
-            raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
-            offset = -raw.data_ptr() % ALIGN
-            self.memory = raw[offset : offset + nbytes]
+            self.memory = aligned(nbytes)
         return memoryview(self.memory.numpy())[:nbytes]
+
+
+def aligned(nbytes: int) -> torch.Tensor:
+    """`nbytes` of block-aligned memory (a torch tensor, so that copies into it run without the GIL)."""
+    memory = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+    start = -memory.data_ptr() % ALIGN
+    return memory[start : start + nbytes]
 
 
 class TensorReader:

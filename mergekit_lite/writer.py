@@ -14,7 +14,7 @@ from types import TracebackType
 import torch
 
 from mergekit_lite.errors import MergeError
-from mergekit_lite.reader import ALIGN, set_direct
+from mergekit_lite.reader import ALIGN, aligned, set_direct
 from mergekit_lite.stformat import ITEMSIZE, NAMES, encode_header
 
 STAGING = 16 * 2**20  # bytes gathered before each write to the file
@@ -69,7 +69,7 @@ class ShardWriter:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC, 0o666)
         self.direct = set_direct(self.fd, True)
         # With a digest, two staging buffers: one is filled while the other's bytes are still being hashed
-        self.buffers = [_aligned(STAGING) for _ in range(2 if digest else 1)]
+        self.buffers = [aligned(STAGING) for _ in range(2 if digest else 1)]
         self.hashing: list[Future[None] | None] = [None] * len(self.buffers)  # each buffer's hash in progress
         self.turn = 0
         self.staging = self.buffers[0]  # the buffer being filled, block-aligned
@@ -221,13 +221,6 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
-
-
-def _aligned(nbytes: int) -> torch.Tensor:
-    """`nbytes` of block-aligned memory (a torch tensor, so that copies into it run without the GIL)."""
-    memory = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
-    start = -memory.data_ptr() % ALIGN
-    return memory[start : start + nbytes]
 
 
 def _kernel_copy(src: int, dst: int, src_offset: int, dst_offset: int, nbytes: int) -> int:

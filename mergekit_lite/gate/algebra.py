@@ -253,8 +253,8 @@ def _matmul_and_ulp_scale(w: torch.Tensor, x: torch.Tensor, transposed: bool, wo
 class RowPasses:
     """One pass over a weight's rows, a block at a time: W x and, if asked, sum_j ulp(W_ij)^2 x_j^2.
 
-    The blocks are shared among `threads` threads, each running torch on one intra-op thread
-    with its own scratch blocks, reused from tensor to tensor: the check's cost is passes over
+    The blocks are shared among `threads` threads (mathops.BlockThreads), each with its own
+    scratch blocks, reused from tensor to tensor: the check's cost is passes over
     cache-sized blocks (upcast, exponent mask, square, two thin products), which one team of
     intra-op threads mostly spends waking up for, and fresh temporaries per block doubled (a
     block of 2^18 elements: 1.7 against 3.5 ns an element on one thread, measured). Whole blocks
@@ -263,14 +263,11 @@ class RowPasses:
     """
 
     def __init__(self, threads: int) -> None:
-        self.threads = max(1, threads)
-        self.scratch: list[dict[torch.dtype, torch.Tensor]] = [{} for _ in range(self.threads)]
-        self.pool = (ThreadPoolExecutor(self.threads, "mergekit-algebra", initializer=torch.set_num_threads,
-                                        initargs=(1,)) if self.threads > 1 else None)
+        self.threads = mathops.BlockThreads(threads, "mergekit-algebra")
+        self.scratch: list[dict[torch.dtype, torch.Tensor]] = [{} for _ in range(self.threads.threads)]
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+        self.threads.close()
 
     def __enter__(self) -> RowPasses:
         return self
@@ -283,23 +280,13 @@ class RowPasses:
         """(W x or W^T x, and the ulp spread's square when `spread`) in `work`."""
         xw = x.to(work)
         x2 = (xw * xw).mul_(_ULP_SCALE[w.dtype])
-        step = max(1, BLOCK_ELEMENTS // max(1, w.shape[1]))
-        blocks = [(start, min(w.shape[0], start + step)) for start in range(0, w.shape[0], step)]
-        n = min(self.threads, len(blocks))
-        parts = [blocks[i * len(blocks) // n : (i + 1) * len(blocks) // n] for i in range(n)]
+        parts = mathops.split(mathops.row_blocks(w.shape[0], w.shape[1], BLOCK_ELEMENTS), len(self.scratch))
+        n = len(parts)
         out_rows = w.shape[1] if transposed else w.shape[0]
         outputs = [(torch.zeros(out_rows, x.shape[1], dtype=work), torch.zeros(out_rows, x.shape[1], dtype=work) if spread else None)
                    for _ in range(n if transposed else 1)]
-        args = [(w, xw, x2, transposed, w.dtype, part, self.scratch[i], *outputs[i if transposed else 0])
-                for i, part in enumerate(parts)]
-        if self.pool is None or n == 1:
-            for a in args:
-                _row_pass(*a)
-        else:
-            futures = [self.pool.submit(_row_pass, *a) for a in args]
-            wait(futures)  # every part has let go of the shared outputs before an error is raised
-            for f in futures:
-                f.result()
+        self.threads.map(_row_pass, [(w, xw, x2, transposed, w.dtype, part, self.scratch[i], *outputs[i if transposed else 0])
+                                     for i, part in enumerate(parts)])
         product, square = outputs[0]
         for p, q in outputs[1:]:  # transposed: the threads' partial sums
             product += p
@@ -359,10 +346,10 @@ def _exponent_squared(block: torch.Tensor, dtype: torch.dtype, out: torch.Tensor
     return out.mul_(out)
 
 
-def _blocks(w: torch.Tensor, work: torch.dtype = torch.float64):
+def _blocks(w: torch.Tensor):
     rows = max(1, BLOCK_ELEMENTS // max(1, w.shape[1]))
     for start in range(0, w.shape[0], rows):
-        yield start, w[start:start + rows].to(work)
+        yield start, w[start:start + rows].to(torch.float64)
 
 
 def _resize(y_base: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
