@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) -m mergekit_lite.demo
+	$(PY) -m mergekit_lite.tools.demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

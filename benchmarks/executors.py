@@ -188,7 +188,7 @@ L405 = {"hidden": 16384, "intermediate": 53248, "layers": 126, "heads": 128, "kv
 
 def _sparse_safetensors(path: Path, tensors: dict[str, tuple[str, tuple[int, ...]]]) -> None:
     """A safetensors file with a real header and a hole where the data would be (no disk used)."""
-    from mergekit_lite.stformat import ITEMSIZE, encode_header
+    from mergekit_lite.io.format import ITEMSIZE, encode_header
 
     header = encode_header([(name, dtype, shape) for name, (dtype, shape) in tensors.items()], {"format": "pt"})
     with open(path, "wb") as fh:
@@ -200,9 +200,9 @@ def plan_405b(rank: int = 16, base_shard_bytes: float = 5e9) -> None:
     """Build the plan of a 405B merge from headers alone and print the figures that size a cluster."""
     import json
 
-    from mergekit_lite.adapter import read_adapter
-    from mergekit_lite.checkpoint import read_checkpoint
-    from mergekit_lite.plan import build_plan
+    from mergekit_lite.sources.adapter import read_adapter
+    from mergekit_lite.sources.checkpoint import read_checkpoint
+    from mergekit_lite.plan.build import build_plan
 
     c = L405
     h, m, kv = c["hidden"], c["intermediate"], c["hidden"] * c["kv_heads"] // c["heads"]

@@ -22,7 +22,7 @@ from typing import Any
 START = time.perf_counter()
 
 import mergekit_lite.pipeline as pipeline  # noqa: E402  (timed: the imports are a stage)
-import mergekit_lite.release  # noqa: E402, F401  (its import time counts too)
+import mergekit_lite.release.receipt  # noqa: E402, F401  (its import time counts too)
 from mergekit_lite.cli import main  # noqa: E402
 
 STAGES = {
@@ -60,7 +60,7 @@ def run(manifest: str) -> dict[str, float]:
 def without_shard_hashing() -> None:
     """For measuring what hashing costs: the shard writers keep no digest (the receipt then hashes
     the shards afterwards, by reading them back: its time moves to `write_receipt`)."""
-    import mergekit_lite.writer as writer
+    import mergekit_lite.io.writer as writer
 
     init = writer.ShardWriter.__init__
 

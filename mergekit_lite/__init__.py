@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from mergekit_lite.errors import InputError, MergeError, MergekitError  # noqa: E402
-from mergekit_lite.pipeline import run_merge, run_plan  # noqa: E402
+from mergekit_lite._version import __version__
+from mergekit_lite.errors import InputError, MergeError, MergekitError
+from mergekit_lite.pipeline import run_merge, run_plan
 
 __all__ = ["InputError", "MergeError", "MergekitError", "__version__", "run_merge", "run_plan"]

@@ -13,10 +13,10 @@ from typing import Any
 
 import click
 
-from mergekit_lite import __version__
+from mergekit_lite._version import __version__
 from mergekit_lite.errors import MergekitError
-from mergekit_lite.manifest import manifest_json_schema
-from mergekit_lite.report import human_bytes, plan_table
+from mergekit_lite.manifest.load import manifest_json_schema
+from mergekit_lite.plan.render import human_bytes, plan_table
 
 
 def _clean_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -200,7 +200,7 @@ def diff(a: str, b: str, top: int, as_json: bool) -> None:
     from dataclasses import asdict
     from pathlib import Path
 
-    from mergekit_lite.diff import diff_checkpoints, diff_table
+    from mergekit_lite.tools.diff import diff_checkpoints, diff_table
 
     rows = diff_checkpoints(Path(a), Path(b))
     if as_json:
@@ -229,7 +229,7 @@ def example_prepare(cache: str, steps: int) -> None:
     """
     from pathlib import Path
 
-    from mergekit_lite.example import prepare
+    from mergekit_lite.tools.example import prepare
 
     base, adapter = prepare(Path(cache), steps)
     click.echo(f"base    {base}\nadapter {adapter}")

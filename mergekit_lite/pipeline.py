@@ -12,24 +12,26 @@ from typing import Any
 
 import torch
 
-from mergekit_lite import mathops
-from mergekit_lite import publish as publish_module
-from mergekit_lite.adapter import Adapter, read_adapter
-from mergekit_lite.checkpoint import Checkpoint, read_checkpoint, weight_files
-from mergekit_lite.digests import InputDigests
+from mergekit_lite.merge import mathops
+from mergekit_lite.release import publish as publish_module
+from mergekit_lite.sources.adapter import Adapter, read_adapter
+from mergekit_lite.sources.checkpoint import Checkpoint, read_checkpoint, weight_files
+from mergekit_lite.io.digests import InputDigests
 from mergekit_lite.errors import AdapterError, InputError, MergekitError
-from mergekit_lite.executor import check_available, run_shards
+from mergekit_lite.merge.executor import check_available, run_shards
 from mergekit_lite.gate import GateReport, run_gate
 from mergekit_lite.gate.report import fmt, markdown, skipped_report
-from mergekit_lite.hub import resolve_hub_sources
-from mergekit_lite.manifest import LoadedManifest, load_manifest
-from mergekit_lite.merge import Progress
-from mergekit_lite.package import write_configs, write_index, write_json
-from mergekit_lite.plan import Plan, build_plan
-from mergekit_lite.publish import check_output, new_parents, output_lock, publish, staging
-from mergekit_lite.reader import TensorReader
-from mergekit_lite.release import model_card, resolved_manifest, write_checksums, write_receipt
-from mergekit_lite.tokenizer import copy_tokenizer, load_tokenizer, tokenizer_files, tokenizer_source
+from mergekit_lite.sources.hub import resolve_hub_sources
+from mergekit_lite.manifest.load import LoadedManifest, load_manifest
+from mergekit_lite.merge.merge import Progress
+from mergekit_lite.release.configs import write_configs, write_index, write_json
+from mergekit_lite.plan.build import build_plan
+from mergekit_lite.plan.plan import Plan
+from mergekit_lite.release.publish import check_output, new_parents, output_lock, publish, staging
+from mergekit_lite.io.reader import TensorReader
+from mergekit_lite.release.card import model_card
+from mergekit_lite.release.receipt import resolved_manifest, write_checksums, write_receipt
+from mergekit_lite.sources.tokenizer import copy_tokenizer, load_tokenizer, tokenizer_files, tokenizer_source
 
 
 class GateFailed(MergekitError):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# the input-digest cache (mergekit_lite/digests.py) of this test session, never the user's
+# the input-digest cache (mergekit_lite/io/digests.py) of this test session, never the user's
 os.environ["MERGEKIT_LITE_CACHE"] = __import__("tempfile").mkdtemp(prefix="mergekit-lite-digests-")
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from mergekit_lite import checkpoint
-from mergekit_lite.checkpoint import ARCH_FILE, read_checkpoint
+from mergekit_lite.sources import checkpoint
+from mergekit_lite.sources.checkpoint import ARCH_FILE, read_checkpoint
 
 EXPECTED = {  # kind -> (tied, input_embedding, output_embedding)
     "llama": (False, "model.embed_tokens.weight", "lm_head.weight"),
@@ -25,7 +25,7 @@ EXPECTED = {  # kind -> (tied, input_embedding, output_embedding)
 PROBE = """
 import json, sys
 from pathlib import Path
-from mergekit_lite.checkpoint import read_checkpoint
+from mergekit_lite.sources.checkpoint import read_checkpoint
 c = read_checkpoint(Path(sys.argv[1]))
 print(json.dumps([c.tied, c.input_embedding, c.output_embedding, "transformers" in sys.modules]))
 """

@@ -23,9 +23,9 @@ from click.testing import CliRunner
 from helpers import DTYPES, attach_adapters, load_output, merged_state_dict, violations
 
 from mergekit_lite.cli import main
-from mergekit_lite.combine import CombinedFactors
+from mergekit_lite.merge.combine import CombinedFactors
 from mergekit_lite.errors import ManifestError, PlanError
-from mergekit_lite.manifest import load_manifest
+from mergekit_lite.manifest.load import load_manifest
 from mergekit_lite.pipeline import execute, prepare, verify_release
 
 
@@ -357,7 +357,7 @@ def test_receipt_and_card_name_the_method(env: Env) -> None:
 
 
 def test_plan_reads_no_tensor_data_and_folds_each_module(env: Env, monkeypatch) -> None:
-    import mergekit_lite.reader as reader
+    import mergekit_lite.io.reader as reader
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the plan read tensor data")

@@ -9,7 +9,7 @@ from helpers import load_output, write_manifest
 
 from mergekit_lite import run_merge
 from mergekit_lite.cli import main
-from mergekit_lite.diff import diff_checkpoints
+from mergekit_lite.tools.diff import diff_checkpoints
 from mergekit_lite.pipeline import prepare
 
 

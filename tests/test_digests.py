@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-import mergekit_lite.digests as digests_module
+import mergekit_lite.io.digests as digests_module
 from helpers import write_manifest
-from mergekit_lite.digests import DigestCache, InputDigests, cache_folder, identity, input_records
+from mergekit_lite.io.digests import DigestCache, InputDigests, cache_folder, identity, input_records
 from mergekit_lite.pipeline import execute, prepare
 
 

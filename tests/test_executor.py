@@ -31,9 +31,9 @@ from safetensors.torch import load_file, save_file
 import mergekit_lite.pipeline as pipeline_module
 from mergekit_lite.cli import main
 from mergekit_lite.errors import ManifestError, MergeError
-from mergekit_lite.executor import RAY_MISSING, run_shards
-from mergekit_lite.manifest import load_manifest
-from mergekit_lite.specs import ExecutorSpec
+from mergekit_lite.merge.executor import RAY_MISSING, run_shards
+from mergekit_lite.manifest.load import load_manifest
+from mergekit_lite.manifest.sections import ExecutorSpec
 from mergekit_lite.pipeline import prepare, run_merge, verify_release
 
 LOCAL = {"kind": "local"}

@@ -12,11 +12,11 @@ import pytest
 import torch
 from helpers import write_manifest
 
-import mergekit_lite.merge as merge_module
-from mergekit_lite import mathops
+import mergekit_lite.merge.merge as merge_module
+from mergekit_lite.merge import mathops
 from mergekit_lite.errors import MergeError
 from mergekit_lite.pipeline import prepare
-from mergekit_lite.reader import TensorReader
+from mergekit_lite.io.reader import TensorReader
 
 
 def _whole(base: torch.Tensor, deltas: list[tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype) -> torch.Tensor:

@@ -28,8 +28,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from mergekit_lite.publish import output_lock
-from mergekit_lite.stformat import read_header
+from mergekit_lite.release.publish import output_lock
+from mergekit_lite.io.format import read_header
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
@@ -251,7 +251,7 @@ def test_sigkill_at_random_moments_never_leaves_a_wrong_release(rig: Rig) -> Non
 
 CHILD = """
 import os, signal, sys
-import mergekit_lite.publish as publish
+import mergekit_lite.release.publish as publish
 
 def die():
     os.kill(os.getpid(), signal.SIGKILL)

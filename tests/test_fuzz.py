@@ -22,8 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mergekit_lite.errors import MergekitError
-from mergekit_lite.manifest import LoadedManifest, load_manifest
-from mergekit_lite.stformat import DTYPES, ITEMSIZE, Header, read_header
+from mergekit_lite.manifest.load import LoadedManifest, load_manifest
+from mergekit_lite.io.format import DTYPES, ITEMSIZE, Header, read_header
 
 FUZZ = settings(max_examples=200, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -302,7 +302,7 @@ config_values = (json_values | st.sampled_from([0, -1, 4, 8, 16.0, "8", True, "p
 @FUZZ
 @given(changes=st.dictionaries(st.sampled_from(CONFIG_KEYS) | st.text(max_size=6), config_values, max_size=5))
 def test_adapter_config_random_values(scratch: Path, adapter_weights: bytes, changes: dict) -> None:
-    from mergekit_lite.adapter import read_adapter
+    from mergekit_lite.sources.adapter import read_adapter
 
     folder = scratch / "adapter"
     folder.mkdir(exist_ok=True)

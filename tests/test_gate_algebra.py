@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 
 from mergekit_lite.gate import algebra
 from mergekit_lite.gate.algebra import RowPasses, _matmul, _matmul_and_ulp_scale
-from mergekit_lite.plan import PlannedTensor
-from mergekit_lite.reader import ALIGN, AlignedBuffer, TensorReader
-from mergekit_lite.stformat import read_header
+from mergekit_lite.plan.plan import PlannedTensor
+from mergekit_lite.io.reader import ALIGN, AlignedBuffer, TensorReader
+from mergekit_lite.io.format import read_header
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -145,7 +145,7 @@ def test_load_into_falls_back_where_direct_reads_are_refused(tmp_path: Path, mon
     """A filesystem that opens with O_DIRECT but fails the reads with EINVAL, or refuses the open."""
     import errno
 
-    from mergekit_lite import reader as reader_module
+    from mergekit_lite.io import reader as reader_module
 
     if not reader_module.DIRECT:
         pytest.skip("no O_DIRECT on this platform")

@@ -27,7 +27,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from mergekit_lite.cli import main
-from mergekit_lite.stformat import MAX_HEADER_BYTES
+from mergekit_lite.io.format import MAX_HEADER_BYTES
 
 PREFIX = "base_model.model."
 Q_A = f"{PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -719,7 +719,7 @@ def test_the_malicious_pickle_is_live(tmp_path: Path, zoo) -> None:
 
 
 def test_opt_in_refuses_a_malicious_pickle_without_running_it(tmp_path: Path, zoo) -> None:
-    from mergekit_lite.adapter import read_adapter
+    from mergekit_lite.sources.adapter import read_adapter
     from mergekit_lite.errors import AdapterError
 
     rig = Rig(tmp_path, zoo)
@@ -737,12 +737,12 @@ def test_opt_in_refuses_a_malicious_pickle_without_running_it(tmp_path: Path, zo
 def test_opt_in_reads_a_plain_pickle_like_its_safetensors_twin(tmp_path: Path, zoo) -> None:
     """With the opt-in, adapter_model.bin is converted to a temporary safetensors file and merges to the
     same bytes as the safetensors adapter it was made from (negative control: without it, refused)."""
-    from mergekit_lite.adapter import read_adapter
-    from mergekit_lite.checkpoint import read_checkpoint
+    from mergekit_lite.sources.adapter import read_adapter
+    from mergekit_lite.sources.checkpoint import read_checkpoint
     from mergekit_lite.errors import AdapterError
-    from mergekit_lite.merge import write_shards
-    from mergekit_lite.plan import build_plan
-    from mergekit_lite.reader import TensorReader
+    from mergekit_lite.merge.merge import write_shards
+    from mergekit_lite.plan.build import build_plan
+    from mergekit_lite.io.reader import TensorReader
 
     rig = Rig(tmp_path, zoo)
     pickled = _pickled_adapter(rig, payload=False)

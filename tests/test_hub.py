@@ -21,10 +21,10 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from test_gate_helpers import INDEX, build_adapter, build_base, build_tokenizer
 
-from mergekit_lite import hub
+from mergekit_lite.sources import hub
 from mergekit_lite.cli import main
 from mergekit_lite.errors import ManifestError
-from mergekit_lite.manifest import load_manifest
+from mergekit_lite.manifest.load import load_manifest
 from mergekit_lite.pipeline import run_plan
 
 BASE_ID = "acme/tiny-llama"
@@ -104,7 +104,7 @@ def hub_cache(tmp_path_factory) -> Hub:
 
 @pytest.fixture(scope="module", autouse=True)
 def hub_env(hub_cache: Hub):
-    """HF_HUB_CACHE at the test cache for the whole module (read by hub.py when it resolves)."""
+    """HF_HUB_CACHE at the test cache for the whole module (read by sources/hub.py when it resolves)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_CACHE", str(hub_cache.cache))
         mp.setenv("HF_HUB_OFFLINE", "1")
@@ -461,7 +461,7 @@ def test_cached_revisions_lists_refs_and_commits(hub_cache: Hub) -> None:
 
 def test_the_unpinned_warning_goes_through_logging(hub_cache: Hub, tmp_path: Path, caplog) -> None:
     loaded = load_manifest(write_yaml(tmp_path, hub_doc({"id": BASE_ID}, [{"id": LORA_ID, "revision": "main"}])))
-    with caplog.at_level(logging.WARNING, logger="mergekit_lite.hub"):
+    with caplog.at_level(logging.WARNING, logger="mergekit_lite.sources.hub"):
         pinned = hub.resolve_hub_sources(loaded)
     assert [r.getMessage().split(":")[0] for r in caplog.records] == ["m.yaml"]
     assert "`base.id` `acme/tiny-llama` gives no `revision`" in caplog.records[0].getMessage()

@@ -9,11 +9,11 @@ import pytest
 from helpers import write_manifest
 from safetensors import safe_open
 
-import mergekit_lite.merge as merge_module
+import mergekit_lite.merge.merge as merge_module
 from mergekit_lite import run_merge
 from mergekit_lite.errors import MergeError
-from mergekit_lite.specs import parse_size
-from mergekit_lite.stformat import read_header
+from mergekit_lite.manifest.sections import parse_size
+from mergekit_lite.io.format import read_header
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from mergekit_lite.pipeline import prepare
 
 
 def test_plan_reads_no_tensor_data(zoo, tmp_path: Path, monkeypatch) -> None:
-    import mergekit_lite.reader as reader
+    import mergekit_lite.io.reader as reader
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the plan read tensor data")

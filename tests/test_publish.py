@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mergekit_lite.errors import OutputError
-from mergekit_lite.publish import output_lock, publish, staging
+from mergekit_lite.release.publish import output_lock, publish, staging
 
 
 def test_interrupted_publish_is_recovered(tmp_path: Path) -> None:

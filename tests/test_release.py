@@ -32,8 +32,8 @@ from test_gate_helpers import (
 from mergekit_lite import run_merge
 from mergekit_lite.gate.report import fmt
 from mergekit_lite.pipeline import GateFailed
-from mergekit_lite.publish import output_lock
-from mergekit_lite.stformat import read_header
+from mergekit_lite.release.publish import output_lock
+from mergekit_lite.io.format import read_header
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = {"max_new_tokens": 4}

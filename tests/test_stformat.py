@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mergekit_lite.errors import CheckpointError
-from mergekit_lite.stformat import encode_header, read_header
+from mergekit_lite.io.format import encode_header, read_header
 
 
 def raw_file(tmp_path: Path, header: object, data: bytes, length: int | None = None) -> Path:

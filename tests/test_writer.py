@@ -14,12 +14,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import mergekit_lite.reader as reader_module
-import mergekit_lite.writer as writer_module
+import mergekit_lite.io.reader as reader_module
+import mergekit_lite.io.writer as writer_module
 from mergekit_lite.errors import MergeError
-from mergekit_lite.merge import WriteBehind
-from mergekit_lite.stformat import NAMES, encode_header, read_header
-from mergekit_lite.writer import ShardWriter
+from mergekit_lite.merge.merge import WriteBehind
+from mergekit_lite.io.format import NAMES, encode_header, read_header
+from mergekit_lite.io.writer import ShardWriter
 
 # odd sizes, so that tensors straddle the staging buffer and disk blocks; one larger than the buffer
 SHAPES = [(3,), (1000, 7), (5,), (4099,), (64, 65), (1,)]

@@ -5,18 +5,18 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from mergekit_lite.adapter import Adapter
-from mergekit_lite.checkpoint import Checkpoint
+from mergekit_lite.sources.adapter import Adapter
+from mergekit_lite.sources.checkpoint import Checkpoint
 from mergekit_lite.gate.algebra import check_algebra
 from mergekit_lite.gate.endtoend import DEFAULT_PROMPTS, check_end_to_end, placement
 from mergekit_lite.gate.packaging import check_packaging
 from mergekit_lite.gate.report import GateReport
 from mergekit_lite.gate.structure import check_structure
 from mergekit_lite.gate.tolerances import thresholds
-from mergekit_lite.specs import VerifySpec
-from mergekit_lite.plan import Plan
-from mergekit_lite.reader import TensorReader
-from mergekit_lite.tokenizer import has_tokenizer, load_tokenizer
+from mergekit_lite.manifest.sections import VerifySpec
+from mergekit_lite.plan.plan import Plan
+from mergekit_lite.io.reader import TensorReader
+from mergekit_lite.sources.tokenizer import has_tokenizer, load_tokenizer
 
 __all__ = ["GateReport", "output_dtype", "run_gate"]
 

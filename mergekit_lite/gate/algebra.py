@@ -7,7 +7,7 @@ The difference is measured in ulps of the output dtype, so rounding once passes 
 scale, transpose, key or dtype does not. Unchanged tensors must equal the base byte for byte.
 
 With a combined adapter (`combine:` other than sum), B and A are the combined factors, computed
-afresh by combine.py (the merge's own are gone by now): this checks that the merge applied them
+afresh by merge/combine.py (the merge's own are gone by now): this checks that the merge applied them
 rightly; the combination itself is checked end to end against PEFT's add_weighted_adapter.
 """
 
@@ -20,13 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
-from mergekit_lite import mathops
-from mergekit_lite.adapter import Adapter
-from mergekit_lite.combine import CombinedFactors
+from mergekit_lite.merge import mathops
+from mergekit_lite.sources.adapter import Adapter
+from mergekit_lite.merge.combine import CombinedFactors
 from mergekit_lite.gate.report import GateReport
-from mergekit_lite.plan import Op, Plan, PlannedTensor
-from mergekit_lite.reader import AlignedBuffer, TensorReader
-from mergekit_lite.stformat import DTYPES, TensorEntry
+from mergekit_lite.plan.plan import Op, Plan, PlannedTensor
+from mergekit_lite.io.reader import AlignedBuffer, TensorReader
+from mergekit_lite.io.format import DTYPES, TensorEntry
 
 PROBES = 4
 READ_AHEAD = 64 * 2**20  # bytes: a larger tensor (an embedding) is mapped when its turn comes, not read ahead

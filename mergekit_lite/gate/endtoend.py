@@ -26,10 +26,11 @@ from typing import Any
 
 import torch
 
-from mergekit_lite.combine import COMBINED, CombinePlan
+from mergekit_lite.plan.combine import COMBINED
+from mergekit_lite.plan.plan import CombinePlan
 from mergekit_lite.gate.report import GateReport
 from mergekit_lite.gate.tolerances import within
-from mergekit_lite.specs import AUTO_PLACEMENTS, VerifySpec, parse_size
+from mergekit_lite.manifest.sections import AUTO_PLACEMENTS, VerifySpec, parse_size
 
 DEFAULT_PROMPTS = [
     "Hello! How are you today?",

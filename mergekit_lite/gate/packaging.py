@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_lite.gate.report import GateReport
-from mergekit_lite.tokenizer import load_tokenizer
+from mergekit_lite.sources.tokenizer import load_tokenizer
 
 
 def check_packaging(report: GateReport, candidate: Path, source: Any, texts: list[str], embedding_rows: int | None) -> None:

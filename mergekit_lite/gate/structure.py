@@ -8,9 +8,9 @@ from typing import Any
 
 from mergekit_lite.errors import MergekitError
 from mergekit_lite.gate.report import GateReport
-from mergekit_lite.package import TORCH_NAMES, reconciled_config
-from mergekit_lite.plan import Plan
-from mergekit_lite.stformat import TensorEntry, read_header
+from mergekit_lite.plan.plan import Plan
+from mergekit_lite.io.format import TORCH_NAMES, TensorEntry, read_header
+from mergekit_lite.plan.config import reconciled_config
 
 LEFTOVERS = ("base_model.model.", "lora_", "base_layer", "modules_to_save", "original_module", "trainable_tokens")
 INDEX = "model.safetensors.index.json"

@@ -1,4 +1,4 @@
-"""The manifest (v1): the sections of specs.py assembled into one strict pydantic schema, loaded
+"""The manifest (v1): the sections of sections.py assembled into one strict pydantic schema, loaded
 from YAML with line-numbered errors, its paths resolved against the manifest's folder."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from mergekit_lite.errors import ManifestError
-from mergekit_lite.specs import (
+from mergekit_lite.manifest.sections import (
     AdapterField,
     CombineField,
     CombineSpec,
@@ -28,7 +28,7 @@ from mergekit_lite.specs import (
     Strict,
     parse_size,
 )
-from mergekit_lite.yamlsource import Loc, dotted, load_yaml
+from mergekit_lite.manifest.yamlsource import Loc, dotted, load_yaml
 
 MAX_MANIFEST_BYTES = 2**20  # a manifest is a few hundred bytes; this refuses /dev/zero and friends
 

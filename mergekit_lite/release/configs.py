@@ -6,26 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mergekit_lite.plan import Plan
-from mergekit_lite.tokenizer import generation_config
-
-TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-
-
-def reconciled_config(base_config: dict[str, Any], plan: Plan) -> dict[str, Any]:
-    """The base config with dtype, vocab_size and tie_word_embeddings made true of the output tensors."""
-    config = dict(base_config)
-    config.pop("quantization_config", None)
-    floats = [t.dtype for t in plan.tensors if t.dtype in TORCH_NAMES]
-    if floats:
-        dtype = TORCH_NAMES[max(set(floats), key=lambda d: sum(t.nbytes for t in plan.tensors if t.dtype == d))]
-        config["dtype"] = dtype
-        config.pop("torch_dtype", None)
-    if plan.embedding_rows is not None and "vocab_size" in config:
-        config["vocab_size"] = plan.embedding_rows
-    if plan.tied_in or "tie_word_embeddings" in config:
-        config["tie_word_embeddings"] = plan.tied_out
-    return config
+from mergekit_lite.plan.config import reconciled_config
+from mergekit_lite.plan.plan import Plan
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -47,3 +29,19 @@ def write_configs(folder: Path, base: Path, base_config: dict[str, Any], plan: P
     generation = generation_config(base, tokenizer)
     if generation is not None:
         write_json(folder / "generation_config.json", generation)
+
+
+def generation_config(base: Path, tokenizer: Any) -> dict[str, Any] | None:
+    """The base's generation_config.json with the tokenizer's EOS id among its `eos_token_id`s."""
+    path = base / "generation_config.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None:
+        current = data.get("eos_token_id")
+        ids = [] if current is None else (list(current) if isinstance(current, list) else [current])
+        if eos not in ids:
+            ids.append(eos)
+        data["eos_token_id"] = ids[0] if len(ids) == 1 else ids
+    return data

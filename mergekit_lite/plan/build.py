@@ -1,4 +1,4 @@
-"""The merge plan: plain data, built from headers and configs before any tensor data is read.
+"""Building the merge plan (plan.py's data) from headers and configs, before any tensor data is read.
 
 Every adapter tensor is claimed by exactly one operation on one output tensor, every shape and
 rank is checked, and the output's tensors, dtypes and shards are fixed here.
@@ -6,85 +6,21 @@ rank is checked, and the output's tensors, dtypes and shards are fixed here.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
-from mergekit_lite.adapter import Adapter, AdapterKey
-from mergekit_lite.checkpoint import Checkpoint
-from mergekit_lite.combine import CombinePlan, plan_combine
 from mergekit_lite.errors import PlanError
-from mergekit_lite.specs import CombineSpec
-from mergekit_lite.stformat import FLOAT_DTYPES, ITEMSIZE, TensorEntry
-from mergekit_lite.writer import STAGING
+from mergekit_lite.io.format import FLOAT_DTYPES, TensorEntry
+from mergekit_lite.manifest.sections import CombineSpec
+from mergekit_lite.plan.combine import plan_combine
+from mergekit_lite.plan.memory import peak_bytes
+from mergekit_lite.plan.plan import CombinePlan, Op, Plan, PlannedTensor
+from mergekit_lite.sources.adapter import Adapter, AdapterKey
+from mergekit_lite.sources.checkpoint import Checkpoint
 
-# Operation kinds, applied in this order within one adapter:
-#   replace      the tensor is replaced whole (modules_to_save, bias all/lora_only)
-#   base_layer   PEFT's saved copy of a targeted embedding: replaces it when resized, else must equal it
-#   delta        W += scale * B @ A (layout linear | conv1d | embedding)
-#   dora         DoRA: W = m / ||W0 + dW|| * (W + dW)
-#   rows         W[indices] = rows (trainable tokens)
-# Every op of an adapter has scale = manifest weight * PEFT scaling where it applies.
-ROW_BLOCK = 2**17  # elements of a linear weight merged at a time by one thread, in two fp32 blocks of 512 KiB (in L2)
-ROW_THREADS = 8  # at most this many threads merge the blocks of one tensor
-WRITE_BEHIND = 2  # the writer thread may be this many tensors behind the math
 _OUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 _ORDER = {"replace": 0, "base_layer": 1, "delta": 2, "dora": 2, "rows": 3}
-
-
-@dataclass(frozen=True)
-class Op:
-    kind: str
-    adapter: int
-    keys: tuple[str, ...]  # adapter tensor keys this op reads, in the order the math takes them
-    scale: float = 1.0
-    layout: str = ""
-    indices: tuple[int, ...] = ()
-
-
-@dataclass
-class PlannedTensor:
-    name: str
-    source: str  # base tensor whose bytes start the computation
-    src_dtype: str
-    dtype: str
-    shape: tuple[int, ...]
-    ops: list[Op] = field(default_factory=list)
-    shard: int = 0
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * ITEMSIZE[self.dtype]
-
-    @property
-    def changed(self) -> bool:
-        return bool(self.ops)
-
-
-@dataclass
-class Plan:
-    base: Path
-    adapters: list[dict[str, Any]]
-    tensors: list[PlannedTensor]
-    shard_names: list[str]
-    tied_in: bool
-    tied_out: bool
-    embedding_rows: int | None
-    peak_bytes: int
-    accounted: list[str]  # adapter keys read but not applied (PEFT's copies of the original module)
-    combine: CombinePlan | None = None  # several adapters combined into one (`combine:` other than sum)
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors)
-
-    def to_dict(self) -> dict[str, Any]:
-        doc = asdict(self)
-        doc["base"] = str(self.base)
-        doc["total_bytes"] = self.total_bytes
-        return doc
 
 
 def build_plan(ckpt: Checkpoint, adapters: list[Adapter], dtype: str, max_shard_bytes: int,
@@ -92,7 +28,7 @@ def build_plan(ckpt: Checkpoint, adapters: list[Adapter], dtype: str, max_shard_
     """Map every adapter tensor onto the base; fix output names, shapes, dtypes and shards.
 
     With a `combine` method other than sum, each module's LoRA deltas become one delta of the
-    combined adapter (adapter index len(adapters)), whose factors combine.py computes in the merge.
+    combined adapter (adapter index len(adapters)), whose factors merge/combine.py computes in the merge.
     """
     ops: dict[str, list[Op]] = defaultdict(list)
     accounted: list[str] = []
@@ -126,7 +62,7 @@ def build_plan(ckpt: Checkpoint, adapters: list[Adapter], dtype: str, max_shard_
         tied_in=ckpt.tied,
         tied_out=tied_out,
         embedding_rows=rows,
-        peak_bytes=_peak(tensors, adapters, combined),
+        peak_bytes=peak_bytes(tensors, adapters, combined),
         accounted=accounted,
         combine=combined,
     )
@@ -353,44 +289,6 @@ def _assign_shards(tensors: list[PlannedTensor], max_bytes: int) -> list[str]:
     if n == 1:
         return ["model.safetensors"]
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-
-
-def merges_by_rows(t: PlannedTensor) -> bool:
-    """Whether the merge can take `t` one block of rows at a time: only linear LoRA deltas on a matrix."""
-    return len(t.shape) == 2 and bool(t.ops) and all(op.kind == "delta" and op.layout == "linear" for op in t.ops)
-
-
-def _peak(tensors: list[PlannedTensor], adapters: list[Adapter], combined: CombinePlan | None = None) -> int:
-    """Predicted peak bytes of the merge: the largest working set of one tensor, the reused buffers,
-    and the outputs of the tensors before it, which the writer thread may still be writing.
-    A combined adapter adds the work of combining one module, and for dare the factors it holds."""
-    factor_bytes = {(a.index, k.key): 4 * k.entry.numel for a in adapters for k in a.keys}
-    held = 0
-    if combined is not None:
-        for m in combined.modules:
-            work = m.work_bytes(combined.effective, combined.svd_full_matrices)
-            factor_bytes.update({(combined.index, m.keys[0]): work, (combined.index, m.keys[1]): 0})
-        held = combined.held_bytes()
-    worst = by_rows_out = by_rows_width = whole_out = 0
-    for t in tensors:
-        if not t.ops and t.dtype == t.src_dtype:
-            continue  # copied file to file
-        numel = math.prod(t.shape)
-        need = numel * ITEMSIZE[t.src_dtype]  # the source, as far as it is read
-        need += sum(factor_bytes[op.adapter, k] for op in t.ops for k in op.keys)
-        if merges_by_rows(t):
-            by_rows_out, by_rows_width = max(by_rows_out, t.nbytes), max(by_rows_width, t.shape[1])
-        else:
-            # accumulator, delta and (for DoRA) the unmerged copy in fp32, and the output
-            copies = 3 if any(op.kind == "dora" for op in t.ops) else 2 if t.ops else 0
-            need += numel * 4 * copies + t.nbytes
-            whole_out = max(whole_out, t.nbytes)
-        worst = max(worst, need)
-    # output buffers taken in turn, and per thread two fp32 scratch blocks of ROW_BLOCK elements (plus up to three rows)
-    scratch = ROW_THREADS * 2 * 4 * (ROW_BLOCK + 3 * by_rows_width) if by_rows_out else 0
-    reused = (WRITE_BEHIND + 1) * by_rows_out + scratch
-    # and the staging buffers of the shard being written and of the one before it, while it closes
-    return worst + reused + WRITE_BEHIND * whole_out + 2 * STAGING + held
 
 
 def _adapter_summary(adapter: Adapter) -> dict[str, Any]:

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergekit_lite.digests import JsonStore, cache_folder
+from mergekit_lite.io.digests import JsonStore, cache_folder
 from mergekit_lite.errors import CheckpointError
-from mergekit_lite.stformat import DuplicateKey, TensorEntry, no_duplicates, read_header
+from mergekit_lite.io.format import DuplicateKey, TensorEntry, no_duplicates, read_header
 
 log = logging.getLogger(__name__)
 

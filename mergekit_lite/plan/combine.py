@@ -2,36 +2,22 @@
 
 Plan time, without tensor data: `plan_combine` refuses what PEFT refuses (or would silently get
 wrong), then asks PEFT itself, on a meta-device copy of the model, which modules get the combined
-adapter, in which order, with which rank and scaling. The result, a CombinePlan, is plain data.
-
-Merge time: `CombinedFactors` computes one module's combined factors (A, B) from the input factors
-(mathops.combine_*), on the CPU in fp32, when the merge or the gate asks for them; the merge then
-adds s_c B A like any LoRA delta. The dare methods draw random masks: PEFT draws them from torch's
-global generator module after module in the model's `named_modules` order, after the draws that
-initialise the new adapter's layers. For the same masks, the first request replays those draws on
-a private generator and computes every module in that order up front, holding the combined
-factors (the size of one adapter, in fp32) until the merge ends. The other methods are computed
-module by module as the merge reaches them.
+adapter, in which order, with which rank and scaling. The result, a CombinePlan (plan.py), is
+plain data; merge/combine.py computes its factors when the merge reaches them.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from mergekit_lite import mathops
-from mergekit_lite.adapter import PREFIX, Adapter
-from mergekit_lite.errors import AdapterError, PlanError
-from mergekit_lite.specs import DENSITY_METHODS, RANDOM_METHODS, SIGN_METHODS, SVD_METHODS, CombineSpec
-from mergekit_lite.reader import TensorReader
-
-if TYPE_CHECKING:
-    from mergekit_lite.plan import PlannedTensor
+from mergekit_lite.errors import PlanError
+from mergekit_lite.manifest.sections import RANDOM_METHODS, SVD_METHODS, CombineSpec
+from mergekit_lite.plan.plan import CombinedInput, CombinedModule, CombinePlan, PlannedTensor
+from mergekit_lite.sources.adapter import Adapter
 
 SAME_RANK = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # PEFT stacks their factors
 LORA_LAYOUTS = ("linear", "conv1d", "embedding")
@@ -43,93 +29,6 @@ _UNSUPPORTED = {  # adapter_config.json fields PEFT's add_weighted_adapter does 
     "modules_to_save": "does not combine modules_to_save copies",
     "trainable_token_indices": "does not combine trainable tokens",
 }
-
-
-@dataclass(frozen=True)
-class CombinedInput:
-    """One input adapter's factors at a module."""
-
-    adapter: int
-    lora_a: str  # key in the adapter file
-    lora_b: str
-    scaling: float  # PEFT's scaling of this adapter at this module
-    weight: float  # the manifest weight
-
-
-@dataclass(frozen=True)
-class CombinedModule:
-    """One module of the combined adapter."""
-
-    module: str  # as named in the model, e.g. model.layers.0.self_attn.q_proj
-    target: str  # the output tensor its delta goes to
-    layout: str  # linear | conv1d | embedding
-    in_features: int
-    out_features: int
-    rank: int  # rows of the combined A
-    scaling: float  # PEFT's scaling of the combined adapter: 1 (alpha = r), or sqrt(r) with use_rslora
-    inputs: tuple[CombinedInput, ...]
-
-    @property
-    def keys(self) -> tuple[str, str]:
-        """The combined factors' names, as PEFT would save them."""
-        if self.layout == "embedding":
-            return f"{PREFIX}{self.module}.lora_embedding_A", f"{PREFIX}{self.module}.lora_embedding_B"
-        return f"{PREFIX}{self.module}.lora_A.weight", f"{PREFIX}{self.module}.lora_B.weight"
-
-    def work_bytes(self, method: str, full_matrices: bool) -> int:
-        """Rough peak bytes of computing this module's factors: the inputs and their fp32 copies, the
-        stacked and weighted tensors, and for the svd methods the deltas and U, S, V^T."""
-        n = len(self.inputs)
-        factors = (1 if method == "cat" else n) * self.rank * (self.in_features + self.out_features) * 4
-        out = self.rank * (self.in_features + self.out_features) * 4
-        if method not in SVD_METHODS:
-            return 4 * factors + out
-        dense = self.in_features * self.out_features * 4
-        small, large = sorted((self.in_features, self.out_features))
-        svd = (large * large + small * small if full_matrices else 2 * large * small) * 4
-        return factors + (n + 4) * dense + svd + out
-
-
-@dataclass(frozen=True)
-class CombinePlan:
-    """The combined adapter, as PEFT's add_weighted_adapter would build it."""
-
-    method: str  # as the manifest asks
-    effective: str  # what PEFT runs: `linear` when there is a single adapter
-    index: int  # the adapter index the plan's ops use for the combined adapter (the number of adapters)
-    rank: int  # PEFT's r (and lora_alpha) of the new adapter
-    density: float | None
-    majority_sign_method: str
-    svd_rank: int | None
-    svd_clamp: float | None
-    svd_full_matrices: bool
-    seed: int
-    init: bool | str  # init_lora_weights of the new adapter's layers (the first adapter's), replayed for dare
-    modules: tuple[CombinedModule, ...]  # in the model's named_modules order
-
-    def summary(self) -> dict[str, Any]:
-        """The method and its parameters, for the model card and the receipt."""
-        doc: dict[str, Any] = {"method": self.method, "rank": self.rank}
-        if self.effective != self.method:
-            doc["effective_method"] = self.effective
-        if self.effective in DENSITY_METHODS:
-            doc["density"] = self.density
-        if self.effective in SIGN_METHODS:
-            doc["majority_sign_method"] = self.majority_sign_method
-        if self.effective in SVD_METHODS:
-            doc.update(svd_rank=self.svd_rank, svd_clamp=self.svd_clamp, svd_full_matrices=self.svd_full_matrices)
-        if self.effective in RANDOM_METHODS:
-            doc["seed"] = self.seed
-        return doc
-
-    def held_bytes(self) -> int:
-        """Bytes of combined factors held through the merge: all of them for dare, else none."""
-        if self.effective not in RANDOM_METHODS:
-            return 0
-        return sum(m.rank * (m.in_features + m.out_features) * 4 for m in self.modules)
-
-
-# ------------------------------------------------------------------------------------------ plan time
 
 
 def plan_combine(spec: CombineSpec, base: Path, adapters: list[Adapter], tensors: list[PlannedTensor],
@@ -299,86 +198,3 @@ def _module(method: str, effective: str, layer: dict[str, Any], found: list[tupl
                         f"({layer['out_features']}x{layer['in_features']}); give a smaller `svd_rank`")
     return CombinedModule(name, found[0][0], layout, layer["in_features"], layer["out_features"], module_rank,
                           layer["scaling"], inputs)
-
-
-# ------------------------------------------------------------------------------------------ merge time
-
-
-class CombinedFactors:
-    """The combined adapter's factors, computed on the CPU in fp32 when asked for, handed out on `device`."""
-
-    def __init__(self, plan: CombinePlan, adapters: list[Adapter], device: torch.device | None = None) -> None:
-        self.plan = plan
-        self.device = device or torch.device("cpu")
-        self.readers = {a.index: TensorReader({k.key: k.entry for k in a.keys}) for a in adapters}
-        self.labels = {a.index: a.label for a in adapters}
-        self.by_key = {key: (m, i) for m in plan.modules for i, key in enumerate(m.keys)}
-        self.threads = torch.get_num_threads()  # the merge runs some of its threads on one: compute with all
-        self._last: tuple[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._all: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-
-    def get_many(self, keys: tuple[str, ...]) -> list[torch.Tensor]:
-        """The combined factors named `keys` (see CombinedModule.keys)."""
-        out = []
-        for key in keys:
-            module, which = self.by_key[key]
-            out.append(self.factors(module)[which].to(self.device))
-        return out
-
-    def factors(self, module: CombinedModule) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of one module, exactly as PEFT's add_weighted_adapter makes them on the CPU."""
-        if self.plan.effective in RANDOM_METHODS:
-            if self._all is None:
-                self._all = self._all_in_peft_order()
-            return self._all[module.module]
-        if self._last is None or self._last[0] != module.module:
-            self._last = (module.module, self._compute(module, None))
-        return self._last[1]
-
-    def _all_in_peft_order(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        generator = torch.Generator().manual_seed(self.plan.seed)
-        for module in self.plan.modules:
-            replay_init_draws(module, self.plan.rank, self.plan.init, generator)
-        return {m.module: self._compute(m, generator) for m in self.plan.modules}
-
-    def _compute(self, module: CombinedModule, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        plan = self.plan
-        inputs = [(self._load(i.adapter, i.lora_a), self._load(i.adapter, i.lora_b), i.scaling, i.weight)
-                  for i in module.inputs]
-        with mathops.intra_op_threads(self.threads):
-            if plan.effective == "cat":
-                return mathops.combine_cat(inputs, module.rank)
-            if plan.effective in SVD_METHODS:
-                method = "linear" if plan.effective == "svd" else plan.effective.removesuffix("_svd")
-                return mathops.combine_svd(method, inputs, module.layout != "linear", plan.rank, plan.density,
-                                           plan.majority_sign_method, plan.svd_clamp, plan.svd_full_matrices, generator)
-            return mathops.combine_factorwise(plan.effective, inputs, plan.density, plan.majority_sign_method, generator)
-
-    def _load(self, index: int, key: str) -> torch.Tensor:
-        tensor = self.readers[index].load(key).to(torch.float32)
-        if not mathops.all_finite(tensor):
-            raise AdapterError(f"{self.labels[index]}: `{key}` contains NaN or Inf values")
-        return tensor
-
-    def close(self) -> None:
-        """Let go of the held factors."""
-        self._last = self._all = None
-
-
-def replay_init_draws(module: CombinedModule, rank: int, init: bool | str, generator: torch.Generator) -> None:
-    """Draw from `generator` what PEFT 0.21's LoraLayer.update_layer draws from torch's global generator
-    when add_weighted_adapter creates the combined adapter's layer for `module` (values discarded)."""
-    fan_in, fan_out = module.in_features, module.out_features
-    if module.layout == "embedding":
-        torch.randn((rank, fan_in), generator=generator)  # lora_embedding_A
-        torch.randn((fan_out, rank), generator=generator)  # lora_embedding_B
-        if init:  # reset_lora_parameters: A zeroed, B drawn like nn.Embedding's weight
-            torch.nn.init.normal_(torch.empty(fan_out, rank), generator=generator)
-        return
-    torch.nn.init.kaiming_uniform_(torch.empty(rank, fan_in), a=math.sqrt(5), generator=generator)  # nn.Linear(in, r)
-    torch.nn.init.kaiming_uniform_(torch.empty(fan_out, rank), a=math.sqrt(5), generator=generator)  # nn.Linear(r, out)
-    if init is True:
-        torch.nn.init.kaiming_uniform_(torch.empty(rank, fan_in), a=math.sqrt(5), generator=generator)
-    elif init == "gaussian":
-        torch.nn.init.normal_(torch.empty(rank, fan_in), std=1 / rank, generator=generator)
-

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from mergekit_lite.checkpoint import read_tensors
+from mergekit_lite.sources.checkpoint import read_tensors
 from mergekit_lite.errors import CheckpointError
-from mergekit_lite.reader import TensorReader
+from mergekit_lite.io.reader import TensorReader
 
 
 @dataclass

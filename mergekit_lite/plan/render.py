@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mergekit_lite.plan import Op, Plan
+from mergekit_lite.plan.plan import Op, Plan
 
 _PEFT_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 

@@ -1,5 +1,5 @@
 """The manifest's sections (v1): strict pydantic models, one per key of the manifest, and the
-size parser. manifest.py assembles them into the Manifest and loads it from YAML."""
+size parser. load.py assembles them into the Manifest and loads it from YAML."""
 
 from __future__ import annotations
 

@@ -26,13 +26,13 @@ from typing import Any
 
 import torch
 
-from mergekit_lite.adapter import Adapter
+from mergekit_lite.sources.adapter import Adapter
 from mergekit_lite.errors import InputError, MergeError, MergekitError
-from mergekit_lite.specs import ExecutorSpec
-from mergekit_lite.merge import Progress, ShardFile, write_shard, write_shards
-from mergekit_lite.plan import Plan
-from mergekit_lite.reader import TensorReader
-from mergekit_lite.stformat import TensorEntry
+from mergekit_lite.manifest.sections import ExecutorSpec
+from mergekit_lite.merge.merge import Progress, ShardFile, write_shard, write_shards
+from mergekit_lite.plan.plan import Plan
+from mergekit_lite.io.reader import TensorReader
+from mergekit_lite.io.format import TensorEntry
 
 RAY_MISSING = '`executor: ray` needs Ray, which is not installed here: pip install "mergekit-lite[ray]"'
 CANCEL_WAIT_S = 60  # after a failure, how long the driver waits for cancelled Ray tasks to stop writing

@@ -18,14 +18,15 @@ from typing import Any
 
 import torch
 
-from mergekit_lite import mathops
-from mergekit_lite.adapter import Adapter
-from mergekit_lite.combine import CombinedFactors, CombinePlan
 from mergekit_lite.errors import AdapterError, MergeError
-from mergekit_lite.plan import ROW_BLOCK, ROW_THREADS, WRITE_BEHIND, Op, Plan, PlannedTensor, merges_by_rows
-from mergekit_lite.reader import TensorReader
-from mergekit_lite.stformat import DTYPES
-from mergekit_lite.writer import ShardWriter
+from mergekit_lite.io.format import DTYPES
+from mergekit_lite.io.reader import TensorReader
+from mergekit_lite.io.writer import ShardWriter
+from mergekit_lite.merge import mathops
+from mergekit_lite.merge.combine import CombinedFactors
+from mergekit_lite.plan.memory import ROW_BLOCK, ROW_THREADS, WRITE_BEHIND, merges_by_rows
+from mergekit_lite.plan.plan import CombinePlan, Op, Plan, PlannedTensor
+from mergekit_lite.sources.adapter import Adapter
 
 Progress = Callable[[PlannedTensor], None]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mergekit_lite.errors import InputError, ManifestError
-from mergekit_lite.manifest import HubPin, LoadedManifest
+from mergekit_lite.manifest.load import HubPin, LoadedManifest
 
 if TYPE_CHECKING:
     from huggingface_hub.errors import LocalEntryNotFoundError

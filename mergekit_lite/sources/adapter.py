@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergekit_lite.checkpoint import read_json
+from mergekit_lite.sources.checkpoint import read_json
 from mergekit_lite.errors import AdapterError
-from mergekit_lite.stformat import FLOAT_DTYPES, TensorEntry, read_header
+from mergekit_lite.io.format import FLOAT_DTYPES, TensorEntry, read_header
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 from safetensors import safe_open
 
-from mergekit_lite.stformat import DTYPES, TensorEntry
+from mergekit_lite.io.format import DTYPES, TensorEntry
 
 ALIGN = 4096  # direct I/O moves whole blocks, at block-aligned offsets, from and to block-aligned memory
 DIRECT = getattr(os, "O_DIRECT", 0)

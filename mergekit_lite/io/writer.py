@@ -14,8 +14,8 @@ from types import TracebackType
 import torch
 
 from mergekit_lite.errors import MergeError
-from mergekit_lite.reader import ALIGN, aligned, set_direct
-from mergekit_lite.stformat import ITEMSIZE, NAMES, encode_header
+from mergekit_lite.io.reader import ALIGN, aligned, set_direct
+from mergekit_lite.io.format import ITEMSIZE, NAMES, encode_header
 
 STAGING = 16 * 2**20  # bytes gathered before each write to the file
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)

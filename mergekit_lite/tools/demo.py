@@ -1,6 +1,6 @@
 """`make demo`: prepare the SmolLM2 example, merge it with the CLI, and compare answers.
 
-Run as `python -m mergekit_lite.demo` from the repository root.
+Run as `python -m mergekit_lite.tools.demo` from the repository root.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import textwrap
 import warnings
 from pathlib import Path
 
-from mergekit_lite.example import PROMPT, chat_ids, prepare
-from mergekit_lite.manifest import load_manifest
+from mergekit_lite.tools.example import PROMPT, chat_ids, prepare
+from mergekit_lite.manifest.load import load_manifest
 
 MANIFEST = Path("manifests/smollm2-demo.yaml")
 CACHE = Path(".cache/examples")

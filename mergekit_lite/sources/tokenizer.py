@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import warnings
 from pathlib import Path
@@ -65,19 +64,3 @@ def load_tokenizer(folder: Path | None) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return AutoTokenizer.from_pretrained(folder)
-
-
-def generation_config(base: Path, tokenizer: Any) -> dict[str, Any] | None:
-    """The base's generation_config.json with the tokenizer's EOS id among its `eos_token_id`s."""
-    path = base / "generation_config.json"
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text(encoding="utf-8"))
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is not None:
-        current = data.get("eos_token_id")
-        ids = [] if current is None else (list(current) if isinstance(current, list) else [current])
-        if eos not in ids:
-            ids.append(eos)
-        data["eos_token_id"] = ids[0] if len(ids) == 1 else ids
-    return data

@@ -1,0 +1,24 @@
+"""config.json as the plan makes it true: what release/configs.py writes and gate/structure.py checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mergekit_lite.io.format import TORCH_NAMES
+from mergekit_lite.plan.plan import Plan
+
+
+def reconciled_config(base_config: dict[str, Any], plan: Plan) -> dict[str, Any]:
+    """The base config with dtype, vocab_size and tie_word_embeddings made true of the output tensors."""
+    config = dict(base_config)
+    config.pop("quantization_config", None)
+    floats = [t.dtype for t in plan.tensors if t.dtype in TORCH_NAMES]
+    if floats:
+        dtype = TORCH_NAMES[max(set(floats), key=lambda d: sum(t.nbytes for t in plan.tensors if t.dtype == d))]
+        config["dtype"] = dtype
+        config.pop("torch_dtype", None)
+    if plan.embedding_rows is not None and "vocab_size" in config:
+        config["vocab_size"] = plan.embedding_rows
+    if plan.tied_in or "tie_word_embeddings" in config:
+        config["tie_word_embeddings"] = plan.tied_out
+    return config

@@ -1,0 +1,56 @@
+"""The merge's memory model: its tuning constants and the peak memory the plan predicts from them.
+
+The merge (merge/merge.py) reads these constants from here, so that the prediction and the merge
+cannot drift apart; the plan computes `peak_bytes` with them before anything is read.
+"""
+
+from __future__ import annotations
+
+import math
+
+from mergekit_lite.io.format import ITEMSIZE
+from mergekit_lite.io.writer import STAGING
+from mergekit_lite.plan.plan import CombinePlan, PlannedTensor
+from mergekit_lite.sources.adapter import Adapter
+
+ROW_BLOCK = 2**17  # elements of a linear weight merged at a time by one thread, in two fp32 blocks of 512 KiB (in L2)
+ROW_THREADS = 8  # at most this many threads merge the blocks of one tensor
+WRITE_BEHIND = 2  # the writer thread may be this many tensors behind the math
+
+
+def merges_by_rows(t: PlannedTensor) -> bool:
+    """Whether the merge can take `t` one block of rows at a time: only linear LoRA deltas on a matrix."""
+    return len(t.shape) == 2 and bool(t.ops) and all(op.kind == "delta" and op.layout == "linear" for op in t.ops)
+
+
+def peak_bytes(tensors: list[PlannedTensor], adapters: list[Adapter], combined: CombinePlan | None = None) -> int:
+    """Predicted peak bytes of the merge: the largest working set of one tensor, the reused buffers,
+    and the outputs of the tensors before it, which the writer thread may still be writing.
+    A combined adapter adds the work of combining one module, and for dare the factors it holds."""
+    factor_bytes = {(a.index, k.key): 4 * k.entry.numel for a in adapters for k in a.keys}
+    held = 0
+    if combined is not None:
+        for m in combined.modules:
+            work = m.work_bytes(combined.effective, combined.svd_full_matrices)
+            factor_bytes.update({(combined.index, m.keys[0]): work, (combined.index, m.keys[1]): 0})
+        held = combined.held_bytes()
+    worst = by_rows_out = by_rows_width = whole_out = 0
+    for t in tensors:
+        if not t.ops and t.dtype == t.src_dtype:
+            continue  # copied file to file
+        numel = math.prod(t.shape)
+        need = numel * ITEMSIZE[t.src_dtype]  # the source, as far as it is read
+        need += sum(factor_bytes[op.adapter, k] for op in t.ops for k in op.keys)
+        if merges_by_rows(t):
+            by_rows_out, by_rows_width = max(by_rows_out, t.nbytes), max(by_rows_width, t.shape[1])
+        else:
+            # accumulator, delta and (for DoRA) the unmerged copy in fp32, and the output
+            copies = 3 if any(op.kind == "dora" for op in t.ops) else 2 if t.ops else 0
+            need += numel * 4 * copies + t.nbytes
+            whole_out = max(whole_out, t.nbytes)
+        worst = max(worst, need)
+    # output buffers taken in turn, and per thread two fp32 scratch blocks of ROW_BLOCK elements (plus up to three rows)
+    scratch = ROW_THREADS * 2 * 4 * (ROW_BLOCK + 3 * by_rows_width) if by_rows_out else 0
+    reused = (WRITE_BEHIND + 1) * by_rows_out + scratch
+    # and the staging buffers of the shard being written and of the one before it, while it closes
+    return worst + reused + WRITE_BEHIND * whole_out + 2 * STAGING + held

@@ -1,0 +1,163 @@
+"""The merge plan's data: plain dataclasses, built by build.py from headers and configs before any
+tensor data is read, and read by every later stage (merge, gate, release).
+
+Every adapter tensor is claimed by exactly one operation (Op) on one output tensor (PlannedTensor);
+the Plan holds the output's tensors, dtypes and shards, and, when several adapters are combined
+into one (`combine:` other than sum), the combined adapter (CombinePlan).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergekit_lite.io.format import ITEMSIZE
+from mergekit_lite.manifest.sections import DENSITY_METHODS, RANDOM_METHODS, SIGN_METHODS, SVD_METHODS
+from mergekit_lite.sources.adapter import PREFIX
+
+# Operation kinds, applied in this order within one adapter:
+#   replace      the tensor is replaced whole (modules_to_save, bias all/lora_only)
+#   base_layer   PEFT's saved copy of a targeted embedding: replaces it when resized, else must equal it
+#   delta        W += scale * B @ A (layout linear | conv1d | embedding)
+#   dora         DoRA: W = m / ||W0 + dW|| * (W + dW)
+#   rows         W[indices] = rows (trainable tokens)
+# Every op of an adapter has scale = manifest weight * PEFT scaling where it applies.
+
+
+@dataclass(frozen=True)
+class Op:
+    kind: str
+    adapter: int
+    keys: tuple[str, ...]  # adapter tensor keys this op reads, in the order the math takes them
+    scale: float = 1.0
+    layout: str = ""
+    indices: tuple[int, ...] = ()
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    source: str  # base tensor whose bytes start the computation
+    src_dtype: str
+    dtype: str
+    shape: tuple[int, ...]
+    ops: list[Op] = field(default_factory=list)
+    shard: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.ops)
+
+
+@dataclass
+class Plan:
+    base: Path
+    adapters: list[dict[str, Any]]
+    tensors: list[PlannedTensor]
+    shard_names: list[str]
+    tied_in: bool
+    tied_out: bool
+    embedding_rows: int | None
+    peak_bytes: int
+    accounted: list[str]  # adapter keys read but not applied (PEFT's copies of the original module)
+    combine: CombinePlan | None = None  # several adapters combined into one (`combine:` other than sum)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["base"] = str(self.base)
+        doc["total_bytes"] = self.total_bytes
+        return doc
+
+
+@dataclass(frozen=True)
+class CombinedInput:
+    """One input adapter's factors at a module."""
+
+    adapter: int
+    lora_a: str  # key in the adapter file
+    lora_b: str
+    scaling: float  # PEFT's scaling of this adapter at this module
+    weight: float  # the manifest weight
+
+
+@dataclass(frozen=True)
+class CombinedModule:
+    """One module of the combined adapter."""
+
+    module: str  # as named in the model, e.g. model.layers.0.self_attn.q_proj
+    target: str  # the output tensor its delta goes to
+    layout: str  # linear | conv1d | embedding
+    in_features: int
+    out_features: int
+    rank: int  # rows of the combined A
+    scaling: float  # PEFT's scaling of the combined adapter: 1 (alpha = r), or sqrt(r) with use_rslora
+    inputs: tuple[CombinedInput, ...]
+
+    @property
+    def keys(self) -> tuple[str, str]:
+        """The combined factors' names, as PEFT would save them."""
+        if self.layout == "embedding":
+            return f"{PREFIX}{self.module}.lora_embedding_A", f"{PREFIX}{self.module}.lora_embedding_B"
+        return f"{PREFIX}{self.module}.lora_A.weight", f"{PREFIX}{self.module}.lora_B.weight"
+
+    def work_bytes(self, method: str, full_matrices: bool) -> int:
+        """Rough peak bytes of computing this module's factors: the inputs and their fp32 copies, the
+        stacked and weighted tensors, and for the svd methods the deltas and U, S, V^T."""
+        n = len(self.inputs)
+        factors = (1 if method == "cat" else n) * self.rank * (self.in_features + self.out_features) * 4
+        out = self.rank * (self.in_features + self.out_features) * 4
+        if method not in SVD_METHODS:
+            return 4 * factors + out
+        dense = self.in_features * self.out_features * 4
+        small, large = sorted((self.in_features, self.out_features))
+        svd = (large * large + small * small if full_matrices else 2 * large * small) * 4
+        return factors + (n + 4) * dense + svd + out
+
+
+@dataclass(frozen=True)
+class CombinePlan:
+    """The combined adapter, as PEFT's add_weighted_adapter would build it."""
+
+    method: str  # as the manifest asks
+    effective: str  # what PEFT runs: `linear` when there is a single adapter
+    index: int  # the adapter index the plan's ops use for the combined adapter (the number of adapters)
+    rank: int  # PEFT's r (and lora_alpha) of the new adapter
+    density: float | None
+    majority_sign_method: str
+    svd_rank: int | None
+    svd_clamp: float | None
+    svd_full_matrices: bool
+    seed: int
+    init: bool | str  # init_lora_weights of the new adapter's layers (the first adapter's), replayed for dare
+    modules: tuple[CombinedModule, ...]  # in the model's named_modules order
+
+    def summary(self) -> dict[str, Any]:
+        """The method and its parameters, for the model card and the receipt."""
+        doc: dict[str, Any] = {"method": self.method, "rank": self.rank}
+        if self.effective != self.method:
+            doc["effective_method"] = self.effective
+        if self.effective in DENSITY_METHODS:
+            doc["density"] = self.density
+        if self.effective in SIGN_METHODS:
+            doc["majority_sign_method"] = self.majority_sign_method
+        if self.effective in SVD_METHODS:
+            doc.update(svd_rank=self.svd_rank, svd_clamp=self.svd_clamp, svd_full_matrices=self.svd_full_matrices)
+        if self.effective in RANDOM_METHODS:
+            doc["seed"] = self.seed
+        return doc
+
+    def held_bytes(self) -> int:
+        """Bytes of combined factors held through the merge: all of them for dare, else none."""
+        if self.effective not in RANDOM_METHODS:
+            return 0
+        return sum(m.rank * (m.in_features + m.out_features) * 4 for m in self.modules)
