@@ -1,10 +1,10 @@
-# Two commands from a fresh clone: `make demo` and `make test`.
+# Two commands from a fresh clone: `make demo` and `make test` (which runs `make lint` first).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test clean
+.PHONY: demo lint test clean
 all: test
 
 # A torch already importable by python3 (say a CUDA build) is reused through system site-packages;
@@ -25,7 +25,13 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) -m mergekit_lite.tools.demo
 
-test: $(VENV)/.installed
+# ruff (rules and exclusions in pyproject.toml) and the import layering (no cycles, no stage importing a later one)
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) scripts/check_layers.py
+
+test: lint
 	$(PY) -m pytest -q
 
 clean:

@@ -65,8 +65,10 @@ def build(size: float, shard: str) -> tuple[Path, dict[str, Path]]:
     manifests = {}
     for name, spec in EXECUTORS.items():
         path = folder / f"manifest-{name}.yaml"
-        path.write_text(f"base: ./base\nadapters: [./adapter]\ndtype: bfloat16\n"
-                        f"output: {{path: ./merged, max_shard_size: {shard}}}\nexecutor: {spec}\n")
+        path.write_text(
+            f"base: ./base\nadapters: [./adapter]\ndtype: bfloat16\n"
+            f"output: {{path: ./merged, max_shard_size: {shard}}}\nexecutor: {spec}\n"
+        )
         manifests[name] = path
     return folder, manifests
 
@@ -162,22 +164,31 @@ def main() -> None:
             r.tree.append(tree)
             r.digests.add(shards_digest(output))
             shards = len(list(output.glob("*.safetensors")))
-            print(f"  run {rep + 1}/{args.repeat}  {name:9s} {wall:6.2f} s  largest {largest:5.2f} GiB  "
-                  f"tree {tree:5.2f} GiB  ({shards} shards)", file=sys.stderr)
+            print(
+                f"  run {rep + 1}/{args.repeat}  {name:9s} {wall:6.2f} s  largest {largest:5.2f} GiB  "
+                f"tree {tree:5.2f} GiB  ({shards} shards)",
+                file=sys.stderr,
+            )
             clean(output)
     load_after = os.getloadavg()
-    print(f"\n{model_gb:.2f} GB bf16 checkpoint, output shards of at most {args.shard}; warm cache; "
-          f"median of {args.repeat}, runs alternating; {os.cpu_count()} CPUs; "
-          f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (other jobs share this machine)")
-    print(f"{'executor':>10} {'wall s':>8} {'(min-max)':>13} {'peak RSS GiB':>13} {'tree RSS GiB':>13} "
-          f"{'wall/local':>11} {'tree RSS/local':>15}")
+    print(
+        f"\n{model_gb:.2f} GB bf16 checkpoint, output shards of at most {args.shard}; warm cache; "
+        f"median of {args.repeat}, runs alternating; {os.cpu_count()} CPUs; "
+        f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (other jobs share this machine)"
+    )
+    print(
+        f"{'executor':>10} {'wall s':>8} {'(min-max)':>13} {'peak RSS GiB':>13} {'tree RSS GiB':>13} "
+        f"{'wall/local':>11} {'tree RSS/local':>15}"
+    )
     base = runs.get("local")
     for name, r in runs.items():
         wall, tree = statistics.median(r.wall), statistics.median(r.tree)
         ratio = f"{wall / statistics.median(base.wall):11.2f}" if base else f"{'-':>11}"
         rss_ratio = f"{tree / statistics.median(base.tree):15.2f}" if base else f"{'-':>15}"
         spread = f"({min(r.wall):.1f}-{max(r.wall):.1f})"
-        print(f"{name:>10} {wall:>8.2f} {spread:>13} {statistics.median(r.largest):>13.2f} {tree:>13.2f} {ratio} {rss_ratio}")
+        print(
+            f"{name:>10} {wall:>8.2f} {spread:>13} {statistics.median(r.largest):>13.2f} {tree:>13.2f} {ratio} {rss_ratio}"
+        )
     digests = set().union(*(r.digests for r in runs.values()))
     print(f"\nshards byte-identical across every run and executor: {'yes' if len(digests) == 1 else 'NO'}")
 
@@ -200,17 +211,27 @@ def plan_405b(rank: int = 16, base_shard_bytes: float = 5e9) -> None:
     """Build the plan of a 405B merge from headers alone and print the figures that size a cluster."""
     import json
 
+    from mergekit_lite.plan.build import build_plan
     from mergekit_lite.sources.adapter import read_adapter
     from mergekit_lite.sources.checkpoint import read_checkpoint
-    from mergekit_lite.plan.build import build_plan
 
     c = L405
     h, m, kv = c["hidden"], c["intermediate"], c["hidden"] * c["kv_heads"] // c["heads"]
-    linear = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-              "self_attn.o_proj": (h, h), "mlp.gate_proj": (m, h), "mlp.up_proj": (m, h), "mlp.down_proj": (h, m)}
+    linear = {
+        "self_attn.q_proj": (h, h),
+        "self_attn.k_proj": (kv, h),
+        "self_attn.v_proj": (kv, h),
+        "self_attn.o_proj": (h, h),
+        "mlp.gate_proj": (m, h),
+        "mlp.up_proj": (m, h),
+        "mlp.down_proj": (h, m),
+    }
     order: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (c["vocab"], h))]
     for i in range(c["layers"]):
-        order += [(f"model.layers.{i}.input_layernorm.weight", (h,)), (f"model.layers.{i}.post_attention_layernorm.weight", (h,))]
+        order += [
+            (f"model.layers.{i}.input_layernorm.weight", (h,)),
+            (f"model.layers.{i}.post_attention_layernorm.weight", (h,)),
+        ]
         order += [(f"model.layers.{i}.{name}.weight", shape) for name, shape in linear.items()]
     order += [("model.norm.weight", (h,)), ("lm_head.weight", (c["vocab"], h))]
     with tempfile.TemporaryDirectory() as tmp:
@@ -232,10 +253,22 @@ def plan_405b(rank: int = 16, base_shard_bytes: float = 5e9) -> None:
             _sparse_safetensors(base / file, tensors)
             weight_map.update(dict.fromkeys(tensors, file))
         (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-        (base / "config.json").write_text(json.dumps({
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "intermediate_size": m,
-            "num_hidden_layers": c["layers"], "num_attention_heads": c["heads"], "num_key_value_heads": c["kv_heads"],
-            "vocab_size": c["vocab"], "tie_word_embeddings": False, "dtype": "bfloat16"}))
+        (base / "config.json").write_text(
+            json.dumps(
+                {
+                    "architectures": ["LlamaForCausalLM"],
+                    "model_type": "llama",
+                    "hidden_size": h,
+                    "intermediate_size": m,
+                    "num_hidden_layers": c["layers"],
+                    "num_attention_heads": c["heads"],
+                    "num_key_value_heads": c["kv_heads"],
+                    "vocab_size": c["vocab"],
+                    "tie_word_embeddings": False,
+                    "dtype": "bfloat16",
+                }
+            )
+        )
         factors = {}
         for i in range(c["layers"]):
             for name, (out_f, in_f) in linear.items():
@@ -243,9 +276,19 @@ def plan_405b(rank: int = 16, base_shard_bytes: float = 5e9) -> None:
                 factors[f"{key}.lora_A.weight"] = ("F32", (rank, in_f))
                 factors[f"{key}.lora_B.weight"] = ("F32", (out_f, rank))
         _sparse_safetensors(adapter / "adapter_model.safetensors", factors)
-        (adapter / "adapter_config.json").write_text(json.dumps({
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "bias": "none",
-            "target_modules": sorted({n.split(".")[-1] for n in linear}), "init_lora_weights": True}))
+        (adapter / "adapter_config.json").write_text(
+            json.dumps(
+                {
+                    "peft_type": "LORA",
+                    "task_type": "CAUSAL_LM",
+                    "r": rank,
+                    "lora_alpha": 2 * rank,
+                    "bias": "none",
+                    "target_modules": sorted({n.split(".")[-1] for n in linear}),
+                    "init_lora_weights": True,
+                }
+            )
+        )
         checkpoint = read_checkpoint(base)
         adapters = [read_adapter(adapter, 0, 1.0)]
         plan = build_plan(checkpoint, adapters, "bfloat16", 5 * 10**9)
@@ -258,15 +301,25 @@ def plan_405b(rank: int = 16, base_shard_bytes: float = 5e9) -> None:
         for t in plan.tensors:
             per_shard_factors[t.shard] += sum(factor[key] for op in t.ops for key in op.keys)
         params = sum(math.prod(t.shape) for t in plan.tensors)
-        print(f"405B plan (Llama-3.1-405B shapes, bf16, rank-{rank} LoRA in float32 on every linear layer), from headers only:")
-        print(f"  parameters {params / 1e9:.1f} B; base {len(checkpoint.files)} files of <= {base_shard_bytes / 1e9:g} GB; "
-              f"{len(plan.tensors)} output tensors, {sum(bool(t.ops) for t in plan.tensors)} of them changed")
-        print(f"  output {plan.total_bytes / 1e9:.1f} GB in {len(plan.shard_names)} shards of <= 5 GB "
-              f"(largest {max(shard_bytes) / 1e9:.2f} GB, smallest {min(shard_bytes) / 1e9:.2f} GB)")
-        print(f"  largest tensor {max(t.nbytes for t in plan.tensors) / 1e9:.2f} GB; largest changed tensor "
-              f"{max(t.nbytes for t in plan.tensors if t.ops) / 1e9:.2f} GB")
-        print(f"  adapter file {adapter_bytes / 1e9:.2f} GB; factors read per shard: at most "
-              f"{max(per_shard_factors) / 1e6:.0f} MB")
+        print(
+            f"405B plan (Llama-3.1-405B shapes, bf16, rank-{rank} LoRA in float32 on every linear layer), from headers only:"
+        )
+        print(
+            f"  parameters {params / 1e9:.1f} B; base {len(checkpoint.files)} files of <= {base_shard_bytes / 1e9:g} GB; "
+            f"{len(plan.tensors)} output tensors, {sum(bool(t.ops) for t in plan.tensors)} of them changed"
+        )
+        print(
+            f"  output {plan.total_bytes / 1e9:.1f} GB in {len(plan.shard_names)} shards of <= 5 GB "
+            f"(largest {max(shard_bytes) / 1e9:.2f} GB, smallest {min(shard_bytes) / 1e9:.2f} GB)"
+        )
+        print(
+            f"  largest tensor {max(t.nbytes for t in plan.tensors) / 1e9:.2f} GB; largest changed tensor "
+            f"{max(t.nbytes for t in plan.tensors if t.ops) / 1e9:.2f} GB"
+        )
+        print(
+            f"  adapter file {adapter_bytes / 1e9:.2f} GB; factors read per shard: at most "
+            f"{max(per_shard_factors) / 1e6:.0f} MB"
+        )
         print(f"  predicted peak memory of one merge process (plan.peak_bytes): {plan.peak_bytes / 2**30:.2f} GiB")
 
 

@@ -31,8 +31,10 @@ def build(folder: Path, size: float) -> tuple[Path, Path]:
 def measure(manifest: Path) -> tuple[float, float]:
     """(wall seconds, peak RSS in GiB) of one `mergekit-lite merge` in a fresh process."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "mergekit_lite", "merge", "--quiet", "--no-verify", str(manifest)],
-                            stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mergekit_lite", "merge", "--quiet", "--no-verify", str(manifest)],
+        stdout=subprocess.DEVNULL,
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:

@@ -1,6 +1,6 @@
 """PEFT's own merge path, the baseline of benchmarks/speed.py: load, merge_and_unload, save_pretrained.
 
-    .venv/bin/python benchmarks/peft_merge.py BASE ADAPTER OUTPUT
+.venv/bin/python benchmarks/peft_merge.py BASE ADAPTER OUTPUT
 """
 
 from __future__ import annotations

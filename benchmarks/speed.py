@@ -102,13 +102,12 @@ def warm(folder: Path) -> None:
                 pass
 
 
-def measure(command: list[str], output: Path, cache: str = "off", cwd: Path = HERE.parent) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GiB) of `command` in a fresh process started in `cwd`, which must
-    create `output`."""
+def measure(command: list[str], output: Path, cache: str = "off") -> tuple[float, float]:
+    """(wall seconds, peak RSS in GiB) of `command` in a fresh process, which must create `output`."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", MERGEKIT_LITE_CACHE=cache)
     with tempfile.TemporaryFile() as errors:  # progress bars and warnings, shown only on failure
         start = time.perf_counter()
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, env=env, cwd=cwd)
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, env=env, cwd=HERE.parent)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         if os.waitstatus_to_exitcode(status) != 0 or not output.exists():
@@ -129,8 +128,14 @@ def stages(folder: Path) -> dict[str, float]:
     warm(folder)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env["MERGEKIT_LITE_CACHE"] = digest_cache("mergekit", folder)
-    done = subprocess.run([sys.executable, str(HERE / "stages.py"), str(folder / "manifest.yaml")], env=env,
-                          cwd=folder, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, str(HERE / "stages.py"), str(folder / "manifest.yaml")],
+        env=env,
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     clean(folder / "merged")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -158,10 +163,14 @@ def run_size(size: float, tools: list[str], repeat: int, with_stages: bool) -> t
 
 
 def report(results: dict[float, tuple[float, dict[str, Runs]]], repeat: int) -> None:
-    print(f"\nwarm cache (base read before every run; output deleted and synced after); "
-          f"median of {repeat}, runs alternating; {os.cpu_count()} CPUs")
-    print(f"{'model':>8} {'tool':>9} {'wall s':>8} {'(min-max)':>13} {'peak RSS GiB':>13} {'x cp':>6} {'PEFT/x':>7} {'RSS/PEFT':>9}")
-    for size, (model_gb, runs) in results.items():
+    print(
+        f"\nwarm cache (base read before every run; output deleted and synced after); "
+        f"median of {repeat}, runs alternating; {os.cpu_count()} CPUs"
+    )
+    print(
+        f"{'model':>8} {'tool':>9} {'wall s':>8} {'(min-max)':>13} {'peak RSS GiB':>13} {'x cp':>6} {'PEFT/x':>7} {'RSS/PEFT':>9}"
+    )
+    for _size, (model_gb, runs) in results.items():
         cp = runs["cp"].median_wall if "cp" in runs else None
         peft = runs["peft"] if "peft" in runs else None
         for tool, r in runs.items():
@@ -169,11 +178,15 @@ def report(results: dict[float, tuple[float, dict[str, Runs]]], repeat: int) -> 
             vs_peft = f"{peft.median_wall / r.median_wall:7.2f}" if peft else f"{'-':>7}"
             rss_peft = f"{r.median_rss / peft.median_rss:9.3f}" if peft else f"{'-':>9}"
             spread = f"({min(r.wall):.1f}-{max(r.wall):.1f})"
-            print(f"{model_gb:>6.2f}GB {tool:>9} {r.median_wall:>8.2f} {spread:>13} {r.median_rss:>13.2f} {vs_cp} {vs_peft} {rss_peft}")
-    print("\ntargets (issue 7, for the 6 GB checkpoint): mergekit <= 1.5 x cp, >= 5 x faster than PEFT, "
-          "peak RSS <= 0.75 GiB and <= 1/8 of PEFT's, flat as the model grows; the streamed checks of the "
-          "gate add <= 50%")
-    for size, (model_gb, runs) in results.items():
+            print(
+                f"{model_gb:>6.2f}GB {tool:>9} {r.median_wall:>8.2f} {spread:>13} {r.median_rss:>13.2f} {vs_cp} {vs_peft} {rss_peft}"
+            )
+    print(
+        "\ntargets (issue 7, for the 6 GB checkpoint): mergekit <= 1.5 x cp, >= 5 x faster than PEFT, "
+        "peak RSS <= 0.75 GiB and <= 1/8 of PEFT's, flat as the model grows; the streamed checks of the "
+        "gate add <= 50%"
+    )
+    for _size, (model_gb, runs) in results.items():
         for tool in ("mergekit", "mk-cached"):
             if tool not in runs:
                 continue
@@ -190,10 +203,12 @@ def report(results: dict[float, tuple[float, dict[str, Runs]]], repeat: int) -> 
             print(f"  {model_gb:.2f} GB {tool:>9}: " + ", ".join(checks))
         if "mk+gate" in runs and "mk-cached" in runs:
             extra = runs["mk+gate"].median_wall / runs["mk-cached"].median_wall - 1
-            print(f"  {model_gb:.2f} GB   mk+gate: the streamed checks add {extra:.0%} to the merge "
-                  f"{_ok(extra <= MAX_GATE_SHARE)}")
+            print(
+                f"  {model_gb:.2f} GB   mk+gate: the streamed checks add {extra:.0%} to the merge "
+                f"{_ok(extra <= MAX_GATE_SHARE)}"
+            )
     print("\nmergekit-lite merge --no-verify, seconds per stage (one extra run per size):")
-    for size, (model_gb, runs) in results.items():
+    for _size, (model_gb, runs) in results.items():
         if "mergekit" in runs and runs["mergekit"].stages:
             print(f"  {model_gb:.2f} GB: " + ", ".join(f"{k} {v:.1f}" for k, v in runs["mergekit"].stages.items()))
     sizes = [s for s in results if "mergekit" in results[s][1]]
@@ -212,8 +227,12 @@ def main() -> None:
     parser.add_argument("--sizes", type=float, nargs="+", default=[1.0, 2.0, 6.0], help="checkpoint sizes in GB")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each tool per size (median reported)")
     parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS), help="which tools to run")
-    parser.add_argument("--no-stages", dest="stages", action="store_false",
-                        help="skip the extra mergekit-lite run that times each pipeline stage")
+    parser.add_argument(
+        "--no-stages",
+        dest="stages",
+        action="store_false",
+        help="skip the extra mergekit-lite run that times each pipeline stage",
+    )
     args = parser.parse_args()
     tools = [t for t in TOOLS if t in args.tools]
     results = {size: run_size(size, tools, args.repeat, args.stages) for size in args.sizes}

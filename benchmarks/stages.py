@@ -26,8 +26,18 @@ import mergekit_lite.release.receipt  # noqa: E402, F401  (its import time count
 from mergekit_lite.cli import main  # noqa: E402
 
 STAGES = {
-    pipeline: ("read_checkpoint", "check_adapter_values", "build_plan", "write_shards", "run_shards", "write_index",
-               "write_configs", "write_receipt", "write_checksums", "publish"),
+    pipeline: (
+        "read_checkpoint",
+        "check_adapter_values",
+        "build_plan",
+        "write_shards",
+        "run_shards",
+        "write_index",
+        "write_configs",
+        "write_receipt",
+        "write_checksums",
+        "publish",
+    ),
 }
 
 

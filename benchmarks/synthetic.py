@@ -75,11 +75,24 @@ def build(folder: Path, gigabytes: float, rank: int = 16, seed: int = 0) -> tupl
             factors[f"{key}.lora_A.weight"] = torch.randn(rank, in_features, generator=gen) * 0.01
             factors[f"{key}.lora_B.weight"] = torch.randn(out_features, rank, generator=gen) * 0.01
     save_file(factors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
-    (adapter / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
-        "target_modules": sorted({m.split(".")[-1] for m in LINEAR}), "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-    }, indent=2))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": rank,
+                "lora_alpha": 2 * rank,
+                "target_modules": sorted({m.split(".")[-1] for m in LINEAR}),
+                "lora_dropout": 0.0,
+                "bias": "none",
+                "fan_in_fan_out": False,
+                "use_rslora": False,
+                "use_dora": False,
+                "init_lora_weights": True,
+            },
+            indent=2,
+        )
+    )
     return base, adapter
 
 
@@ -98,18 +111,32 @@ def _flush(base: Path, shards: list[dict[str, torch.Tensor]], weight_map: dict[s
     for old, new in renames.items():
         (base / old).rename(base / new)
     size = sum((base / n).stat().st_size for n in renames.values())
-    (base / "model.safetensors.index.json").write_text(json.dumps({
-        "metadata": {"total_size": size},
-        "weight_map": {k: renames[v] for k, v in weight_map.items()},
-    }, indent=2))
+    (base / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "metadata": {"total_size": size},
+                "weight_map": {k: renames[v] for k, v in weight_map.items()},
+            },
+            indent=2,
+        )
+    )
 
 
 def _config(layers: int) -> dict[str, object]:
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE, "num_hidden_layers": layers, "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB, "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "dtype": "bfloat16", "hidden_act": "silu",
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTERMEDIATE,
+        "num_hidden_layers": layers,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "dtype": "bfloat16",
+        "hidden_act": "silu",
     }
 
 

@@ -102,7 +102,9 @@ def plan(manifest: str, as_json: bool, show_all: bool) -> None:
 
 @main.command()
 @click.argument("manifest", type=click.Path())
-@click.option("--no-verify", is_flag=True, help="Skip the verification gate (the release then says it is NOT VERIFIED).")
+@click.option(
+    "--no-verify", is_flag=True, help="Skip the verification gate (the release then says it is NOT VERIFIED)."
+)
 @click.option("--keep-rejected", is_flag=True, help="Keep a candidate that fails the gate at OUTPUT.rejected.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the output folder.")
 @_clean_errors
@@ -129,7 +131,9 @@ def merge(manifest: str, no_verify: bool, keep_rejected: bool, quiet: bool) -> N
         if bar.n >= job.plan.total_bytes:
             bar.close()
             if gating and not quiet:
-                click.echo("verifying the candidate (structure, per-tensor algebra, end to end, packaging)...", err=True)
+                click.echo(
+                    "verifying the candidate (structure, per-tensor algebra, end to end, packaging)...", err=True
+                )
 
     try:
         with bar:
@@ -150,7 +154,9 @@ def merge(manifest: str, no_verify: bool, keep_rejected: bool, quiet: bool) -> N
 
 @main.command()
 @click.argument("manifest", type=click.Path())
-@click.option("--against", type=click.Path(file_okay=False), help="The release folder to check (default: the manifest's output).")
+@click.option(
+    "--against", type=click.Path(file_okay=False), help="The release folder to check (default: the manifest's output)."
+)
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the report as JSON here.")
 @_clean_errors
 def verify(manifest: str, against: str | None, report_path: str | None) -> None:
@@ -218,8 +224,13 @@ def example() -> None:
 
 
 @example.command("prepare")
-@click.option("--cache", default=".cache/examples", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for the converted base and the trained adapter.")
+@click.option(
+    "--cache",
+    default=".cache/examples",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the converted base and the trained adapter.",
+)
 @click.option("--steps", default=30, show_default=True, help="LoRA training steps.")
 @_clean_errors
 def example_prepare(cache: str, steps: int) -> None:

@@ -12,25 +12,25 @@ from typing import Any
 
 import torch
 
-from mergekit_lite.merge import mathops
-from mergekit_lite.release import publish as publish_module
-from mergekit_lite.sources.adapter import Adapter, read_adapter
-from mergekit_lite.sources.checkpoint import Checkpoint, read_checkpoint, weight_files
-from mergekit_lite.io.digests import InputDigests
 from mergekit_lite.errors import AdapterError, InputError, MergekitError
-from mergekit_lite.merge.executor import check_available, run_shards
 from mergekit_lite.gate import GateReport, run_gate
 from mergekit_lite.gate.report import fmt, markdown, skipped_report
-from mergekit_lite.sources.hub import resolve_hub_sources
+from mergekit_lite.io.digests import InputDigests
+from mergekit_lite.io.reader import TensorReader
 from mergekit_lite.manifest.load import LoadedManifest, load_manifest
+from mergekit_lite.merge import mathops
+from mergekit_lite.merge.executor import check_available, run_shards
 from mergekit_lite.merge.merge import Progress
-from mergekit_lite.release.configs import write_configs, write_index, write_json
 from mergekit_lite.plan.build import build_plan
 from mergekit_lite.plan.plan import Plan
-from mergekit_lite.release.publish import check_output, new_parents, output_lock, publish, staging
-from mergekit_lite.io.reader import TensorReader
+from mergekit_lite.release import publish as publish_module
 from mergekit_lite.release.card import model_card
+from mergekit_lite.release.configs import write_configs, write_index, write_json
+from mergekit_lite.release.publish import check_output, new_parents, output_lock, publish, staging
 from mergekit_lite.release.receipt import resolved_manifest, write_checksums, write_receipt
+from mergekit_lite.sources.adapter import Adapter, read_adapter
+from mergekit_lite.sources.checkpoint import Checkpoint, read_checkpoint, weight_files
+from mergekit_lite.sources.hub import resolve_hub_sources
 from mergekit_lite.sources.tokenizer import copy_tokenizer, load_tokenizer, tokenizer_files, tokenizer_source
 
 
@@ -41,7 +41,11 @@ class GateFailed(MergekitError):
 
     def __init__(self, report: GateReport, kept: Path | None) -> None:
         first = report.failures[0]
-        where = f"the rejected candidate is kept at `{kept}`" if kept else "the candidate was removed (--keep-rejected keeps it)"
+        where = (
+            f"the rejected candidate is kept at `{kept}`"
+            if kept
+            else "the candidate was removed (--keep-rejected keeps it)"
+        )
         super().__init__(
             f"verification failed: {first.group}: {first.name} = {fmt(first.figure)} (threshold {fmt(first.threshold)})"
             f"{'; ' + first.detail if first.detail else ''}; nothing was published; {where}"
@@ -81,8 +85,10 @@ def prepare(manifest_path: str | Path, for_output: bool = True, hash_inputs: boo
     inputs = InputDigests(_base_files(loaded.base_path)) if hash_inputs else None
     try:
         checkpoint = read_checkpoint(loaded.base_path)
-        adapters = [read_adapter(p, i, spec.weight, allow_pickle=spec.allow_pickle)
-                    for i, (p, spec) in enumerate(zip(loaded.adapter_paths, m.adapters))]
+        adapters = [
+            read_adapter(p, i, spec.weight, allow_pickle=spec.allow_pickle)
+            for i, (p, spec) in enumerate(zip(loaded.adapter_paths, m.adapters))
+        ]
         plan = build_plan(checkpoint, adapters, m.dtype, loaded.max_shard_bytes, combine=m.combine)
         resolve_device(m.device_map)
         if for_output:
@@ -174,8 +180,9 @@ def _interrupts_deferred() -> Iterator[list[bool]]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _describe(job: Job, stage: Path, report: GateReport | None, inputs: list[dict[str, Any]],
-              digests: dict[str, str]) -> None:
+def _describe(
+    job: Job, stage: Path, report: GateReport | None, inputs: list[dict[str, Any]], digests: dict[str, str]
+) -> None:
     """verification.json, the model card, the resolved manifest, the receipt and SHA256SUMS."""
     loaded = job.manifest
     m = loaded.manifest
@@ -183,11 +190,20 @@ def _describe(job: Job, stage: Path, report: GateReport | None, inputs: list[dic
     verification = report.to_dict() if report is not None else skipped_report(reason)
     write_json(stage / "verification.json", verification)
     gate_md = markdown(report, "mergekit-lite gate") if report is not None else None
-    card = model_card(loaded.output_path.name, loaded.base_path, m.base.id, _card_adapters(job), job.plan, gate_md, reason,
-                      base_revision=m.base.revision)
+    card = model_card(
+        loaded.output_path.name,
+        loaded.base_path,
+        m.base.id,
+        _card_adapters(job),
+        job.plan,
+        gate_md,
+        reason,
+        base_revision=m.base.revision,
+    )
     (stage / "README.md").write_text(card, encoding="utf-8")
     (stage / "manifest.yaml").write_text(
-        resolved_manifest(m, loaded.base_path, loaded.adapter_paths, loaded.output_path), encoding="utf-8")
+        resolved_manifest(m, loaded.base_path, loaded.adapter_paths, loaded.output_path), encoding="utf-8"
+    )
     hashed = write_receipt(stage, inputs, job.plan, verification, digests, sources=loaded.hub_sources)
     write_checksums(stage, hashed)  # only release.json itself is left to hash
 
@@ -195,8 +211,10 @@ def _describe(job: Job, stage: Path, report: GateReport | None, inputs: list[dic
 def _card_adapters(job: Job) -> list[dict[str, Any]]:
     """The plan's adapter rows, a hub adapter named by `id@commit` rather than its cache folder."""
     pins = job.manifest.pins
-    return [dict(a, path=f"{pin.repo_id}@{pin.commit}") if (pin := pins.get(f"adapters[{i}]")) else a
-            for i, a in enumerate(job.plan.adapters)]
+    return [
+        dict(a, path=f"{pin.repo_id}@{pin.commit}") if (pin := pins.get(f"adapters[{i}]")) else a
+        for i, a in enumerate(job.plan.adapters)
+    ]
 
 
 def _inputs(job: Job, source: Path | None) -> list[Path]:
@@ -206,7 +224,10 @@ def _inputs(job: Job, source: Path | None) -> list[Path]:
         if (job.checkpoint.path / extra).is_file():
             inputs.append(job.checkpoint.path / extra)
     for adapter in job.adapters:
-        inputs += [adapter.path / "adapter_config.json", adapter.weights_file or adapter.path / "adapter_model.safetensors"]
+        inputs += [
+            adapter.path / "adapter_config.json",
+            adapter.weights_file or adapter.path / "adapter_model.safetensors",
+        ]
     if source is not None:
         inputs += [p for p in tokenizer_files(source) if p not in inputs]
     return inputs

@@ -106,7 +106,7 @@ def build_base(kind: str, out: Path) -> Path:
     model = AutoModelForCausalLM.from_config(BASE_CONFIGS[kind]())
     gen = torch.Generator().manual_seed(SEED)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for _name, param in model.named_parameters():
             if param.ndim == 1:
                 param.add_(0.1 * torch.randn(param.shape, generator=gen))
     model.save_pretrained(out)
@@ -158,8 +158,13 @@ class AdapterRecipe:
     resize_to: int | None = None
 
 
-def _simple(base_kind: str, seed: int, perturb: tuple[Callable[[str], bool], float] | None = None,
-            resize_to: int | None = None, **lora_kwargs) -> AdapterRecipe:
+def _simple(
+    base_kind: str,
+    seed: int,
+    perturb: tuple[Callable[[str], bool], float] | None = None,
+    resize_to: int | None = None,
+    **lora_kwargs,
+) -> AdapterRecipe:
     lora_kwargs.setdefault("init_lora_weights", False)
     lora_kwargs.setdefault("task_type", "CAUSAL_LM")
 
@@ -175,8 +180,13 @@ def _simple(base_kind: str, seed: int, perturb: tuple[Callable[[str], bool], flo
 
 def _pissa_converted(base_dir: Path, out: Path) -> None:
     model = load_base(base_dir)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                        init_lora_weights="pissa", task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights="pissa",
+        task_type="CAUSAL_LM",
+    )
     peft_model = _peft(model, config, 11)
     initial = out.parent / f"{out.name}_initial"
     peft_model.peft_config["default"].init_lora_weights = True
@@ -188,8 +198,9 @@ def _pissa_converted(base_dir: Path, out: Path) -> None:
 
 def _pissa_unconverted(base_dir: Path, out: Path) -> None:
     model = load_base(base_dir)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                        init_lora_weights="pissa", task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa", task_type="CAUSAL_LM"
+    )
     peft_model = _peft(model, config, 12)
     _perturb(peft_model, lambda n: ".lora_" in n, 0.05, 12)
     peft_model.save_pretrained(out)
@@ -217,69 +228,167 @@ ADAPTERS: dict[str, AdapterRecipe] = {
     # plain LoRA on every linear layer (lm_head excluded by PEFT's "all-linear")
     "llama_lora": _simple("llama", 1, r=8, lora_alpha=16, target_modules="all-linear"),
     # a second, different adapter for the weighted combination
-    "llama_lora_b": _simple("llama", 2, r=4, lora_alpha=4,
-                            target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]),
-    "llama_rslora": _simple("llama", 3, r=4, lora_alpha=8, use_rslora=True,
-                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]),
+    "llama_lora_b": _simple(
+        "llama", 2, r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]
+    ),
+    "llama_rslora": _simple(
+        "llama",
+        3,
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+    ),
     "llama_patterns": _simple(
-        "llama", 4, r=8, lora_alpha=16, target_modules=LLAMA_LINEAR,
+        "llama",
+        4,
+        r=8,
+        lora_alpha=16,
+        target_modules=LLAMA_LINEAR,
         rank_pattern={"q_proj": 4, "layers.1.mlp.down_proj": 2},
         alpha_pattern={"v_proj": 32, "model.layers.0.self_attn.o_proj": 3},
     ),
-    "gpt2_lora": _simple("gpt2", 5, r=8, lora_alpha=16, fan_in_fan_out=True,
-                         target_modules=["c_attn", "c_proj", "c_fc"]),
+    "gpt2_lora": _simple(
+        "gpt2", 5, r=8, lora_alpha=16, fan_in_fan_out=True, target_modules=["c_attn", "c_proj", "c_fc"]
+    ),
     # DoRA's magnitude is initialised to ||W + dW||, which would make DoRA == LoRA: perturb it
-    "llama_dora": _simple("llama", 6, perturb=(_is_dora_magnitude, 0.3), r=8, lora_alpha=16,
-                          use_dora=True, target_modules=LLAMA_LINEAR),
-    "gpt2_dora": _simple("gpt2", 7, perturb=(_is_dora_magnitude, 0.3), r=8, lora_alpha=16,
-                         use_dora=True, fan_in_fan_out=True, target_modules=["c_attn", "c_proj", "c_fc"]),
-    "llama_embed_lora": _simple("llama", 8, r=8, lora_alpha=16,
-                                target_modules=["embed_tokens", "q_proj"]),
-    "qwen2_lora_bias": _simple("qwen2", 9, perturb=(lambda n: n.endswith("lora_B.default.bias"), 0.2),
-                               r=8, lora_alpha=16, lora_bias=True,
-                               target_modules=["q_proj", "k_proj", "v_proj"]),
-    "qwen2_bias_all": _simple("qwen2", 10, perturb=(_is_bias, 0.2), r=8, lora_alpha=16, bias="all",
-                              target_modules=["q_proj", "v_proj", "o_proj"]),
+    "llama_dora": _simple(
+        "llama", 6, perturb=(_is_dora_magnitude, 0.3), r=8, lora_alpha=16, use_dora=True, target_modules=LLAMA_LINEAR
+    ),
+    "gpt2_dora": _simple(
+        "gpt2",
+        7,
+        perturb=(_is_dora_magnitude, 0.3),
+        r=8,
+        lora_alpha=16,
+        use_dora=True,
+        fan_in_fan_out=True,
+        target_modules=["c_attn", "c_proj", "c_fc"],
+    ),
+    "llama_embed_lora": _simple("llama", 8, r=8, lora_alpha=16, target_modules=["embed_tokens", "q_proj"]),
+    "qwen2_lora_bias": _simple(
+        "qwen2",
+        9,
+        perturb=(lambda n: n.endswith("lora_B.default.bias"), 0.2),
+        r=8,
+        lora_alpha=16,
+        lora_bias=True,
+        target_modules=["q_proj", "k_proj", "v_proj"],
+    ),
+    "qwen2_bias_all": _simple(
+        "qwen2",
+        10,
+        perturb=(_is_bias, 0.2),
+        r=8,
+        lora_alpha=16,
+        bias="all",
+        target_modules=["q_proj", "v_proj", "o_proj"],
+    ),
     "qwen2_bias_lora_only": _simple(
-        "qwen2", 11, perturb=(lambda n: n.endswith("base_layer.bias"), 0.2), r=8, lora_alpha=16,
-        bias="lora_only", target_modules=["q_proj", "k_proj"]),
-    "llama_mts_lm_head": _simple("llama", 12, perturb=(lambda n: "modules_to_save" in n, 0.05),
-                                 r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                 modules_to_save=["lm_head"]),
-    "llama_tied_mts_lm_head": _simple("llama_tied", 13, perturb=(lambda n: "modules_to_save" in n, 0.05),
-                                      r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                      modules_to_save=["lm_head"]),
-    "llama_resized": _simple("llama", 14, perturb=(lambda n: "modules_to_save" in n, 0.05),
-                             resize_to=RESIZED_VOCAB, r=8, lora_alpha=16,
-                             target_modules=["q_proj", "v_proj"],
-                             modules_to_save=["embed_tokens", "lm_head"]),
-    "llama_tt_list": _simple("llama", 15, perturb=(lambda n: "trainable_tokens_delta" in n, 0.1),
-                             r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                             trainable_token_indices=[3, 17, 90]),
-    "llama_tt_dict": _simple("llama", 16, perturb=(lambda n: "trainable_tokens_delta" in n, 0.1),
-                             r=8, lora_alpha=16, target_modules=["q_proj"],
-                             trainable_token_indices={"embed_tokens": [5, 6, 60]}),
-    "llama_tied_tt_list": _simple("llama_tied", 17, perturb=(lambda n: "trainable_tokens_delta" in n, 0.1),
-                                  r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                  trainable_token_indices=[3, 17, 90]),
-    "llama_tied_tt_dict": _simple("llama_tied", 18, perturb=(lambda n: "trainable_tokens_delta" in n, 0.1),
-                                  r=8, lora_alpha=16, target_modules=["o_proj"],
-                                  trainable_token_indices={"embed_tokens": [0, 44, 95]}),
-    "llama_layers_to_transform": _simple("llama", 19, r=8, lora_alpha=16, layers_to_transform=[1],
-                                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        "qwen2",
+        11,
+        perturb=(lambda n: n.endswith("base_layer.bias"), 0.2),
+        r=8,
+        lora_alpha=16,
+        bias="lora_only",
+        target_modules=["q_proj", "k_proj"],
+    ),
+    "llama_mts_lm_head": _simple(
+        "llama",
+        12,
+        perturb=(lambda n: "modules_to_save" in n, 0.05),
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj"],
+        modules_to_save=["lm_head"],
+    ),
+    "llama_tied_mts_lm_head": _simple(
+        "llama_tied",
+        13,
+        perturb=(lambda n: "modules_to_save" in n, 0.05),
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj"],
+        modules_to_save=["lm_head"],
+    ),
+    "llama_resized": _simple(
+        "llama",
+        14,
+        perturb=(lambda n: "modules_to_save" in n, 0.05),
+        resize_to=RESIZED_VOCAB,
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj"],
+        modules_to_save=["embed_tokens", "lm_head"],
+    ),
+    "llama_tt_list": _simple(
+        "llama",
+        15,
+        perturb=(lambda n: "trainable_tokens_delta" in n, 0.1),
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj"],
+        trainable_token_indices=[3, 17, 90],
+    ),
+    "llama_tt_dict": _simple(
+        "llama",
+        16,
+        perturb=(lambda n: "trainable_tokens_delta" in n, 0.1),
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj"],
+        trainable_token_indices={"embed_tokens": [5, 6, 60]},
+    ),
+    "llama_tied_tt_list": _simple(
+        "llama_tied",
+        17,
+        perturb=(lambda n: "trainable_tokens_delta" in n, 0.1),
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj"],
+        trainable_token_indices=[3, 17, 90],
+    ),
+    "llama_tied_tt_dict": _simple(
+        "llama_tied",
+        18,
+        perturb=(lambda n: "trainable_tokens_delta" in n, 0.1),
+        r=8,
+        lora_alpha=16,
+        target_modules=["o_proj"],
+        trainable_token_indices={"embed_tokens": [0, 44, 95]},
+    ),
+    "llama_layers_to_transform": _simple(
+        "llama",
+        19,
+        r=8,
+        lora_alpha=16,
+        layers_to_transform=[1],
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    ),
     "llama_pissa_converted": AdapterRecipe("llama", _pissa_converted),
-    "llama_tied_embed_lora": _simple("llama_tied", 20, r=8, lora_alpha=16,
-                                     target_modules=["embed_tokens", "q_proj"]),
-    "llama_tied_lm_head_lora": _simple("llama_tied", 21, r=8, lora_alpha=16,
-                                       target_modules=["lm_head", "v_proj"]),
+    "llama_tied_embed_lora": _simple("llama_tied", 20, r=8, lora_alpha=16, target_modules=["embed_tokens", "q_proj"]),
+    "llama_tied_lm_head_lora": _simple("llama_tied", 21, r=8, lora_alpha=16, target_modules=["lm_head", "v_proj"]),
     "gpt2_tied_embed_lora": _simple("gpt2", 22, r=8, lora_alpha=16, target_modules=["wte", "c_fc"]),
     # refused inputs
     "llama_pissa_unconverted": AdapterRecipe("llama", _pissa_unconverted),
-    "llama_ia3": AdapterRecipe("llama", _non_lora(lambda: IA3Config(
-        target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
-        task_type="CAUSAL_LM"))),
-    "llama_lokr": AdapterRecipe("llama", _non_lora(lambda: LoKrConfig(
-        r=4, alpha=8, target_modules=["q_proj", "v_proj"], init_weights=False, task_type="CAUSAL_LM"))),
+    "llama_ia3": AdapterRecipe(
+        "llama",
+        _non_lora(
+            lambda: IA3Config(
+                target_modules=["k_proj", "v_proj", "down_proj"],
+                feedforward_modules=["down_proj"],
+                task_type="CAUSAL_LM",
+            )
+        ),
+    ),
+    "llama_lokr": AdapterRecipe(
+        "llama",
+        _non_lora(
+            lambda: LoKrConfig(
+                r=4, alpha=8, target_modules=["q_proj", "v_proj"], init_weights=False, task_type="CAUSAL_LM"
+            )
+        ),
+    ),
 }
 
 

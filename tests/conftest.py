@@ -86,8 +86,7 @@ class Oracle:
         self._logits: dict[str, torch.Tensor] = {}
 
     def _adapters(self, case: MergeCase, upto: int | None = None) -> list[tuple[Path, float]]:
-        return [(self.zoo.adapter(name), 1.0 if weight is None else weight)
-                for name, weight in case.adapters[:upto]]
+        return [(self.zoo.adapter(name), 1.0 if weight is None else weight) for name, weight in case.adapters[:upto]]
 
     def base_tensors(self, case: MergeCase) -> dict[str, torch.Tensor]:
         """The base checkpoint's tensors (float32); a tied lm_head is listed under its own name."""

@@ -161,12 +161,15 @@ class Violation:
     base: float | None
 
     def __str__(self) -> str:
-        return (f"{self.name}: |ours-ref|={self.diff:.3e} is {self.max_excess:.2f}x the tolerance "
-                f"(ours={self.ours:.9g}, ref={self.ref:.9g}, base={self.base})")
+        return (
+            f"{self.name}: |ours-ref|={self.diff:.3e} is {self.max_excess:.2f}x the tolerance "
+            f"(ours={self.ours:.9g}, ref={self.ref:.9g}, base={self.base})"
+        )
 
 
-def tensor_violation(name: str, ours: torch.Tensor, ref: torch.Tensor, base: torch.Tensor | None,
-                     dtype: torch.dtype) -> Violation | None:
+def tensor_violation(
+    name: str, ours: torch.Tensor, ref: torch.Tensor, base: torch.Tensor | None, dtype: torch.dtype
+) -> Violation | None:
     """None when ``ours`` is within the tolerance of ``ref`` elementwise, else the worst element.
 
     ``base`` is the base magnitude that the tolerance may use (see ``Oracle.magnitudes``).
@@ -190,12 +193,19 @@ def tensor_violation(name: str, ours: torch.Tensor, ref: torch.Tensor, base: tor
     if float(ratio.flatten()[worst]) <= 1.0:
         return None
     flat_base = None if base is None else float(base.flatten()[worst])
-    return Violation(name, float(ratio.flatten()[worst]), float(diff.flatten()[worst]),
-                     float(o.flatten()[worst]), float(r.flatten()[worst]), flat_base)
+    return Violation(
+        name,
+        float(ratio.flatten()[worst]),
+        float(diff.flatten()[worst]),
+        float(o.flatten()[worst]),
+        float(r.flatten()[worst]),
+        flat_base,
+    )
 
 
-def violations(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor],
-               base: dict[str, torch.Tensor], dtype: torch.dtype) -> list[Violation]:
+def violations(
+    ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], base: dict[str, torch.Tensor], dtype: torch.dtype
+) -> list[Violation]:
     """Per-tensor violations of the tolerance table, over the names of ``ref``.
 
     ``base``: per tensor, the base magnitudes (|W|, or elementwise max(|W|, |f W|) for DoRA).
@@ -286,8 +296,7 @@ def dora_scaled_bases(peft_model) -> dict[str, torch.Tensor]:
             delta = module.get_delta_weight(adapter).detach().to(torch.float32)
             fan = module.fan_in_fan_out
             with torch.no_grad():
-                norm = module.lora_magnitude_vector[adapter].get_weight_norm(
-                    weight, transpose(delta, fan), scaling=1)
+                norm = module.lora_magnitude_vector[adapter].get_weight_norm(weight, transpose(delta, fan), scaling=1)
                 factor = module.lora_magnitude_vector[adapter].weight.detach().float() / norm
             scaled[f"{module_name}.weight"] = transpose(factor.view(-1, 1), fan) * weight
     return scaled

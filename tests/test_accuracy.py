@@ -31,17 +31,22 @@ def exact_merge(base: dict[str, torch.Tensor], adapters) -> dict[str, torch.Tens
     for path, weight in adapters:
         config = json.loads((path / "adapter_config.json").read_text())
         assert config["peft_type"] == "LORA"
-        assert not (config["use_rslora"] or config["use_dora"] or config["fan_in_fan_out"]
-                    or config["rank_pattern"] or config["alpha_pattern"]), "plain LoRA expected"
+        assert not (
+            config["use_rslora"]
+            or config["use_dora"]
+            or config["fan_in_fan_out"]
+            or config["rank_pattern"]
+            or config["alpha_pattern"]
+        ), "plain LoRA expected"
         scale = config["lora_alpha"] / config["r"]
         factors = load_file(path / "adapter_model.safetensors")
         for key in factors:
             if key.endswith(".lora_A.weight"):
-                module = key[len(PREFIX):-len(".lora_A.weight")]
+                module = key[len(PREFIX) : -len(".lora_A.weight")]
                 a = factors[key].to(torch.float64)
                 delta = factors[key.replace(".lora_A.", ".lora_B.")].to(torch.float64) @ a
             elif key.endswith(".lora_embedding_A"):
-                module = key[len(PREFIX):-len(".lora_embedding_A")]
+                module = key[len(PREFIX) : -len(".lora_embedding_A")]
                 a = factors[key].to(torch.float64)
                 delta = (factors[key.replace("_A", "_B")].to(torch.float64) @ a).T
             else:

@@ -97,7 +97,9 @@ def test_a_warm_cache_keeps_transformers_out_of_a_fresh_process(zoo, cache: Path
     base = zoo.base("gpt2")
     assert embeddings(base) == EXPECTED["gpt2"]  # warms the cache
     env = dict(os.environ, MERGEKIT_LITE_CACHE=str(cache) if setting == "warm" else "off")
-    done = subprocess.run([sys.executable, "-c", PROBE, str(base)], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, str(base)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     tied, inp, out, imported = json.loads(done.stdout.strip().splitlines()[-1])
     assert (tied, inp, out) == EXPECTED["gpt2"]
@@ -132,8 +134,17 @@ def test_another_transformers_version_misses_the_cache(zoo, cache: Path, monkeyp
     assert sorted(k.rsplit("==", 1)[1] for k in entries(cache)) == sorted([installed, "0.0.0+other"])
 
 
-@pytest.mark.parametrize("content", ["not json", "[1, 2]", '{"key": 3}', "", pytest.param("[" * 100_000, id="nested too deeply"),
-                                     "right key, wrong value"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "not json",
+        "[1, 2]",
+        '{"key": 3}',
+        "",
+        pytest.param("[" * 100_000, id="nested too deeply"),
+        "right key, wrong value",
+    ],
+)
 def test_a_corrupt_cache_is_ignored_and_rewritten(zoo, cache: Path, content: str, monkeypatch) -> None:
     base = zoo.base("gpt2")
     if content == "right key, wrong value":

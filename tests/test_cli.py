@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import write_manifest
 
 from mergekit_lite.cli import main
+
+from helpers import write_manifest
 
 
 def run(*args: str):
@@ -41,14 +42,24 @@ def test_missing_base(tmp_path: Path, zoo) -> None:
 
 def test_adapter_made_for_another_base(tmp_path: Path, zoo) -> None:
     m = write_manifest(tmp_path, zoo.base("llama"), [(zoo.adapter("gpt2_lora"), None)], "float32")
-    assert_clean_refusal(run("merge", str(m)), tmp_path, "which the base model does not have (is the adapter made for another base?)")
+    assert_clean_refusal(
+        run("merge", str(m)), tmp_path, "which the base model does not have (is the adapter made for another base?)"
+    )
 
 
 def test_adapter_with_other_shapes(tmp_path: Path, zoo) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    wider = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=1))
+    wider = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=96,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     wider.save_pretrained(tmp_path / "wider")
     m = write_manifest(tmp_path, tmp_path / "wider", [(zoo.adapter("llama_lora"), None)], "float32")
     assert_clean_refusal(run("merge", str(m)), tmp_path, "which does not fit `model.layers.0")

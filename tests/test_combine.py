@@ -18,15 +18,16 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from builders import _simple, load_base
 from click.testing import CliRunner
-from helpers import DTYPES, attach_adapters, load_output, merged_state_dict, violations
 
 from mergekit_lite.cli import main
-from mergekit_lite.merge.combine import CombinedFactors
 from mergekit_lite.errors import ManifestError, PlanError
 from mergekit_lite.manifest.load import load_manifest
+from mergekit_lite.merge.combine import CombinedFactors
 from mergekit_lite.pipeline import execute, prepare, verify_release
+
+from builders import _simple, load_base
+from helpers import DTYPES, attach_adapters, load_output, merged_state_dict, violations
 
 
 def _lora(name: str) -> bool:
@@ -36,13 +37,36 @@ def _lora(name: str) -> bool:
 # Adapters of the tests: llama ones with an embedding LoRA, GPT-2 ones on Conv1D (fan_in_fan_out);
 # the first adapter's init_lora_weights (True, gaussian, False) decides PEFT's random draws for dare.
 RECIPES = {
-    "l1": _simple("llama", 61, perturb=(_lora, 0.2), r=4, lora_alpha=8, init_lora_weights=True,
-                  target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"]),
-    "l2": _simple("llama", 62, perturb=(_lora, 0.2), r=4, lora_alpha=4, init_lora_weights="gaussian",
-                  target_modules=["q_proj", "k_proj", "down_proj", "embed_tokens"]),
+    "l1": _simple(
+        "llama",
+        61,
+        perturb=(_lora, 0.2),
+        r=4,
+        lora_alpha=8,
+        init_lora_weights=True,
+        target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+    ),
+    "l2": _simple(
+        "llama",
+        62,
+        perturb=(_lora, 0.2),
+        r=4,
+        lora_alpha=4,
+        init_lora_weights="gaussian",
+        target_modules=["q_proj", "k_proj", "down_proj", "embed_tokens"],
+    ),
     "l3": _simple("llama", 63, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
-    "g1": _simple("gpt2", 64, perturb=(_lora, 0.2), r=4, lora_alpha=8, use_rslora=True, fan_in_fan_out=True,
-                  init_lora_weights=True, target_modules=["c_attn", "c_fc"]),
+    "g1": _simple(
+        "gpt2",
+        64,
+        perturb=(_lora, 0.2),
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,
+        fan_in_fan_out=True,
+        init_lora_weights=True,
+        target_modules=["c_attn", "c_fc"],
+    ),
     "g2": _simple("gpt2", 65, r=4, lora_alpha=16, fan_in_fan_out=True, target_modules=["c_attn", "c_proj"]),
     "lre": _simple("llama", 66, r=4, lora_alpha=8, target_modules=r".*\.(q_proj|v_proj)"),
 }
@@ -67,27 +91,83 @@ class Case:
 CASES = [
     Case("cat", "llama", (("l1", 1.0), ("l2", -0.7), ("l3", 0.5)), {"method": "cat"}, {"method": "svd", "svd_rank": 4}),
     Case("linear", "llama", (("l2", 0.8), ("l1", -1.3)), {"method": "linear"}, {"method": "sum"}),
-    Case("svd", "llama", (("l1", 1.0), ("l2", 0.6), ("l3", 0.5)), {"method": "svd", "svd_rank": 6, "svd_clamp": 0.95},
-         {"method": "svd", "svd_rank": 6}),
-    Case("svd-reduced", "gpt2", (("g1", 1.0), ("g2", 0.7)), {"method": "svd", "svd_full_matrices": False},
-         {"method": "svd", "svd_rank": 2}),
-    Case("ties", "llama", (("l1", 1.0), ("l2", 0.9)), {"method": "ties", "density": 0.5, "majority_sign_method": "frequency"},
-         {"method": "ties", "density": 0.7, "majority_sign_method": "frequency"}),
-    Case("ties_svd", "gpt2", (("g2", 1.0), ("g1", 0.6)), {"method": "ties_svd", "density": 0.7},
-         {"method": "ties_svd", "density": 0.4}),
-    Case("dare_linear", "llama", (("l1", 1.0), ("l2", 0.8)), {"method": "dare_linear", "density": 0.5, "seed": 3},
-         {"method": "dare_linear", "density": 0.5, "seed": 4}),
-    Case("dare_ties", "gpt2", (("g1", 1.0), ("g2", -0.5)), {"method": "dare_ties", "density": 0.6, "seed": 11},
-         {"method": "dare_ties", "density": 0.6, "seed": 12}),
-    Case("dare_linear_svd", "llama", (("l2", 1.0), ("l1", 0.7)), {"method": "dare_linear_svd", "density": 0.5},
-         {"method": "dare_linear_svd", "density": 0.5, "seed": 1}),
-    Case("dare_ties_svd", "gpt2", (("g2", 1.0), ("g1", 1.0)), {"method": "dare_ties_svd", "density": 0.5, "seed": 7},
-         {"method": "dare_ties_svd", "density": 0.8, "seed": 7}),
-    Case("magnitude_prune", "llama", (("l1", 1.0), ("l2", 1.0)), {"method": "magnitude_prune", "density": 0.3},
-         {"method": "magnitude_prune", "density": 0.6}),
-    Case("magnitude_prune_svd", "gpt2", (("g1", 0.9), ("g2", 1.0)), {"method": "magnitude_prune_svd", "density": 0.4},
-         {"method": "ties_svd", "density": 0.4}),
-    Case("single", "llama", (("l1", 0.8),), {"method": "ties", "density": 0.5}, {"method": "ties", "density": 0.5, "weights": [0.5]}),
+    Case(
+        "svd",
+        "llama",
+        (("l1", 1.0), ("l2", 0.6), ("l3", 0.5)),
+        {"method": "svd", "svd_rank": 6, "svd_clamp": 0.95},
+        {"method": "svd", "svd_rank": 6},
+    ),
+    Case(
+        "svd-reduced",
+        "gpt2",
+        (("g1", 1.0), ("g2", 0.7)),
+        {"method": "svd", "svd_full_matrices": False},
+        {"method": "svd", "svd_rank": 2},
+    ),
+    Case(
+        "ties",
+        "llama",
+        (("l1", 1.0), ("l2", 0.9)),
+        {"method": "ties", "density": 0.5, "majority_sign_method": "frequency"},
+        {"method": "ties", "density": 0.7, "majority_sign_method": "frequency"},
+    ),
+    Case(
+        "ties_svd",
+        "gpt2",
+        (("g2", 1.0), ("g1", 0.6)),
+        {"method": "ties_svd", "density": 0.7},
+        {"method": "ties_svd", "density": 0.4},
+    ),
+    Case(
+        "dare_linear",
+        "llama",
+        (("l1", 1.0), ("l2", 0.8)),
+        {"method": "dare_linear", "density": 0.5, "seed": 3},
+        {"method": "dare_linear", "density": 0.5, "seed": 4},
+    ),
+    Case(
+        "dare_ties",
+        "gpt2",
+        (("g1", 1.0), ("g2", -0.5)),
+        {"method": "dare_ties", "density": 0.6, "seed": 11},
+        {"method": "dare_ties", "density": 0.6, "seed": 12},
+    ),
+    Case(
+        "dare_linear_svd",
+        "llama",
+        (("l2", 1.0), ("l1", 0.7)),
+        {"method": "dare_linear_svd", "density": 0.5},
+        {"method": "dare_linear_svd", "density": 0.5, "seed": 1},
+    ),
+    Case(
+        "dare_ties_svd",
+        "gpt2",
+        (("g2", 1.0), ("g1", 1.0)),
+        {"method": "dare_ties_svd", "density": 0.5, "seed": 7},
+        {"method": "dare_ties_svd", "density": 0.8, "seed": 7},
+    ),
+    Case(
+        "magnitude_prune",
+        "llama",
+        (("l1", 1.0), ("l2", 1.0)),
+        {"method": "magnitude_prune", "density": 0.3},
+        {"method": "magnitude_prune", "density": 0.6},
+    ),
+    Case(
+        "magnitude_prune_svd",
+        "gpt2",
+        (("g1", 0.9), ("g2", 1.0)),
+        {"method": "magnitude_prune_svd", "density": 0.4},
+        {"method": "ties_svd", "density": 0.4},
+    ),
+    Case(
+        "single",
+        "llama",
+        (("l1", 0.8),),
+        {"method": "ties", "density": 0.5},
+        {"method": "ties", "density": 0.5, "weights": [0.5]},
+    ),
 ]
 BY_ID = {c.id: c for c in CASES}
 CASE_IDS = [c.id for c in CASES]
@@ -98,12 +178,23 @@ def _base_kind(case: Case, dtype_name: str) -> str:
     return case.base if dtype_name == "float32" else f"{case.base}_bf16"
 
 
-def write_combine_manifest(folder: Path, base: Path, adapters: list[tuple[Path, float]], dtype: str,
-                           combine: dict[str, Any] | str | None, verify: dict[str, Any] | None = None,
-                           **extra: Any) -> Path:
+def write_combine_manifest(
+    folder: Path,
+    base: Path,
+    adapters: list[tuple[Path, float]],
+    dtype: str,
+    combine: dict[str, Any] | str | None,
+    verify: dict[str, Any] | None = None,
+    **extra: Any,
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    doc: dict[str, Any] = {"base": str(base), "adapters": [{"path": str(p), "weight": w} for p, w in adapters],
-                           "dtype": dtype, "output": "./out", **extra}
+    doc: dict[str, Any] = {
+        "base": str(base),
+        "adapters": [{"path": str(p), "weight": w} for p, w in adapters],
+        "dtype": dtype,
+        "output": "./out",
+        **extra,
+    }
     if combine is not None:
         doc["combine"] = combine
     doc["verify"] = verify if verify is not None else {"enabled": False}
@@ -138,8 +229,14 @@ class Env:
     def manifest(self, case: Case, dtype_name: str, variant: str = "main", verify: bool = False) -> Path:
         combine, weights = case.variant(variant)
         folder = self.root / "merges" / f"{case.id}-{dtype_name}-{variant}"
-        return write_combine_manifest(folder, self.zoo.base(_base_kind(case, dtype_name)), self.inputs(case, weights),
-                                      dtype_name, combine, {"max_new_tokens": 4} if verify else None)
+        return write_combine_manifest(
+            folder,
+            self.zoo.base(_base_kind(case, dtype_name)),
+            self.inputs(case, weights),
+            dtype_name,
+            combine,
+            {"max_new_tokens": 4} if verify else None,
+        )
 
     def merge(self, case: Case, dtype_name: str):
         """Our release of the case (float32 with the gate on); the pipeline's Result."""
@@ -158,13 +255,15 @@ class Env:
             combine, weights = case.variant(variant)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self._peft[key] = peft_combine(self.zoo.base(_base_kind(case, dtype_name)), self.inputs(case, weights),
-                                               DTYPES[dtype_name], combine)
+                self._peft[key] = peft_combine(
+                    self.zoo.base(_base_kind(case, dtype_name)), self.inputs(case, weights), DTYPES[dtype_name], combine
+                )
         return self._peft[key]
 
 
-def peft_combine(base: Path, adapters: list[tuple[Path, float]], dtype: torch.dtype,
-                 combine: dict[str, Any]) -> tuple[dict, dict]:
+def peft_combine(
+    base: Path, adapters: list[tuple[Path, float]], dtype: torch.dtype, combine: dict[str, Any]
+) -> tuple[dict, dict]:
     """PEFT's add_weighted_adapter (seeded) and merge_and_unload; `sum`: PEFT's merge of all adapters."""
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
@@ -183,11 +282,17 @@ def peft_combine(base: Path, adapters: list[tuple[Path, float]], dtype: torch.dt
     factors = {}
     for module_name, module in peft_model.base_model.model.named_modules():
         if isinstance(module, LoraLayer) and "c" in module.lora_A:
-            factors[module_name] = (module.lora_A["c"].weight.detach().clone(), module.lora_B["c"].weight.detach().clone(),
-                                    module.scaling["c"])
+            factors[module_name] = (
+                module.lora_A["c"].weight.detach().clone(),
+                module.lora_B["c"].weight.detach().clone(),
+                module.scaling["c"],
+            )
         elif isinstance(module, LoraLayer) and "c" in module.lora_embedding_A:
-            factors[module_name] = (module.lora_embedding_A["c"].detach().clone(),
-                                    module.lora_embedding_B["c"].detach().clone(), module.scaling["c"])
+            factors[module_name] = (
+                module.lora_embedding_A["c"].detach().clone(),
+                module.lora_embedding_B["c"].detach().clone(),
+                module.scaling["c"],
+            )
     peft_model.set_adapter("c")
     merged = peft_model.merge_and_unload()
     return factors, {k: v.detach().clone() for k, v in merged.state_dict().items()}
@@ -220,8 +325,11 @@ def _oriented(product: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def _differs(ours: dict, theirs: dict) -> bool:
-    return any(not (torch.equal(ours[k][0], theirs[k][0]) and torch.equal(ours[k][1], theirs[k][1]))
-               for k in ours if k in theirs) or set(ours) != set(theirs)
+    return any(
+        not (torch.equal(ours[k][0], theirs[k][0]) and torch.equal(ours[k][1], theirs[k][1]))
+        for k in ours
+        if k in theirs
+    ) or set(ours) != set(theirs)
 
 
 # --------------------------------------------------------------------------- parity with PEFT
@@ -272,14 +380,18 @@ def test_merged_tensors_match_peft(env: Env, case_id: str, dtype_name: str) -> N
             through = 2 * scaling * (b.float().abs() @ a.float().abs())
             mags[target] = torch.maximum(mags[target], _oriented(through, layout))
     found = violations(ours, ref, mags, dtype)
-    assert not found, f"{len(found)} tensors beyond the {dtype_name} tolerance of PEFT:\n" + "\n".join(map(str, found[:5]))
+    assert not found, f"{len(found)} tensors beyond the {dtype_name} tolerance of PEFT:\n" + "\n".join(
+        map(str, found[:5])
+    )
     changed = [k for k in ours if not torch.equal(ours[k], base[k])]
     assert changed, "negative control: the combination changes no tensor"
-    assert violations({k: base[k] for k in changed}, {k: ref[k] for k in changed}, mags, dtype), \
+    assert violations({k: base[k] for k in changed}, {k: ref[k] for k in changed}, mags, dtype), (
         "negative control: the unmerged base passes the comparison"
+    )
     _, control = env.peft(case, dtype_name, "control")
-    assert violations(ours, {k: control[k] for k in ours}, mags, dtype), \
+    assert violations(ours, {k: control[k] for k in ours}, mags, dtype), (
         f"negative control: PEFT with {case.control} matches too"
+    )
     if dtype_name != "float32":  # rounding once is never farther from the exact result than PEFT
         exact = _exact(base, our_factors(env, case), where)
         for k, truth in exact.items():
@@ -330,8 +442,15 @@ def test_worker_processes_write_the_same_bytes(env: Env, tmp_path: Path, case_id
     outputs = []
     for executor in ("local", {"kind": "processes", "workers": 2}):
         folder = tmp_path / (executor if isinstance(executor, str) else "processes")
-        m = write_combine_manifest(folder, base, inputs, "float32", case.combine, executor=executor,
-                                   output={"path": "./out", "max_shard_size": "24KB"})
+        m = write_combine_manifest(
+            folder,
+            base,
+            inputs,
+            "float32",
+            case.combine,
+            executor=executor,
+            output={"path": "./out", "max_shard_size": "24KB"},
+        )
         outputs.append(execute(prepare(m), verify=False).output)
     shards = sorted(p.name for p in outputs[0].glob("*.safetensors"))
     assert len(shards) > 2 and shards == sorted(p.name for p in outputs[1].glob("*.safetensors"))
@@ -343,8 +462,13 @@ def test_receipt_and_card_name_the_method(env: Env) -> None:
     case = BY_ID["dare_ties"]
     out = env.merge(case, "float32").output
     receipt = json.loads((out / "release.json").read_text())
-    assert receipt["plan"]["combine"] == {"method": "dare_ties", "rank": 4, "density": 0.6,
-                                          "majority_sign_method": "total", "seed": 11}
+    assert receipt["plan"]["combine"] == {
+        "method": "dare_ties",
+        "rank": 4,
+        "density": 0.6,
+        "majority_sign_method": "total",
+        "seed": 11,
+    }
     card = (out / "README.md").read_text()
     assert "adapters combined: `dare_ties` (rank=4, density=0.6, majority_sign_method=total, seed=11)" in card
     resolved = load_manifest(out / "manifest.yaml").manifest.combine
@@ -382,8 +506,10 @@ def test_cli_plan_names_the_combined_adapter(env: Env, tmp_path: Path) -> None:
     m = write_combine_manifest(tmp_path, env.zoo.base("llama"), env.inputs(case), "float32", case.combine)
     result = CliRunner().invoke(main, ["plan", str(m)])
     assert result.exit_code == 0, result.output
-    assert ("adapter 2 = `ties` of the adapters above (rank=4, density=0.5, majority_sign_method=frequency), "
-            "as PEFT's add_weighted_adapter") in result.output
+    assert (
+        "adapter 2 = `ties` of the adapters above (rank=4, density=0.5, majority_sign_method=frequency), "
+        "as PEFT's add_weighted_adapter"
+    ) in result.output
     assert "a2 lora x1" in result.output
 
 
@@ -401,20 +527,45 @@ def test_dare_holds_its_factors_and_leaves_torch_rng_alone(env: Env) -> None:
 
 
 REFUSALS = [
-    pytest.param(["l1", "l3"], "linear", "llama", "`combine: linear` needs adapters of one rank",
-                 "All adapters must have the same r value", id="ranks-differ"),
-    pytest.param(["l1", "lre"], {"method": "ties", "density": 0.5}, "llama",
-                 "mix lists and regular expressions", "same target modules type", id="target-types-mixed"),
-    pytest.param(["l1", "l2"], {"method": "svd", "svd_rank": 40}, "llama",
-                 "rank 40 is larger than `model.embed_tokens` allows (32x96)", None, id="svd-rank-too-large"),
+    pytest.param(
+        ["l1", "l3"],
+        "linear",
+        "llama",
+        "`combine: linear` needs adapters of one rank",
+        "All adapters must have the same r value",
+        id="ranks-differ",
+    ),
+    pytest.param(
+        ["l1", "lre"],
+        {"method": "ties", "density": 0.5},
+        "llama",
+        "mix lists and regular expressions",
+        "same target modules type",
+        id="target-types-mixed",
+    ),
+    pytest.param(
+        ["l1", "l2"],
+        {"method": "svd", "svd_rank": 40},
+        "llama",
+        "rank 40 is larger than `model.embed_tokens` allows (32x96)",
+        None,
+        id="svd-rank-too-large",
+    ),
     pytest.param(["@llama_dora", "l1"], "cat", "llama", "`use_dora` is set", None, id="dora"),
     pytest.param(["l1", "@llama_mts_lm_head"], "cat", "llama", "`modules_to_save` is set", None, id="modules-to-save"),
-    pytest.param(["@llama_tt_list", "l1"], "cat", "llama", "`trainable_token_indices` is set", None, id="trainable-tokens"),
+    pytest.param(
+        ["@llama_tt_list", "l1"], "cat", "llama", "`trainable_token_indices` is set", None, id="trainable-tokens"
+    ),
     pytest.param(["@qwen2_lora_bias"], "cat", "qwen2", "`lora_bias` is set", None, id="lora-bias"),
     pytest.param(["@qwen2_bias_all"], "svd", "qwen2", "outside its LoRA factors (replace)", None, id="bias-all"),
-    pytest.param(["@llama_layers_to_transform", "l3"], "linear", "llama",
-                 "PEFT's add_weighted_adapter would drop its factors for `model.layers.0.self_attn.q_proj`", None,
-                 id="first-adapter-narrower"),
+    pytest.param(
+        ["@llama_layers_to_transform", "l3"],
+        "linear",
+        "llama",
+        "PEFT's add_weighted_adapter would drop its factors for `model.layers.0.self_attn.q_proj`",
+        None,
+        id="first-adapter-narrower",
+    ),
 ]
 
 
@@ -435,8 +586,9 @@ def test_refused_at_plan_time(env: Env, tmp_path: Path, names, combine, base, me
 
 
 def test_cli_refusal_is_one_line_and_exit_2(env: Env, tmp_path: Path) -> None:
-    m = write_combine_manifest(tmp_path, env.zoo.base("llama"), [(env.adapter("l1"), 1.0), (env.adapter("l3"), 1.0)],
-                               "float32", "ties")
+    m = write_combine_manifest(
+        tmp_path, env.zoo.base("llama"), [(env.adapter("l1"), 1.0), (env.adapter("l3"), 1.0)], "float32", "ties"
+    )
     result = CliRunner().invoke(main, ["plan", str(m)])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
@@ -444,17 +596,32 @@ def test_cli_refusal_is_one_line_and_exit_2(env: Env, tmp_path: Path) -> None:
 
 
 MANIFEST_ERRORS = [
-    pytest.param("combine: ties\n", "manifest.yaml:4: `combine`: Value error, `ties` needs `density`, the share of "
-                 "values kept (0 < density <= 1)", id="density-missing"),
-    pytest.param("combine: {method: cat, density: 0.5}\n", "`density` goes with ties, ties_svd, dare_linear, "
-                 "dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd; `cat` does not use it",
-                 id="parameter-unused"),
-    pytest.param("combine: {method: ties, density: 0.5, seed: 1}\n", "`seed` goes with dare_linear, dare_ties, "
-                 "dare_linear_svd, dare_ties_svd; `ties` does not use it", id="seed-without-dare"),
-    pytest.param("combine: {method: svd, svd_rank: 0}\n", "`combine.svd_rank`: Input should be greater than or equal to 1",
-                 id="svd-rank"),
-    pytest.param("combine: {method: dare_ties, density: 1.5}\n", "`combine.density`: Input should be less than or equal to 1",
-                 id="density-range"),
+    pytest.param(
+        "combine: ties\n",
+        "manifest.yaml:4: `combine`: Value error, `ties` needs `density`, the share of values kept (0 < density <= 1)",
+        id="density-missing",
+    ),
+    pytest.param(
+        "combine: {method: cat, density: 0.5}\n",
+        "`density` goes with ties, ties_svd, dare_linear, "
+        "dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd; `cat` does not use it",
+        id="parameter-unused",
+    ),
+    pytest.param(
+        "combine: {method: ties, density: 0.5, seed: 1}\n",
+        "`seed` goes with dare_linear, dare_ties, dare_linear_svd, dare_ties_svd; `ties` does not use it",
+        id="seed-without-dare",
+    ),
+    pytest.param(
+        "combine: {method: svd, svd_rank: 0}\n",
+        "`combine.svd_rank`: Input should be greater than or equal to 1",
+        id="svd-rank",
+    ),
+    pytest.param(
+        "combine: {method: dare_ties, density: 1.5}\n",
+        "`combine.density`: Input should be less than or equal to 1",
+        id="density-range",
+    ),
     pytest.param("combine: {methd: cat}\n", "unknown key `combine.methd`; did you mean `method`?", id="misspelt"),
     pytest.param("combine: average\n", "`combine.method`: Input should be 'sum', 'cat', 'linear'", id="bad-method"),
 ]
@@ -469,12 +636,18 @@ def test_manifest_refuses(tmp_path: Path, text: str, message: str) -> None:
     assert message in str(caught.value)
 
 
-@pytest.mark.parametrize("text,expected", [
-    pytest.param("", {"method": "sum"}, id="default"),
-    pytest.param("combine: cat\n", {"method": "cat"}, id="short-form"),
-    pytest.param("combine: {method: dare_ties, density: 0.5, seed: 3, majority_sign_method: frequency}\n",
-                 {"method": "dare_ties", "density": 0.5, "seed": 3, "majority_sign_method": "frequency"}, id="mapping"),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        pytest.param("", {"method": "sum"}, id="default"),
+        pytest.param("combine: cat\n", {"method": "cat"}, id="short-form"),
+        pytest.param(
+            "combine: {method: dare_ties, density: 0.5, seed: 3, majority_sign_method: frequency}\n",
+            {"method": "dare_ties", "density": 0.5, "seed": 3, "majority_sign_method": "frequency"},
+            id="mapping",
+        ),
+    ],
+)
 def test_manifest_accepts(tmp_path: Path, text: str, expected: dict[str, Any]) -> None:
     m = tmp_path / "manifest.yaml"
     m.write_text("base: ./b\nadapters: [./a]\noutput: ./o\n" + text)

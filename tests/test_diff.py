@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from click.testing import CliRunner
-from helpers import load_output, write_manifest
 
 from mergekit_lite import run_merge
 from mergekit_lite.cli import main
-from mergekit_lite.tools.diff import diff_checkpoints
 from mergekit_lite.pipeline import prepare
+from mergekit_lite.tools.diff import diff_checkpoints
+
+from helpers import load_output, write_manifest
 
 
 def test_diff_finds_exactly_the_changed_tensors(zoo, tmp_path: Path) -> None:

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 import mergekit_lite.io.digests as digests_module
-from helpers import write_manifest
 from mergekit_lite.io.digests import DigestCache, InputDigests, cache_folder, identity, input_records
 from mergekit_lite.pipeline import execute, prepare
+
+from helpers import write_manifest
 
 
 def sha256(path: Path) -> str:
@@ -75,12 +76,16 @@ def test_a_file_changed_in_place_is_hashed_again(inputs, cache: Path, tmp_path: 
     second = by_path(merge(tmp_path, base, adapter, "two"))
     record = second[str(shard)]
     assert record["digest"] == "computed"
-    assert record["sha256"] == sha256(shard) != first[str(shard)]["sha256"]  # negative control: the old digest is wrong now
+    assert (
+        record["sha256"] == sha256(shard) != first[str(shard)]["sha256"]
+    )  # negative control: the old digest is wrong now
     others = {p: r["digest"] for p, r in second.items() if p != str(shard)}
     assert set(others.values()) == {"cached"}
 
 
-def test_cache_off_hashes_everything_and_writes_nothing(inputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_off_hashes_everything_and_writes_nothing(
+    inputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("MERGEKIT_LITE_CACHE", "off")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_folder() is None
@@ -138,8 +143,9 @@ def test_input_digests_stop_when_closed(tmp_path: Path, cache: Path) -> None:
     assert not (cache / "digests.json").exists()
 
 
-def test_input_digests_added_later_keep_the_order_given_and_hash_each_file_once(tmp_path: Path, cache: Path,
-                                                                                 monkeypatch) -> None:
+def test_input_digests_added_later_keep_the_order_given_and_hash_each_file_once(
+    tmp_path: Path, cache: Path, monkeypatch
+) -> None:
     files = []
     for i, data in enumerate([b"a", b"bb", b"ccc", b"dddd"]):
         files.append(tmp_path / f"f{i}")

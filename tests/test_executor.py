@@ -25,16 +25,17 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from helpers import INDEX_NAME, write_manifest
 from safetensors.torch import load_file, save_file
 
 import mergekit_lite.pipeline as pipeline_module
 from mergekit_lite.cli import main
 from mergekit_lite.errors import ManifestError, MergeError
-from mergekit_lite.merge.executor import RAY_MISSING, run_shards
 from mergekit_lite.manifest.load import load_manifest
 from mergekit_lite.manifest.sections import ExecutorSpec
+from mergekit_lite.merge.executor import RAY_MISSING, run_shards
 from mergekit_lite.pipeline import prepare, run_merge, verify_release
+
+from helpers import INDEX_NAME, write_manifest
 
 LOCAL = {"kind": "local"}
 PROCESSES = {"kind": "processes", "workers": 2}
@@ -73,9 +74,17 @@ def _use(executor: dict, request: pytest.FixtureRequest) -> None:
         request.getfixturevalue("ray_cluster")
 
 
-def _manifest(folder: Path, zoo, case_id: str, dtype: str, shard: str, executor: dict | str | None = None,
-              verify: dict | None = None, adapters: list[tuple[Path, float | None]] | None = None,
-              combine: dict | None = None) -> Path:
+def _manifest(
+    folder: Path,
+    zoo,
+    case_id: str,
+    dtype: str,
+    shard: str,
+    executor: dict | str | None = None,
+    verify: dict | None = None,
+    adapters: list[tuple[Path, float | None]] | None = None,
+    combine: dict | None = None,
+) -> Path:
     from builders import CASES_BY_ID
 
     case = CASES_BY_ID["lora" if case_id == "lora_twice" else case_id]
@@ -120,8 +129,9 @@ def local_release(zoo, tmp_path_factory):
 
 @pytest.mark.parametrize("executor", REMOTE)
 @pytest.mark.parametrize("case_id,dtype,shard,combine", IDENTITY_CASES)
-def test_shards_are_byte_identical_to_local(executor, case_id, dtype, shard, combine, zoo, local_release, tmp_path,
-                                            request):
+def test_shards_are_byte_identical_to_local(
+    executor, case_id, dtype, shard, combine, zoo, local_release, tmp_path, request
+):
     _use(executor, request)
     local = local_release(case_id, dtype, shard, combine)
     out = run_merge(_manifest(tmp_path, zoo, case_id, dtype, shard, executor, combine=combine))
@@ -130,7 +140,9 @@ def test_shards_are_byte_identical_to_local(executor, case_id, dtype, shard, com
     assert ours == _weights(local)
     # the workers' digests went into SHA256SUMS, and they are the files' own
     sums = _sha256sums(out)
-    assert {name: sums[name] for name in ours} == {name: hashlib.sha256(data).hexdigest() for name, data in ours.items()}
+    assert {name: sums[name] for name in ours} == {
+        name: hashlib.sha256(data).hexdigest() for name, data in ours.items()
+    }
     report = json.loads((out / "verification.json").read_text())
     assert report["passed"] and {c["group"] for c in report["checks"]} >= {"structure", "algebra", "end_to_end"}
 
@@ -168,7 +180,9 @@ def test_an_input_error_in_a_worker_is_the_same_clean_line(executor, zoo, tmp_pa
     monkeypatch.setattr(pipeline_module, "check_adapter_values", lambda adapters: None)
     result = CliRunner().invoke(main, ["merge", "--quiet", str(manifest)])
     assert result.exit_code == 2, result.output
-    assert result.output.strip().splitlines()[-1] == f"error: adapter 0 (`nan_lora`): `{key}` contains NaN or Inf values"
+    assert (
+        result.output.strip().splitlines()[-1] == f"error: adapter 0 (`nan_lora`): `{key}` contains NaN or Inf values"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.yaml", "nan_lora"], "nothing is left behind"
 
 
@@ -234,14 +248,19 @@ def test_ray_missing_is_one_clean_line(zoo, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("executor,expected", [
-    ("local", ExecutorSpec()),
-    ("processes", ExecutorSpec(kind="processes")),
-    ({"kind": "processes", "workers": 3}, ExecutorSpec(kind="processes", workers=3)),
-    ({"kind": "ray", "address": "ray://head.example:10001", "workers": 8, "cpus_per_worker": 2},
-     ExecutorSpec(kind="ray", address="ray://head.example:10001", workers=8, cpus_per_worker=2)),
-    ({"kind": "ray", "address": "10.0.0.5:6379"}, ExecutorSpec(kind="ray", address="10.0.0.5:6379")),
-])
+@pytest.mark.parametrize(
+    "executor,expected",
+    [
+        ("local", ExecutorSpec()),
+        ("processes", ExecutorSpec(kind="processes")),
+        ({"kind": "processes", "workers": 3}, ExecutorSpec(kind="processes", workers=3)),
+        (
+            {"kind": "ray", "address": "ray://head.example:10001", "workers": 8, "cpus_per_worker": 2},
+            ExecutorSpec(kind="ray", address="ray://head.example:10001", workers=8, cpus_per_worker=2),
+        ),
+        ({"kind": "ray", "address": "10.0.0.5:6379"}, ExecutorSpec(kind="ray", address="10.0.0.5:6379")),
+    ],
+)
 def test_executor_forms(executor, expected, tmp_path):
     path = tmp_path / "m.yaml"
     path.write_text(yaml.safe_dump({"base": "b", "adapters": ["a"], "output": "o", "executor": executor}))
@@ -254,20 +273,29 @@ def test_executor_defaults_to_local(tmp_path):
     assert load_manifest(path).manifest.executor == ExecutorSpec(kind="local")
 
 
-@pytest.mark.parametrize("text,message", [
-    ("executor: threads", "m.yaml:4: `executor.kind`: Input should be 'local', 'processes' or 'ray' (got 'threads')"),
-    ("executor: {kind: local, workers: 2}", "m.yaml:4: `executor`: Value error, `workers` goes with `kind: processes`"),
-    ("executor: {kind: processes, address: auto}", "`address` goes with `kind: ray`, not `kind: processes`"),
-    ("executor: {kind: processes, cpus_per_worker: 2}", "`cpus_per_worker` goes with `kind: ray`"),
-    ("executor: {kind: processes, workers: 0}", "`executor.workers`: Input should be greater than or equal to 1"),
-    ("executor: {kind: ray, address: 'http://head'}", "is not a Ray address"),
-    ("executor: {kind: ray, worker: 2}", "unknown key `executor.worker`; did you mean `workers`?"),
-    ("verify: {max_memory: {cpu: 1GB}}", "set `verify.device_map: auto`"),
-    ("verify: {offload_folder: ./off}", "set `verify.device_map: auto`"),
-    ("verify: {device_map: auto, max_memory: {gpu: 1GB}}", "'gpu' is not a device"),
-    ("verify: {device_map: auto, max_memory: {cpu: lots}}", "'lots' is not a size"),
-    ("verify: {device_map: everywhere}", "`verify.device_map`: Value error, 'everywhere' is not one of"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        (
+            "executor: threads",
+            "m.yaml:4: `executor.kind`: Input should be 'local', 'processes' or 'ray' (got 'threads')",
+        ),
+        (
+            "executor: {kind: local, workers: 2}",
+            "m.yaml:4: `executor`: Value error, `workers` goes with `kind: processes`",
+        ),
+        ("executor: {kind: processes, address: auto}", "`address` goes with `kind: ray`, not `kind: processes`"),
+        ("executor: {kind: processes, cpus_per_worker: 2}", "`cpus_per_worker` goes with `kind: ray`"),
+        ("executor: {kind: processes, workers: 0}", "`executor.workers`: Input should be greater than or equal to 1"),
+        ("executor: {kind: ray, address: 'http://head'}", "is not a Ray address"),
+        ("executor: {kind: ray, worker: 2}", "unknown key `executor.worker`; did you mean `workers`?"),
+        ("verify: {max_memory: {cpu: 1GB}}", "set `verify.device_map: auto`"),
+        ("verify: {offload_folder: ./off}", "set `verify.device_map: auto`"),
+        ("verify: {device_map: auto, max_memory: {gpu: 1GB}}", "'gpu' is not a device"),
+        ("verify: {device_map: auto, max_memory: {cpu: lots}}", "'lots' is not a size"),
+        ("verify: {device_map: everywhere}", "`verify.device_map`: Value error, 'everywhere' is not one of"),
+    ],
+)
 def test_executor_and_placement_refusals(text, message, tmp_path):
     path = tmp_path / "m.yaml"
     path.write_text(f"base: b\nadapters: [a]\noutput: o\n{text}\n")
@@ -278,8 +306,10 @@ def test_executor_and_placement_refusals(text, message, tmp_path):
 
 def test_offload_folder_is_relative_to_the_manifest(tmp_path):
     path = tmp_path / "m.yaml"
-    path.write_text("base: b\nadapters: [a]\noutput: o\n"
-                    "verify: {device_map: auto, max_memory: {cpu: 20KB, '0': 1GB}, offload_folder: ./off}\n")
+    path.write_text(
+        "base: b\nadapters: [a]\noutput: o\n"
+        "verify: {device_map: auto, max_memory: {cpu: 20KB, '0': 1GB}, offload_folder: ./off}\n"
+    )
     verify = load_manifest(path).manifest.verify
     assert verify.offload_folder == str(tmp_path / "off")
     assert verify.max_memory == {"cpu": "20KB", "0": "1GB"}
@@ -299,8 +329,14 @@ def test_end_to_end_with_disk_offload_gives_the_same_figures(zoo, tmp_path, monk
     out = run_merge(_manifest(tmp_path / "plain", zoo, "lora", "bfloat16", "5GB"))
     plain = verify_release(tmp_path / "plain" / "manifest.yaml", against=out)
     offload = tmp_path / "offload"
-    placed = _manifest(tmp_path / "placed", zoo, "lora", "bfloat16", "5GB",
-                       verify={"device_map": "auto", "max_memory": {"cpu": "20KB"}, "offload_folder": str(offload)})
+    placed = _manifest(
+        tmp_path / "placed",
+        zoo,
+        "lora",
+        "bfloat16",
+        "5GB",
+        verify={"device_map": "auto", "max_memory": {"cpu": "20KB"}, "offload_folder": str(offload)},
+    )
     report = verify_release(placed, against=out)
     assert report.passed, report.failures
     where = report.context["placement"]

@@ -28,8 +28,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from mergekit_lite.release.publish import output_lock
 from mergekit_lite.io.format import read_header
+from mergekit_lite.release.publish import output_lock
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
@@ -52,13 +52,25 @@ def tree(folder: Path) -> dict[str, str] | None:
     return {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def write_manifest(folder: Path, name: str, rig_inputs: dict[str, Path], dtype: str, output: str,
-                   max_shard_size: str | None = None, overwrite: bool = False) -> Path:
+def write_manifest(
+    folder: Path,
+    name: str,
+    rig_inputs: dict[str, Path],
+    dtype: str,
+    output: str,
+    max_shard_size: str | None = None,
+    overwrite: bool = False,
+) -> Path:
     out: dict = {"path": f"./{output}", "overwrite": overwrite}
     if max_shard_size:
         out["max_shard_size"] = max_shard_size
-    doc = {"base": str(rig_inputs["base"]), "adapters": [str(rig_inputs["adapter"])], "dtype": dtype,
-           "output": out, "verify": {"logits": False}}
+    doc = {
+        "base": str(rig_inputs["base"]),
+        "adapters": [str(rig_inputs["adapter"])],
+        "dtype": dtype,
+        "output": out,
+        "verify": {"logits": False},
+    }
     path = folder / name
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -74,9 +86,16 @@ def start(manifest: Path, **kwargs) -> subprocess.Popen:
         if then is not None:
             then()
 
-    return subprocess.Popen([sys.executable, "-m", "mergekit_lite", "merge", "-q", str(manifest)], cwd=manifest.parent,
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=prepare_child, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mergekit_lite", "merge", "-q", str(manifest)],
+        cwd=manifest.parent,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=prepare_child,
+        **kwargs,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
@@ -193,8 +212,20 @@ def moment_reached(kind: str, param: int, rig: Rig, out_inode: int | None, stale
 def schedule(rnd: random.Random, shards: int) -> list[tuple[str, float]]:
     """Where each run is killed: at a random time of a whole run, or just after a step, with jitter."""
     plan: list[tuple[str, float]] = [("time", rnd.uniform(0.05, 0.9)) for _ in range(6)]
-    plan += [("staging", 0), ("staging", 0), ("index", 0), ("index", 0), ("gate", 0), ("gate", 0),
-             ("describe", 0), ("describe", 0), ("publish", 0), ("publish", 0), ("publish", 0), ("swapped", 0)]
+    plan += [
+        ("staging", 0),
+        ("staging", 0),
+        ("index", 0),
+        ("index", 0),
+        ("gate", 0),
+        ("gate", 0),
+        ("describe", 0),
+        ("describe", 0),
+        ("publish", 0),
+        ("publish", 0),
+        ("publish", 0),
+        ("swapped", 0),
+    ]
     plan += [("shard", rnd.randint(1, shards)) for _ in range(KILLS - len(plan))]
     rnd.shuffle(plan)
     return plan
@@ -230,8 +261,10 @@ def test_sigkill_at_random_moments_never_leaves_a_wrong_release(rig: Rig) -> Non
         problem = None if now == before else rig.complete_new(out)
         outcome = "previous" if now == before else ("new" if problem is None else f"WRONG ({problem})")
         tally[outcome.split(" ")[0]] += 1
-        log.append(f"{i:2d} {kind}{'' if kind != 'shard' else int(param)} at {time.monotonic() - began:5.2f}s "
-                   f"{'killed' if killed else 'finished'} -> {outcome}; left {rig.debris()}")
+        log.append(
+            f"{i:2d} {kind}{'' if kind != 'shard' else int(param)} at {time.monotonic() - began:5.2f}s "
+            f"{'killed' if killed else 'finished'} -> {outcome}; left {rig.debris()}"
+        )
         if problem is not None and now != before:
             wrong.append(log[-1])
         assert rig.input_state() == rig.input_hashes, f"an input changed after run {i}"
@@ -290,8 +323,14 @@ def test_sigkill_inside_publish(rig: Rig, tmp_path: Path, moment: str) -> None:
     shutil.copytree(rig.run / "out", run / "out")  # some complete release, to be replaced
     before = tree(run / "out")
     manifest = write_manifest(run, "merge.yaml", rig.inputs, "float32", "out", "8KB", overwrite=True)
-    proc = subprocess.run([sys.executable, "-c", CHILD, moment, str(manifest)], cwd=run, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, moment, str(manifest)],
+        cwd=run,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     leftovers = sorted(p.name for p in run.iterdir() if p.name.startswith(".out."))
     if moment == "after-exchange":

@@ -22,11 +22,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mergekit_lite.errors import MergekitError
-from mergekit_lite.manifest.load import LoadedManifest, load_manifest
 from mergekit_lite.io.format import DTYPES, ITEMSIZE, Header, read_header
+from mergekit_lite.manifest.load import LoadedManifest, load_manifest
 
-FUZZ = settings(max_examples=200, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=200,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 SMALL = settings(FUZZ, max_examples=100)
 
 
@@ -59,20 +63,79 @@ verify:
   max_new_tokens: 8
   thresholds: {top1_agreement: 0.99}
 """
-KEYS = ["version", "base", "adapters", "path", "id", "revision", "weight", "allow_pickle", "dtype", "device_map",
-        "output", "max_shard_size", "overwrite", "tokenizer", "verify", "enabled", "prompts", "logits",
-        "max_new_tokens", "thresholds", "top1_agreement", "mean_kl", "<<", "", "base ", "Base"]
-YAML_SPECIALS = list(":-[]{}&*!|>'\"%@`#,?\t\n ~\\\0") + ["!!python/object/apply:os.system", "&a", "*a", "---", "...",
-                                                           "!!binary", "<<: *a", ".inf", ".nan", "0x1F", "1e999", "~user/x"]
+KEYS = [
+    "version",
+    "base",
+    "adapters",
+    "path",
+    "id",
+    "revision",
+    "weight",
+    "allow_pickle",
+    "dtype",
+    "device_map",
+    "output",
+    "max_shard_size",
+    "overwrite",
+    "tokenizer",
+    "verify",
+    "enabled",
+    "prompts",
+    "logits",
+    "max_new_tokens",
+    "thresholds",
+    "top1_agreement",
+    "mean_kl",
+    "<<",
+    "",
+    "base ",
+    "Base",
+]
+YAML_SPECIALS = list(":-[]{}&*!|>'\"%@`#,?\t\n ~\\\0") + [
+    "!!python/object/apply:os.system",
+    "&a",
+    "*a",
+    "---",
+    "...",
+    "!!binary",
+    "<<: *a",
+    ".inf",
+    ".nan",
+    "0x1F",
+    "1e999",
+    "~user/x",
+]
 
-scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70)
-           | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=30)
-           | st.sampled_from(["./base", "~/x", "~nosuchuser/x", "/dev/zero", "5GB", "1.5MiB", "0B", "cuda:1",
-                              "float16", "auto", "a\x00b", "../" * 8, "x" * 300]))
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=30)
+    | st.sampled_from(
+        [
+            "./base",
+            "~/x",
+            "~nosuchuser/x",
+            "/dev/zero",
+            "5GB",
+            "1.5MiB",
+            "0B",
+            "cuda:1",
+            "float16",
+            "auto",
+            "a\x00b",
+            "../" * 8,
+            "x" * 300,
+        ]
+    )
+)
 documents = st.recursive(
     scalars,
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=8),
-                                                                       children, max_size=6),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=8), children, max_size=6)
+    ),
     max_leaves=25,
 )
 
@@ -81,7 +144,7 @@ def mutated(text: str, edits: list[tuple[int, int, str]]) -> str:
     """Apply (position, how many characters to delete, what to insert) edits, in order."""
     for position, delete, insert in edits:
         at = position % (len(text) + 1)
-        text = text[:at] + insert + text[at + delete:]
+        text = text[:at] + insert + text[at + delete :]
     return text
 
 
@@ -117,8 +180,13 @@ def test_manifest_any_bytes(scratch: Path, raw: bytes) -> None:
 
 
 @FUZZ
-@given(edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 12),
-                                st.sampled_from(YAML_SPECIALS) | st.text(max_size=6)), min_size=1, max_size=6))
+@given(
+    edits=st.lists(
+        st.tuples(st.integers(0, 10**6), st.integers(0, 12), st.sampled_from(YAML_SPECIALS) | st.text(max_size=6)),
+        min_size=1,
+        max_size=6,
+    )
+)
 def test_manifest_mutations_of_a_valid_one(scratch: Path, edits: list[tuple[int, int, str]]) -> None:
     path = scratch / "manifest.yaml"
     path.write_text(mutated(VALID, edits), encoding="utf-8", errors="surrogatepass")
@@ -136,8 +204,13 @@ def test_manifest_random_documents(scratch: Path, doc) -> None:
 
 
 @FUZZ
-@given(overrides=st.dictionaries(st.sampled_from(["base", "adapters", "dtype", "device_map", "output", "tokenizer",
-                                                  "verify", "version"]), documents, max_size=3))
+@given(
+    overrides=st.dictionaries(
+        st.sampled_from(["base", "adapters", "dtype", "device_map", "output", "tokenizer", "verify", "version"]),
+        documents,
+        max_size=3,
+    )
+)
 def test_manifest_valid_one_with_random_values(scratch: Path, overrides: dict) -> None:
     import yaml
 
@@ -238,16 +311,21 @@ json_values = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
     max_leaves=20,
 )
-entries = st.fixed_dictionaries({
-    "dtype": st.sampled_from([*DTYPES, "F4", "bf16", "", "U64"]) | json_values,
-    "shape": st.lists(st.integers(-2, 5), max_size=3) | json_values,
-    "data_offsets": st.lists(st.integers(-4, 200), min_size=2, max_size=2) | json_values,
-}, optional={"extra": json_values})
+entries = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from([*DTYPES, "F4", "bf16", "", "U64"]) | json_values,
+        "shape": st.lists(st.integers(-2, 5), max_size=3) | json_values,
+        "data_offsets": st.lists(st.integers(-4, 200), min_size=2, max_size=2) | json_values,
+    },
+    optional={"extra": json_values},
+)
 headers = st.dictionaries(st.text(max_size=8) | st.just("__metadata__"), entries | json_values, max_size=5)
 
 
 @FUZZ
-@given(header=headers | json_values, data=st.binary(max_size=200), length_delta=st.sampled_from([0, 0, 0, -1, 1, 2**63]))
+@given(
+    header=headers | json_values, data=st.binary(max_size=200), length_delta=st.sampled_from([0, 0, 0, -1, 1, 2**63])
+)
 def test_header_random_json(scratch: Path, header, data: bytes, length_delta: int) -> None:
     raw = json.dumps(header).encode()
     length = max(0, len(raw) + length_delta) % 2**64
@@ -257,9 +335,12 @@ def test_header_random_json(scratch: Path, header, data: bytes, length_delta: in
 
 
 @FUZZ
-@given(specs=st.lists(st.tuples(st.sampled_from(list(DTYPES)), st.lists(st.integers(0, 4), max_size=3)), max_size=5),
-       slack=st.sampled_from([0, 0, 0, 1, -1]), pad=st.sampled_from([0, 1, 7, 8]),
-       metadata=st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=2))
+@given(
+    specs=st.lists(st.tuples(st.sampled_from(list(DTYPES)), st.lists(st.integers(0, 4), max_size=3)), max_size=5),
+    slack=st.sampled_from([0, 0, 0, 1, -1]),
+    pad=st.sampled_from([0, 1, 7, 8]),
+    metadata=st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=2),
+)
 def test_header_nearly_valid_files(scratch: Path, specs, slack: int, pad: int, metadata: dict) -> None:
     """Well-formed headers with exact or off-by-one data: accepted exactly when the bytes add up."""
     doc: dict = {"__metadata__": metadata} if metadata else {}
@@ -287,16 +368,51 @@ def test_header_nearly_valid_files(scratch: Path, specs, slack: int, pad: int, m
 def adapter_weights(tmp_path_factory) -> bytes:
     folder = tmp_path_factory.mktemp("fuzz-adapter")
     prefix = "base_model.model.model.layers.0.self_attn."
-    save_file({f"{prefix}q_proj.lora_A.weight": torch.ones(4, 8), f"{prefix}q_proj.lora_B.weight": torch.ones(8, 4),
-               f"{prefix}v_proj.lora_A.weight": torch.ones(4, 8), f"{prefix}v_proj.lora_B.weight": torch.ones(8, 4)},
-              folder / "adapter_model.safetensors")
+    save_file(
+        {
+            f"{prefix}q_proj.lora_A.weight": torch.ones(4, 8),
+            f"{prefix}q_proj.lora_B.weight": torch.ones(8, 4),
+            f"{prefix}v_proj.lora_A.weight": torch.ones(4, 8),
+            f"{prefix}v_proj.lora_B.weight": torch.ones(8, 4),
+        },
+        folder / "adapter_model.safetensors",
+    )
     return (folder / "adapter_model.safetensors").read_bytes()
 
 
-CONFIG_KEYS = ["r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "fan_in_fan_out",
-               "init_lora_weights", "trainable_token_indices", "layer_replication", "target_modules", "bias"]
-config_values = (json_values | st.sampled_from([0, -1, 4, 8, 16.0, "8", True, "pissa", "olora_x", "gaussian",
-                                                  {"q_proj": 4}, {"q_proj(": 4}, {"v_proj": 0}, {"q": "x"}, [1, 2]]))
+CONFIG_KEYS = [
+    "r",
+    "lora_alpha",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_rslora",
+    "use_dora",
+    "fan_in_fan_out",
+    "init_lora_weights",
+    "trainable_token_indices",
+    "layer_replication",
+    "target_modules",
+    "bias",
+]
+config_values = json_values | st.sampled_from(
+    [
+        0,
+        -1,
+        4,
+        8,
+        16.0,
+        "8",
+        True,
+        "pissa",
+        "olora_x",
+        "gaussian",
+        {"q_proj": 4},
+        {"q_proj(": 4},
+        {"v_proj": 0},
+        {"q": "x"},
+        [1, 2],
+    ]
+)
 
 
 @FUZZ

@@ -99,17 +99,21 @@ def _set(name: str, make: Callable[[Built, torch.Tensor], torch.Tensor]):
     def seed(built: Built, folder: Path) -> None:
         def mutate(tensors, where):
             tensors[name] = make(built, tensors[name]).contiguous()
+
         rewrite_release(folder, mutate)
+
     return seed
 
 
 def _with_delta(name: str, k: float, transpose: bool = False):
     """W + k * dW (or W + dW^T), from the float32 base and the adapter factors, rounded once."""
+
     def make(built: Built, current: torch.Tensor) -> torch.Tensor:
         delta = lora_delta(built.adapter, name)
         delta = delta.T if transpose else delta
         assert delta.shape == current.shape
         return (base_tensor(built, name).double() + k * delta).to(built.dtype)
+
     return _set(name, make)
 
 
@@ -140,6 +144,7 @@ def _nan_flat(built: Built, current: torch.Tensor) -> torch.Tensor:
 def _wrong_dtype(built: Built, folder: Path) -> None:
     def mutate(tensors, where):
         tensors[K0] = tensors[K0].to(torch.float16)
+
     rewrite_release(folder, mutate)
 
 
@@ -149,12 +154,14 @@ def _stray_lora(built: Built, folder: Path) -> None:
     def mutate(tensors, where):
         tensors[stray] = adapter_tensors(built.adapter)[stray].to(built.dtype)
         where[stray] = where[Q0]
+
     rewrite_release(folder, mutate)
 
 
 def _missing_tensor(built: Built, folder: Path) -> None:
     def mutate(tensors, where):
         del tensors[NORM1], where[NORM1]
+
     rewrite_release(folder, mutate)
 
 
@@ -168,6 +175,7 @@ def _swap_ids(built: Built, folder: Path) -> None:
     def edit(doc):
         vocab = doc["model"]["vocab"]
         vocab["cat"], vocab["sea"] = vocab["sea"], vocab["cat"]
+
     _edit_json(folder / "tokenizer.json", edit)
     write_sha256sums(folder)
 
@@ -175,6 +183,7 @@ def _swap_ids(built: Built, folder: Path) -> None:
 def _wrong_vocab_size(built: Built, folder: Path) -> None:
     def edit(doc):
         doc["vocab_size"] += 16
+
     _edit_json(folder / "config.json", edit)
     write_sha256sums(folder)
 
@@ -194,10 +203,12 @@ def _drop_chat_template(built: Built, folder: Path) -> None:
 
 def _rope_theta(built: Built, folder: Path) -> None:
     """A config change that no header or tensor check sees: only the end-to-end run can."""
+
     def edit(doc):
         doc["rope_parameters"] = {**doc.get("rope_parameters", {}), "rope_theta": 10.0}
         if "rope_theta" in doc:
             doc["rope_theta"] = 10.0
+
     _edit_json(folder / "config.json", edit)
     write_sha256sums(folder)
 
@@ -211,20 +222,25 @@ class Defect:
 
 
 DEFECTS: dict[str, Defect] = {
-    "adapter_missing_on_one_module": Defect(_with_delta(DOWN1, 0.0), ("algebra", "expected change applied"), DOWN1,
-                                            also=("algebra",)),
+    "adapter_missing_on_one_module": Defect(
+        _with_delta(DOWN1, 0.0), ("algebra", "expected change applied"), DOWN1, also=("algebra",)
+    ),
     "delta_scaled_twice": Defect(_with_delta(V0, 2.0), ("algebra", "expected change applied"), V0, also=("algebra",)),
-    "delta_transposed": Defect(_with_delta(Q1, 1.0, transpose=True), ("algebra", "W'x residual, RMS ulps"), Q1,
-                               also=("algebra",)),
-    "untouched_tensor_perturbed": Defect(_set(NORM0, _bump_one), ("algebra", "unchanged tensors equal the base"), NORM0),
+    "delta_transposed": Defect(
+        _with_delta(Q1, 1.0, transpose=True), ("algebra", "W'x residual, RMS ulps"), Q1, also=("algebra",)
+    ),
+    "untouched_tensor_perturbed": Defect(
+        _set(NORM0, _bump_one), ("algebra", "unchanged tensors equal the base"), NORM0
+    ),
     "wrong_dtype": Defect(_wrong_dtype, ("structure", "dtypes as requested"), K0),
     "nan": Defect(_set(O1, _nan), ("structure", "no NaN or Inf"), O1),
     "stray_lora_tensor": Defect(_stray_lora, ("structure", "no PEFT names"), "lora_A", also=("structure",)),
     "missing_tensor": Defect(_missing_tensor, ("structure", "tensor names as planned"), NORM1),
     "token_ids_swapped": Defect(_swap_ids, ("packaging", "vocabulary equals the source"), "'cat'", also=("packaging",)),
     "wrong_vocab_size": Defect(_wrong_vocab_size, ("structure", "config.json consistent"), "vocab_size"),
-    "chat_template_dropped": Defect(_drop_chat_template, ("packaging", "chat template as the source"),
-                                    also=("packaging",)),
+    "chat_template_dropped": Defect(
+        _drop_chat_template, ("packaging", "chat template as the source"), also=("packaging",)
+    ),
 }
 
 
@@ -256,7 +272,9 @@ def _index_total_size(built: Built, folder: Path) -> None:
 
 
 def _quantization_config(built: Built, folder: Path) -> None:
-    _edit_json(folder / "config.json", lambda doc: doc.__setitem__("quantization_config", {"quant_method": "bitsandbytes"}))
+    _edit_json(
+        folder / "config.json", lambda doc: doc.__setitem__("quantization_config", {"quant_method": "bitsandbytes"})
+    )
     write_sha256sums(folder)
 
 
@@ -264,10 +282,12 @@ EXTRA: dict[str, Defect] = {
     "rope_theta_changed": Defect(_rope_theta, ("end_to_end", "max_abs_logit_diff"), also=("end_to_end",)),
     "generation_eos_dropped": Defect(_generation_eos_dropped, ("packaging", "generation_config has the EOS id")),
     "index_total_size_wrong": Defect(_index_total_size, ("structure", "shard files parse strictly"), "total_size"),
-    "quantization_config_added": Defect(_quantization_config, ("structure", "config.json consistent"),
-                                        "quantization_config"),
-    "generation_config_missing": Defect(_drop_generation_config, ("structure", "config files shipped"),
-                                        "generation_config.json"),
+    "quantization_config_added": Defect(
+        _quantization_config, ("structure", "config.json consistent"), "quantization_config"
+    ),
+    "generation_config_missing": Defect(
+        _drop_generation_config, ("structure", "config files shipped"), "generation_config.json"
+    ),
     "tokenizer_json_corrupt": Defect(_tokenizer_corrupt, ("packaging", "tokenizer shipped"), "JSONDecodeError"),
     "tokenizer_eos_changed": Defect(_eos_token_changed, ("packaging", ""), also=("packaging",)),
     # a changed tensor's NaN/Inf is found through its product with the probes, an unchanged one's by a pass of its own
@@ -288,14 +308,19 @@ def _cases():
             yield defect_id, dtype
 
 
-CASES = [pytest.param(d, dt, id=f"{d}-{dt}",
-                      marks=[pytest.mark.xfail(strict=True, **XFAIL[(d, dt)])] if (d, dt) in XFAIL else [])
-         for d, dt in _cases()]
+CASES = [
+    pytest.param(
+        d, dt, id=f"{d}-{dt}", marks=[pytest.mark.xfail(strict=True, **XFAIL[(d, dt)])] if (d, dt) in XFAIL else []
+    )
+    for d, dt in _cases()
+]
 
 
 def _describe(report) -> str:
-    lines = [f"  FAIL {c.group}: {c.name} = {fmt(c.figure)} (threshold {fmt(c.threshold)}) {c.detail}"
-             for c in report.failures]
+    lines = [
+        f"  FAIL {c.group}: {c.name} = {fmt(c.figure)} (threshold {fmt(c.threshold)}) {c.detail}"
+        for c in report.failures
+    ]
     return "\n".join(lines + [f"  skip {g}: {r}" for g, r in report.skipped.items()])
 
 
@@ -308,7 +333,8 @@ def test_gate_catches_defect(defect_id: str, dtype: str, releases, tmp_path: Pat
     report = verify_release(built.manifest, against=candidate)
     print(f"\n[{dtype}] {defect_id}:\n{_describe(report)}")
     assert not report.passed, f"{defect_id} went through the gate:\n" + "\n".join(
-        f"  {c.group}: {c.name} = {fmt(c.figure)} (threshold {fmt(c.threshold)})" for c in report.checks)
+        f"  {c.group}: {c.name} = {fmt(c.figure)} (threshold {fmt(c.threshold)})" for c in report.checks
+    )
     group, name = defect.check
     caught = [c for c in report.failures if c.group == group and name in c.name]
     assert caught, f"{defect_id}: `{group}: {name}` did not fail; the failures were:\n{_describe(report)}"
@@ -332,6 +358,7 @@ def _noise(built: Built, folder: Path, fraction: float = 0.3) -> None:
             hit = torch.rand(t.shape, generator=gen) < fraction
             up = torch.rand(t.shape, generator=gen) < 0.5
             tensors[name] = torch.where(hit, next_ulp(t, up), t)
+
     rewrite_release(folder, mutate)
 
 
@@ -348,7 +375,9 @@ def test_gate_passes_controls(control: str, dtype: str, releases, tmp_path: Path
     report = verify_release(built.manifest, against=candidate)
     print(f"\n[{dtype}] {control}:")
     for c in report.checks:
-        print(f"  {'ok  ' if c.passed else 'FAIL'} {c.group}: {c.name} = {fmt(c.figure)} (threshold {fmt(c.threshold)})")
+        print(
+            f"  {'ok  ' if c.passed else 'FAIL'} {c.group}: {c.name} = {fmt(c.figure)} (threshold {fmt(c.threshold)})"
+        )
     assert report.passed, f"false alarm on {control}:\n{_describe(report)}"
     assert report.skipped == {}
     assert {c.group for c in report.checks} == {"structure", "algebra", "end_to_end", "packaging"}
@@ -370,8 +399,13 @@ def test_merge_cli_prints_the_gate_table(inputs, tmp_path: Path) -> None:
     result = cli("merge", str(m), env={"GITHUB_STEP_SUMMARY": str(summary)})
     assert result.exit_code == 0, result.output
     out = result.stdout
-    for row in ("structure: tensor names as planned", "algebra: W'x residual, RMS ulps", "end_to_end: top1_agreement",
-                "packaging: vocabulary equals the source", "verification PASSED"):
+    for row in (
+        "structure: tensor names as planned",
+        "algebra: W'x residual, RMS ulps",
+        "end_to_end: top1_agreement",
+        "packaging: vocabulary equals the source",
+        "verification PASSED",
+    ):
         assert row in out, out
     assert f"published {(tmp_path / 'out').resolve()}" in out
     assert "verification passed" in summary.read_text()
@@ -414,8 +448,15 @@ def test_verify_cli_writes_the_report_and_the_step_summary(defective, tmp_path: 
     report_path = tmp_path / "report.json"
     summary = tmp_path / "summary.md"
     summary.write_text("previous step\n")
-    result = cli("verify", str(built.manifest), "--against", str(bad), "--report", str(report_path),
-                 env={"GITHUB_STEP_SUMMARY": str(summary)})
+    result = cli(
+        "verify",
+        str(built.manifest),
+        "--against",
+        str(bad),
+        "--report",
+        str(report_path),
+        env={"GITHUB_STEP_SUMMARY": str(summary)},
+    )
     assert result.exit_code == 1, result.output
     report = json.loads(report_path.read_text())
     assert report["passed"] is False and report["dtype"] == "F32"
@@ -469,7 +510,9 @@ def test_keep_rejected_keeps_the_candidate(inputs, tmp_path: Path) -> None:
 
 def test_run_merge_raises_gate_failed(inputs, tmp_path: Path) -> None:
     base, adapter = inputs
-    m = write_manifest(tmp_path, base, [adapter], "bfloat16", verify={**FAST, "thresholds": {"max_abs_logit_diff": 0.0}})
+    m = write_manifest(
+        tmp_path, base, [adapter], "bfloat16", verify={**FAST, "thresholds": {"max_abs_logit_diff": 0.0}}
+    )
     with pytest.raises(GateFailed) as info:
         run_merge(m)
     assert info.value.exit_code == 1

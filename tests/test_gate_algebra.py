@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 
 from mergekit_lite.gate import algebra
 from mergekit_lite.gate.algebra import RowPasses, _matmul, _matmul_and_ulp_scale
-from mergekit_lite.plan.plan import PlannedTensor
-from mergekit_lite.io.reader import ALIGN, AlignedBuffer, TensorReader
 from mergekit_lite.io.format import read_header
+from mergekit_lite.io.reader import ALIGN, AlignedBuffer, TensorReader
+from mergekit_lite.plan.plan import PlannedTensor
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -27,17 +27,22 @@ def test_ulp_from_exponent_bits_equals_frexp_definition(dtype: torch.dtype) -> N
         return _exponent_squared(block, dtype) * _ULP_SCALE[dtype]
 
     info = torch.finfo(dtype)
-    values = torch.cat([
-        torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 10.0 ** torch.randint(-3, 4, (4096,)).float(),
-        torch.tensor([0.0, -0.0, 1.0, -1.0, 2.0, 0.5, info.tiny, info.tiny / 4, -info.tiny / 8, info.max, -info.max]),
-    ]).to(dtype)
+    values = torch.cat(
+        [
+            torch.randn(4096, generator=torch.Generator().manual_seed(0))
+            * 10.0 ** torch.randint(-3, 4, (4096,)).float(),
+            torch.tensor(
+                [0.0, -0.0, 1.0, -1.0, 2.0, 0.5, info.tiny, info.tiny / 4, -info.tiny / 8, info.max, -info.max]
+            ),
+        ]
+    ).to(dtype)
     _, exponent = torch.frexp(values.abs().clamp_min(info.tiny).to(torch.float64))
     textbook = torch.pow(2.0, 2.0 * (exponent.to(torch.float64) - _MANTISSA[dtype]))
     for work in (torch.float32, torch.float64) if dtype != torch.float32 else (torch.float64,):
         ours = ulp_squared(values.to(work), dtype).to(torch.float64)
         # squares below float32's range (bfloat16 values under 2^-63) underflow to 0; a row of only
         # such values is redone in float64 (test_algebra_redoes_underflowing_rows_in_float64)
-        representable = (textbook >= torch.finfo(work).smallest_normal * 2.0 ** -23) & (textbook <= torch.finfo(work).max)
+        representable = (textbook >= torch.finfo(work).smallest_normal * 2.0**-23) & (textbook <= torch.finfo(work).max)
         assert torch.equal(ours[representable], textbook[representable]), work
         assert ((ours[~representable] == 0) | ours[~representable].isinf()).all()
         assert not torch.equal(ulp_squared((values * 2).to(work), dtype).to(torch.float64), textbook)  # control
@@ -185,8 +190,10 @@ def test_read_ahead_yields_every_tensor_in_order(tmp_path: Path, monkeypatch, re
     cpath, ctensors = _shard(tmp_path / "c")
     bpath, _ = _shard(tmp_path / "b", torch.float16)
     names = ["t4", "t0", "t2", "scalar", "t1", "t3"]
-    planned = [PlannedTensor(name=n, source=n, dtype="BF16", src_dtype="F16", shape=tuple(ctensors[n].shape), shard=0,
-                             ops=[]) for n in names]
+    planned = [
+        PlannedTensor(name=n, source=n, dtype="BF16", src_dtype="F16", shape=tuple(ctensors[n].shape), shard=0, ops=[])
+        for n in names
+    ]
     candidate, base = TensorReader(read_header(cpath).tensors), TensorReader(read_header(bpath).tensors)
     seen = []
     with algebra.ReadAhead(candidate, base, planned) as ahead:

@@ -54,8 +54,9 @@ def build_tokenizer(extra_tokens: list[str] | None = None):
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
     raw.decoder = decoders.WordPiece(prefix="##")
     raw.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=SPECIALS))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", pad_token="<pad>",
-                                        bos_token="<s>", eos_token=EOS)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token=EOS
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     if extra_tokens:
         tokenizer.add_tokens(extra_tokens)
@@ -68,10 +69,19 @@ def build_base(out: Path, tokenizer, tied: bool = False, seed: int = 0, max_shar
     `max_shard_size` is given."""
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, bos_token_id=2, eos_token_id=BASE_EOS_ID, pad_token_id=1,
-                         tie_word_embeddings=tied)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=2,
+        eos_token_id=BASE_EOS_ID,
+        pad_token_id=1,
+        tie_word_embeddings=tied,
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     gen = torch.Generator().manual_seed(seed)
@@ -88,8 +98,15 @@ def build_base(out: Path, tokenizer, tied: bool = False, seed: int = 0, max_shar
     return out
 
 
-def build_adapter(base: Path, out: Path, seed: int, tokenizer=None, resize_to: int | None = None,
-                  perturb: str | None = None, **lora_kwargs) -> Path:
+def build_adapter(
+    base: Path,
+    out: Path,
+    seed: int,
+    tokenizer=None,
+    resize_to: int | None = None,
+    perturb: str | None = None,
+    **lora_kwargs,
+) -> Path:
     """A PEFT LoRA adapter that really changes the model (init_lora_weights=False; tensors whose
     name contains `perturb` get noise). With `resize_to`, the base is resized first; with
     `tokenizer`, the tokenizer is saved into the adapter folder."""
@@ -121,9 +138,17 @@ def build_adapter(base: Path, out: Path, seed: int, tokenizer=None, resize_to: i
     return out
 
 
-def write_manifest(folder: Path, base: Path, adapters: list[Path], dtype: str, out_name: str = "out",
-                   max_shard_size: str | None = None, overwrite: bool | None = None,
-                   verify: dict | None = None, tokenizer: str | None = None) -> Path:
+def write_manifest(
+    folder: Path,
+    base: Path,
+    adapters: list[Path],
+    dtype: str,
+    out_name: str = "out",
+    max_shard_size: str | None = None,
+    overwrite: bool | None = None,
+    verify: dict | None = None,
+    tokenizer: str | None = None,
+) -> Path:
     """manifest.yaml in `folder` (absolute input paths), with the optional sections these tests need."""
     folder.mkdir(parents=True, exist_ok=True)
     output: dict[str, object] = {"path": f"./{out_name}"}
@@ -131,8 +156,12 @@ def write_manifest(folder: Path, base: Path, adapters: list[Path], dtype: str, o
         output["max_shard_size"] = max_shard_size
     if overwrite is not None:
         output["overwrite"] = overwrite
-    doc: dict[str, object] = {"base": str(base), "adapters": [str(a) for a in adapters], "dtype": dtype,
-                              "output": output}
+    doc: dict[str, object] = {
+        "base": str(base),
+        "adapters": [str(a) for a in adapters],
+        "dtype": dtype,
+        "output": output,
+    }
     if tokenizer is not None:
         doc["tokenizer"] = tokenizer
     if verify is not None:

@@ -21,11 +21,11 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from test_gate_helpers import INDEX, build_adapter, build_base, build_tokenizer
 
-from mergekit_lite.sources import hub
 from mergekit_lite.cli import main
 from mergekit_lite.errors import ManifestError
 from mergekit_lite.manifest.load import load_manifest
 from mergekit_lite.pipeline import run_plan
+from mergekit_lite.sources import hub
 
 BASE_ID = "acme/tiny-llama"
 LORA_ID = "acme/tiny-lora"
@@ -119,8 +119,13 @@ def write_yaml(folder: Path, doc: dict) -> Path:
 
 
 def hub_doc(base: dict | str, adapters: list, verify: dict | None = None, **extra) -> dict:
-    doc = {"base": base, "adapters": adapters, "dtype": "float32",
-           "output": {"path": "./out", "max_shard_size": SHARD}, "verify": verify or {"enabled": False}}
+    doc = {
+        "base": base,
+        "adapters": adapters,
+        "dtype": "float32",
+        "output": {"path": "./out", "max_shard_size": SHARD},
+        "verify": verify or {"enabled": False},
+    }
     return doc | extra
 
 
@@ -155,8 +160,7 @@ def tensor(folder: Path, name: str) -> bytes:
 @pytest.fixture(scope="module")
 def local_release(hub_cache: Hub, tmp_path_factory) -> Path:
     """The merge from local folders (the reference the hub merge must reproduce byte for byte)."""
-    m = write_yaml(tmp_path_factory.mktemp("local"),
-                   hub_doc(str(hub_cache.base_new), [str(hub_cache.lora)]))
+    m = write_yaml(tmp_path_factory.mktemp("local"), hub_doc(str(hub_cache.base_new), [str(hub_cache.lora)]))
     result = cli("merge", "-q", str(m))
     assert result.exit_code == 0, result.output
     return m.parent / "out"
@@ -172,8 +176,10 @@ class HubRun:
 @pytest.fixture(scope="module")
 def hub_release(hub_cache: Hub, tmp_path_factory) -> HubRun:
     """The same merge from hub ids, gate on: the base pinned by full commit, the adapter unpinned."""
-    m = write_yaml(tmp_path_factory.mktemp("from-hub"),
-                   hub_doc({"id": BASE_ID, "revision": hub_cache.new}, [{"id": LORA_ID}], verify=FAST))
+    m = write_yaml(
+        tmp_path_factory.mktemp("from-hub"),
+        hub_doc({"id": BASE_ID, "revision": hub_cache.new}, [{"id": LORA_ID}], verify=FAST),
+    )
     result = cli("merge", "-q", str(m))
     assert result.exit_code == 0, result.output
     return HubRun(m, m.parent / "out", result.stderr)
@@ -196,11 +202,13 @@ def test_hub_merge_is_byte_identical_to_the_local_merge(hub_release: HubRun, loc
 
 
 @pytest.mark.parametrize("pin", ["tag", "commit"])
-def test_a_pinned_revision_other_than_main_is_the_one_merged(hub_cache: Hub, hub_release: HubRun, pin: str,
-                                                              tmp_path: Path) -> None:
+def test_a_pinned_revision_other_than_main_is_the_one_merged(
+    hub_cache: Hub, hub_release: HubRun, pin: str, tmp_path: Path
+) -> None:
     revision = "v1.0" if pin == "tag" else hub_cache.old
-    m = write_yaml(tmp_path, hub_doc({"id": BASE_ID, "revision": revision},
-                                     [{"id": LORA_ID, "revision": hub_cache.lora_commit}]))
+    m = write_yaml(
+        tmp_path, hub_doc({"id": BASE_ID, "revision": revision}, [{"id": LORA_ID, "revision": hub_cache.lora_commit}])
+    )
     result = cli("merge", "-q", str(m))
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"
@@ -210,7 +218,9 @@ def test_a_pinned_revision_other_than_main_is_the_one_merged(hub_cache: Hub, hub
     assert shards(out) != shards(hub_release.release)
     sources = json.loads((out / "release.json").read_text())["sources"]
     assert [(s["id"], s["revision"], s["commit"]) for s in sources] == [
-        (BASE_ID, revision, hub_cache.old), (LORA_ID, hub_cache.lora_commit, hub_cache.lora_commit)]
+        (BASE_ID, revision, hub_cache.old),
+        (LORA_ID, hub_cache.lora_commit, hub_cache.lora_commit),
+    ]
 
 
 def test_an_unpinned_revision_uses_main_and_warns(hub_cache: Hub, hub_release: HubRun) -> None:
@@ -223,15 +233,21 @@ def test_an_unpinned_revision_uses_main_and_warns(hub_cache: Hub, hub_release: H
 # --------------------------------------------------------------------------- what the release records
 
 
-def test_receipt_records_each_hub_source_and_hashes_real_content(hub_cache: Hub, hub_release: HubRun,
-                                                                 local_release: Path) -> None:
+def test_receipt_records_each_hub_source_and_hashes_real_content(
+    hub_cache: Hub, hub_release: HubRun, local_release: Path
+) -> None:
     receipt = json.loads((hub_release.release / "release.json").read_text())
     snapshot = (hub_cache.storage(BASE_ID) / "snapshots" / hub_cache.new).resolve()
     lora_snapshot = (hub_cache.storage(LORA_ID) / "snapshots" / hub_cache.lora_commit).resolve()
     assert receipt["sources"] == [
         {"source": "base", "id": BASE_ID, "revision": hub_cache.new, "commit": hub_cache.new, "path": str(snapshot)},
-        {"source": "adapters[0]", "id": LORA_ID, "revision": "main", "commit": hub_cache.lora_commit,
-         "path": str(lora_snapshot)},
+        {
+            "source": "adapters[0]",
+            "id": LORA_ID,
+            "revision": "main",
+            "commit": hub_cache.lora_commit,
+            "path": str(lora_snapshot),
+        },
     ]
     inputs = {Path(r["path"]): r for r in receipt["inputs"]}
     assert snapshot / "config.json" in inputs and lora_snapshot / "adapter_config.json" in inputs
@@ -274,7 +290,9 @@ def test_verify_resolves_the_hub_manifest_again(hub_release: HubRun) -> None:
 
 
 def test_plan_works_on_a_hub_manifest(hub_cache: Hub, tmp_path: Path) -> None:
-    hub_m = write_yaml(tmp_path / "hub", hub_doc({"id": BASE_ID, "revision": "main"}, [{"id": LORA_ID, "revision": "main"}]))
+    hub_m = write_yaml(
+        tmp_path / "hub", hub_doc({"id": BASE_ID, "revision": "main"}, [{"id": LORA_ID, "revision": "main"}])
+    )
     local_m = write_yaml(tmp_path / "local", hub_doc(str(hub_cache.base_new), [str(hub_cache.lora)]))
     result = cli("plan", "--json", str(hub_m))
     assert result.exit_code == 0, result.output
@@ -294,23 +312,51 @@ def _missing(h: Hub) -> list:
     """(id, manifest base, adapters, words the one error line must hold)."""
     lora = {"id": LORA_ID, "revision": h.lora_commit}
     return [
-        ("unknown-tag", {"id": BASE_ID, "revision": "v9.9"}, [lora],
-         ["m.yaml:2: `base.id` `acme/tiny-llama` has no revision `v9.9` in the local Hugging Face cache",
-          "cached: main, v1.0", "HF_HUB_OFFLINE is set", "hf download acme/tiny-llama --revision v9.9"]),
-        ("unknown-commit", {"id": BASE_ID, "revision": "f" * 40}, [lora],
-         [f"`acme/tiny-llama` has no revision `{'f' * 40}`", "HF_HUB_OFFLINE is set"]),
-        ("short-commit", {"id": BASE_ID, "revision": h.new[:8]}, [lora],
-         [f"has no revision `{h.new[:8]}`", "a commit is given in full, 40 hex digits"]),
-        ("unknown-repo", {"id": "acme/nope", "revision": "v1.0"}, [lora],
-         ["`base.id` `acme/nope` (revision `v1.0`) is not in the local Hugging Face cache", "HF_HUB_OFFLINE is set",
-          "hf download acme/nope --revision v1.0"]),
-        ("unknown-adapter-repo", {"id": BASE_ID, "revision": h.new}, [str(h.lora), {"id": "acme/nope-lora"}],
-         ["m.yaml:6: `adapters[1].id` `acme/nope-lora` (revision `main`) is not in the local Hugging Face cache"]),
+        (
+            "unknown-tag",
+            {"id": BASE_ID, "revision": "v9.9"},
+            [lora],
+            [
+                "m.yaml:2: `base.id` `acme/tiny-llama` has no revision `v9.9` in the local Hugging Face cache",
+                "cached: main, v1.0",
+                "HF_HUB_OFFLINE is set",
+                "hf download acme/tiny-llama --revision v9.9",
+            ],
+        ),
+        (
+            "unknown-commit",
+            {"id": BASE_ID, "revision": "f" * 40},
+            [lora],
+            [f"`acme/tiny-llama` has no revision `{'f' * 40}`", "HF_HUB_OFFLINE is set"],
+        ),
+        (
+            "short-commit",
+            {"id": BASE_ID, "revision": h.new[:8]},
+            [lora],
+            [f"has no revision `{h.new[:8]}`", "a commit is given in full, 40 hex digits"],
+        ),
+        (
+            "unknown-repo",
+            {"id": "acme/nope", "revision": "v1.0"},
+            [lora],
+            [
+                "`base.id` `acme/nope` (revision `v1.0`) is not in the local Hugging Face cache",
+                "HF_HUB_OFFLINE is set",
+                "hf download acme/nope --revision v1.0",
+            ],
+        ),
+        (
+            "unknown-adapter-repo",
+            {"id": BASE_ID, "revision": h.new},
+            [str(h.lora), {"id": "acme/nope-lora"}],
+            ["m.yaml:6: `adapters[1].id` `acme/nope-lora` (revision `main`) is not in the local Hugging Face cache"],
+        ),
     ]
 
 
-@pytest.mark.parametrize("index", range(5), ids=["unknown-tag", "unknown-commit", "short-commit", "unknown-repo",
-                                                 "unknown-adapter-repo"])
+@pytest.mark.parametrize(
+    "index", range(5), ids=["unknown-tag", "unknown-commit", "short-commit", "unknown-repo", "unknown-adapter-repo"]
+)
 def test_a_revision_or_repo_not_in_the_cache_is_one_clean_line(hub_cache: Hub, tmp_path: Path, index: int) -> None:
     case_id, base, adapters, words = _missing(hub_cache)[index]
     m = write_yaml(tmp_path, hub_doc(base, adapters))
@@ -341,9 +387,13 @@ def test_a_cache_miss_when_online_says_the_hub_cannot_be_reached(hub_cache: Hub,
 
 @pytest.mark.parametrize("where", ["snapshot", "blobs"])
 def test_output_inside_the_cache_is_refused(hub_cache: Hub, tmp_path: Path, where: str) -> None:
-    inside = {"snapshot": hub_cache.storage(BASE_ID) / "snapshots" / hub_cache.new / "out",
-              "blobs": hub_cache.storage(BASE_ID) / "blobs" / "out"}[where]
-    m = write_yaml(tmp_path, hub_doc({"id": BASE_ID, "revision": hub_cache.new}, [{"id": LORA_ID}]) | {"output": str(inside)})
+    inside = {
+        "snapshot": hub_cache.storage(BASE_ID) / "snapshots" / hub_cache.new / "out",
+        "blobs": hub_cache.storage(BASE_ID) / "blobs" / "out",
+    }[where]
+    m = write_yaml(
+        tmp_path, hub_doc({"id": BASE_ID, "revision": hub_cache.new}, [{"id": LORA_ID}]) | {"output": str(inside)}
+    )
     before = tree(hub_cache.cache)
     result = cli("merge", str(m))
     assert result.exit_code == 2, result.output
@@ -352,7 +402,9 @@ def test_output_inside_the_cache_is_refused(hub_cache: Hub, tmp_path: Path, wher
 
 
 @pytest.mark.parametrize("given", ["manifest", "environment"])
-def test_cache_dir_from_the_manifest_or_the_environment(hub_cache: Hub, tmp_path: Path, monkeypatch, given: str) -> None:
+def test_cache_dir_from_the_manifest_or_the_environment(
+    hub_cache: Hub, tmp_path: Path, monkeypatch, given: str
+) -> None:
     extra = {}
     if given == "manifest":
         monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
@@ -367,7 +419,9 @@ def test_cache_dir_from_the_manifest_or_the_environment(hub_cache: Hub, tmp_path
         run_plan(write_yaml(tmp_path / "again", doc))
 
 
-def test_a_manifest_without_hub_sources_never_calls_huggingface_hub(hub_cache: Hub, tmp_path: Path, monkeypatch) -> None:
+def test_a_manifest_without_hub_sources_never_calls_huggingface_hub(
+    hub_cache: Hub, tmp_path: Path, monkeypatch
+) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("snapshot_download called")
 
@@ -384,25 +438,54 @@ def test_a_manifest_without_hub_sources_never_calls_huggingface_hub(hub_cache: H
 # --------------------------------------------------------------------------- the schema and the environment
 
 
-@pytest.mark.parametrize(("base", "adapter", "expected"), [
-    pytest.param("{path: ./b, id: org/b}", "./a", "m.yaml:1: `base`: Value error, give exactly one of `path` or `id`",
-                 id="base-path-and-id"),
-    pytest.param("./b", "{path: ./a, id: org/a}", "m.yaml:3: `adapters[0]`: Value error, give exactly one of `path` or `id`",
-                 id="adapter-path-and-id"),
-    pytest.param("./b", "{weight: 0.5}", "m.yaml:3: `adapters[0]`: Value error, give exactly one of `path` or `id`",
-                 id="adapter-neither"),
-    pytest.param("./b", "{path: ./a, revision: v1}", "`revision` goes with `id`, not with `path`", id="adapter-revision-path"),
-    pytest.param("{id: 'not a repo'}", "./a", "m.yaml:1: `base.id`: Value error, 'not a repo' is not a Hugging Face "
-                 "repository id", id="id-spaces"),
-    pytest.param("{id: org/sub/name}", "./a", "is not a Hugging Face repository id", id="id-three-parts"),
-    pytest.param("{id: org--x/name}", "./a", "is not a Hugging Face repository id", id="id-double-dash"),
-    pytest.param("./b", "{id: org/a, revision: ../../etc}", "m.yaml:3: `adapters[0].revision`: Value error, "
-                 "'../../etc' is not a revision", id="revision-traversal"),
-    pytest.param("{id: org/b, revision: 'v 1'}", "./a", "'v 1' is not a revision", id="revision-space"),
-    pytest.param("{id: org/b, revision: main/}", "./a", "'main/' is not a revision", id="revision-trailing-slash"),
-    pytest.param("./b", "{id: org/a, revison: main}", "m.yaml:3: unknown key `adapters[0].revison`; did you mean "
-                 "`revision`?", id="misspelt-revision"),
-])
+@pytest.mark.parametrize(
+    ("base", "adapter", "expected"),
+    [
+        pytest.param(
+            "{path: ./b, id: org/b}",
+            "./a",
+            "m.yaml:1: `base`: Value error, give exactly one of `path` or `id`",
+            id="base-path-and-id",
+        ),
+        pytest.param(
+            "./b",
+            "{path: ./a, id: org/a}",
+            "m.yaml:3: `adapters[0]`: Value error, give exactly one of `path` or `id`",
+            id="adapter-path-and-id",
+        ),
+        pytest.param(
+            "./b",
+            "{weight: 0.5}",
+            "m.yaml:3: `adapters[0]`: Value error, give exactly one of `path` or `id`",
+            id="adapter-neither",
+        ),
+        pytest.param(
+            "./b", "{path: ./a, revision: v1}", "`revision` goes with `id`, not with `path`", id="adapter-revision-path"
+        ),
+        pytest.param(
+            "{id: 'not a repo'}",
+            "./a",
+            "m.yaml:1: `base.id`: Value error, 'not a repo' is not a Hugging Face repository id",
+            id="id-spaces",
+        ),
+        pytest.param("{id: org/sub/name}", "./a", "is not a Hugging Face repository id", id="id-three-parts"),
+        pytest.param("{id: org--x/name}", "./a", "is not a Hugging Face repository id", id="id-double-dash"),
+        pytest.param(
+            "./b",
+            "{id: org/a, revision: ../../etc}",
+            "m.yaml:3: `adapters[0].revision`: Value error, '../../etc' is not a revision",
+            id="revision-traversal",
+        ),
+        pytest.param("{id: org/b, revision: 'v 1'}", "./a", "'v 1' is not a revision", id="revision-space"),
+        pytest.param("{id: org/b, revision: main/}", "./a", "'main/' is not a revision", id="revision-trailing-slash"),
+        pytest.param(
+            "./b",
+            "{id: org/a, revison: main}",
+            "m.yaml:3: unknown key `adapters[0].revison`; did you mean `revision`?",
+            id="misspelt-revision",
+        ),
+    ],
+)
 def test_hub_sources_in_the_schema(tmp_path: Path, base: str, adapter: str, expected: str) -> None:
     path = tmp_path / "m.yaml"
     path.write_text(f"base: {base}\nadapters:\n  - {adapter}\noutput: ./out\n")
@@ -411,26 +494,34 @@ def test_hub_sources_in_the_schema(tmp_path: Path, base: str, adapter: str, expe
     assert expected in str(info.value)
 
 
-@pytest.mark.parametrize(("base", "adapter"), [
-    ("{id: HuggingFaceTB/SmolLM2-135M-Instruct, revision: 12fd25f77366fa6b3b4b768ec3050bf629380bac}",
-     "{id: org/lora_v1.2, revision: refs/pr/1, weight: 0.5}"),
-    ("{id: gpt2}", "{id: org/a, revision: v1.0+build.2}"),
-])
+@pytest.mark.parametrize(
+    ("base", "adapter"),
+    [
+        (
+            "{id: HuggingFaceTB/SmolLM2-135M-Instruct, revision: 12fd25f77366fa6b3b4b768ec3050bf629380bac}",
+            "{id: org/lora_v1.2, revision: refs/pr/1, weight: 0.5}",
+        ),
+        ("{id: gpt2}", "{id: org/a, revision: v1.0+build.2}"),
+    ],
+)
 def test_valid_hub_sources_parse(tmp_path: Path, base: str, adapter: str) -> None:
     path = tmp_path / "m.yaml"
     path.write_text(f"base: {base}\nadapters:\n  - {adapter}\noutput: ./out\ncache_dir: ./hf\n")
     loaded = load_manifest(path)
     assert loaded.manifest.base.id and loaded.manifest.adapters[0].id and loaded.manifest.adapters[0].path is None
     with pytest.raises(ManifestError, match="has not been resolved yet"):  # only pipeline.prepare gives it a folder
-        loaded.base_path
+        loaded.base_path  # noqa: B018  (the property raises)
 
 
-@pytest.mark.parametrize(("env", "expected"), [
-    ({"HF_HUB_CACHE": "/c/hub-cache", "HF_HOME": "/c/home"}, "/c/hub-cache"),
-    ({"HUGGINGFACE_HUB_CACHE": "/c/legacy", "HF_HOME": "/c/home"}, "/c/legacy"),
-    ({"HF_HOME": "/c/home", "XDG_CACHE_HOME": "/c/xdg"}, "/c/home/hub"),
-    ({"XDG_CACHE_HOME": "/c/xdg"}, "/c/xdg/huggingface/hub"),
-])
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"HF_HUB_CACHE": "/c/hub-cache", "HF_HOME": "/c/home"}, "/c/hub-cache"),
+        ({"HUGGINGFACE_HUB_CACHE": "/c/legacy", "HF_HOME": "/c/home"}, "/c/legacy"),
+        ({"HF_HOME": "/c/home", "XDG_CACHE_HOME": "/c/xdg"}, "/c/home/hub"),
+        ({"XDG_CACHE_HOME": "/c/xdg"}, "/c/xdg/huggingface/hub"),
+    ],
+)
 def test_cache_folder_reads_the_environment_when_called(monkeypatch, env: dict[str, str], expected: str) -> None:
     for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
         monkeypatch.delenv(name, raising=False)
@@ -440,10 +531,18 @@ def test_cache_folder_reads_the_environment_when_called(monkeypatch, env: dict[s
     assert hub.cache_folder(Path("/explicit")) == Path("/explicit")
 
 
-@pytest.mark.parametrize(("hf", "transformers", "offline"), [
-    ("1", None, True), ("ON", None, True), ("true", None, True), ("0", None, False), (None, None, False),
-    (None, "1", True), ("", "yes", True),
-])
+@pytest.mark.parametrize(
+    ("hf", "transformers", "offline"),
+    [
+        ("1", None, True),
+        ("ON", None, True),
+        ("true", None, True),
+        ("0", None, False),
+        (None, None, False),
+        (None, "1", True),
+        ("", "yes", True),
+    ],
+)
 def test_offline_is_read_when_called(monkeypatch, hf: str | None, transformers: str | None, offline: bool) -> None:
     for name, value in (("HF_HUB_OFFLINE", hf), ("TRANSFORMERS_OFFLINE", transformers)):
         if value is None:
@@ -455,7 +554,8 @@ def test_offline_is_read_when_called(monkeypatch, hf: str | None, transformers: 
 
 def test_cached_revisions_lists_refs_and_commits(hub_cache: Hub) -> None:
     assert hub.cached_revisions(hub_cache.storage(BASE_ID)) == (
-        f"main, v1.0, commit {min(hub_cache.new, hub_cache.old)[:12]}, commit {max(hub_cache.new, hub_cache.old)[:12]}")
+        f"main, v1.0, commit {min(hub_cache.new, hub_cache.old)[:12]}, commit {max(hub_cache.new, hub_cache.old)[:12]}"
+    )
     assert hub.cached_revisions(hub_cache.cache / "models--acme--empty") == "nothing"
 
 

@@ -6,20 +6,23 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import write_manifest
 from safetensors import safe_open
 
 import mergekit_lite.merge.merge as merge_module
 from mergekit_lite import run_merge
 from mergekit_lite.errors import MergeError
-from mergekit_lite.manifest.sections import parse_size
 from mergekit_lite.io.format import read_header
+from mergekit_lite.manifest.sections import parse_size
+
+from helpers import write_manifest
 
 
 @pytest.fixture(scope="module")
 def sharded(zoo, tmp_path_factory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("sharded")
-    m = write_manifest(folder, zoo.base("llama"), [(zoo.adapter("llama_lora"), None)], "bfloat16", max_shard_size="20KB")
+    m = write_manifest(
+        folder, zoo.base("llama"), [(zoo.adapter("llama_lora"), None)], "bfloat16", max_shard_size="20KB"
+    )
     return run_merge(m), zoo.base("llama")
 
 
@@ -92,8 +95,14 @@ def test_failure_midway_leaves_nothing(zoo, tmp_path: Path, monkeypatch, fail_af
         return real(*args, **kwargs)
 
     monkeypatch.setattr(merge_module, "merge_tensor", flaky)
-    m = write_manifest(tmp_path / "job", zoo.base("llama"), [(zoo.adapter("llama_lora"), None)], "bfloat16",
-                       out_name="dist/release", max_shard_size="20KB")
+    m = write_manifest(
+        tmp_path / "job",
+        zoo.base("llama"),
+        [(zoo.adapter("llama_lora"), None)],
+        "bfloat16",
+        out_name="dist/release",
+        max_shard_size="20KB",
+    )
     with pytest.raises(MergeError, match="injected"):
         run_merge(m)
     assert calls["n"] == fail_after + 1
@@ -107,7 +116,13 @@ def test_overwrite_replaces_a_previous_release(zoo, tmp_path: Path) -> None:
     m.write_text(m.read_text().replace("path: ./out", "path: ./out\n  overwrite: true"))
     out = run_merge(m)
     assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "SHA256SUMS", "config.json", "generation_config.json", "manifest.yaml", "model.safetensors",
-        "release.json", "verification.json",
+        "README.md",
+        "SHA256SUMS",
+        "config.json",
+        "generation_config.json",
+        "manifest.yaml",
+        "model.safetensors",
+        "release.json",
+        "verification.json",
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.yaml", "out"]

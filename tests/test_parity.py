@@ -46,8 +46,7 @@ def test_tensors_match_peft(case, dtype_name, merger, oracle):
     ref = oracle.reference(case, dtype_name)
     base = oracle.base_tensors(case)
 
-    assert set(ours) == set(ref), (
-        f"missing {sorted(set(ref) - set(ours))}, unexpected {sorted(set(ours) - set(ref))}")
+    assert set(ours) == set(ref), f"missing {sorted(set(ref) - set(ours))}, unexpected {sorted(set(ours) - set(ref))}"
     wrong_dtype = {k: v.dtype for k, v in ours.items() if v.dtype != dtype}
     assert not wrong_dtype, f"not {dtype}: {wrong_dtype}"
     wrong_shape = {k: (tuple(ours[k].shape), tuple(ref[k].shape)) for k in ref if ours[k].shape != ref[k].shape}

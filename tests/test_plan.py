@@ -5,10 +5,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from helpers import write_manifest
 from safetensors.torch import load_file, save_file
 
 from mergekit_lite.pipeline import prepare
+
+from helpers import write_manifest
 
 
 def test_plan_reads_no_tensor_data(zoo, tmp_path: Path, monkeypatch) -> None:
@@ -30,7 +31,9 @@ def test_every_adapter_tensor_is_claimed_exactly_once(zoo, tmp_path: Path) -> No
         plan = prepare(write_manifest(tmp_path / name, base, [(adapter, None)], "float32")).plan
         claimed = [k for t in plan.tensors for op in t.ops for k in op.keys]
         # rows mirrored onto a tied lm_head read the same key twice, by design
-        mirrored = [k for t in plan.tensors if t.name == "lm_head.weight" for op in t.ops if op.kind == "rows" for k in op.keys]
+        mirrored = [
+            k for t in plan.tensors if t.name == "lm_head.weight" for op in t.ops if op.kind == "rows" for k in op.keys
+        ]
         from safetensors import safe_open
 
         with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
@@ -47,7 +50,9 @@ def test_tied_checkpoint_that_stores_both_embeddings_is_untied_when_one_changes(
     save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
     untouched = prepare(write_manifest(tmp_path / "a", base, [(zoo.adapter("llama_lora"), None)], "float32")).plan
     assert untouched.tied_out is True
-    changed = prepare(write_manifest(tmp_path / "b", base, [(zoo.adapter("llama_tied_embed_lora"), None)], "float32")).plan
+    changed = prepare(
+        write_manifest(tmp_path / "b", base, [(zoo.adapter("llama_tied_embed_lora"), None)], "float32")
+    ).plan
     assert changed.tied_out is False
     ops = {t.name: [op.kind for op in t.ops] for t in changed.tensors}
     assert ops["lm_head.weight"] == [] and "delta" in ops["model.embed_tokens.weight"]

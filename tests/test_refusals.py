@@ -12,8 +12,7 @@ from helpers import write_manifest
 def _merge(zoo, tmp_path, adapter: str):
     from mergekit_lite import run_merge
 
-    manifest = write_manifest(tmp_path, zoo.base(ADAPTERS[adapter].base), [(zoo.adapter(adapter), 1.0)],
-                              "float32")
+    manifest = write_manifest(tmp_path, zoo.base(ADAPTERS[adapter].base), [(zoo.adapter(adapter), 1.0)], "float32")
     return manifest, lambda: run_merge(manifest)
 
 

@@ -31,9 +31,9 @@ from test_gate_helpers import (
 
 from mergekit_lite import run_merge
 from mergekit_lite.gate.report import fmt
+from mergekit_lite.io.format import read_header
 from mergekit_lite.pipeline import GateFailed
 from mergekit_lite.release.publish import output_lock
-from mergekit_lite.io.format import read_header
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = {"max_new_tokens": 4}
@@ -57,9 +57,18 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     assert (base / INDEX).is_file(), "the base should be sharded"
     lora = build_adapter(base, root / "lora", seed=1, r=4, lora_alpha=8, target_modules="all-linear")
     grown = build_tokenizer(extra_tokens=ADDED)
-    added = build_adapter(base, root / "added", seed=2, tokenizer=grown, resize_to=len(grown), perturb="modules_to_save",
-                          r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                          modules_to_save=["embed_tokens", "lm_head"])
+    added = build_adapter(
+        base,
+        root / "added",
+        seed=2,
+        tokenizer=grown,
+        resize_to=len(grown),
+        perturb="modules_to_save",
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        modules_to_save=["embed_tokens", "lm_head"],
+    )
     return {"base": base, "lora": lora, "added": added, "root": root}
 
 
@@ -122,11 +131,14 @@ def test_release_loads_and_generates_offline(release) -> None:
     config = json.loads((out / "config.json").read_text())
     assert model.dtype == getattr(torch, config["dtype"])
     assert tokenizer.chat_template
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     with torch.no_grad():
-        generated = model.generate(**ids, max_new_tokens=6, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id)
+        generated = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert generated.shape[1] > ids["input_ids"].shape[1]
     assert isinstance(tokenizer.decode(generated[0], skip_special_tokens=True), str)
 
@@ -138,7 +150,10 @@ def test_added_tokens_agree_everywhere(inputs, added) -> None:
     tensors, _ = read_release(out)
     rows = tensors["model.embed_tokens.weight"].shape[0]
     assert len(tokenizer) == config["vocab_size"] == rows == tensors["lm_head.weight"].shape[0], (
-        len(tokenizer), config["vocab_size"], rows)
+        len(tokenizer),
+        config["vocab_size"],
+        rows,
+    )
     assert len(tokenizer) == len(load_tok(inputs["base"])) + len(ADDED)
     vocab = tokenizer.get_vocab()
     assert all(token in vocab for token in ADDED)
@@ -174,8 +189,10 @@ def test_tied_model_with_trained_lm_head_comes_out_untied(zoo, tmp_path: Path) -
     assert model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
     assert torch.equal(model.lm_head.weight.detach(), trained)
     assert torch.equal(model.get_input_embeddings().weight.detach(), embed)
-    assert json.loads((out / "release.json").read_text())["plan"]["tie_word_embeddings"] == {"base": True,
-                                                                                           "release": False}
+    assert json.loads((out / "release.json").read_text())["plan"]["tie_word_embeddings"] == {
+        "base": True,
+        "release": False,
+    }
 
 
 # --------------------------------------------------------------------------- self-description
@@ -196,15 +213,23 @@ def _expected_inputs(inputs: dict[str, Path], adapter: str, tokenizer_from: str)
     index = json.loads((base / INDEX).read_text())
     shards = {base / s for s in index["weight_map"].values()}
     assert len(shards) > 1
-    found = shards | {base / INDEX, base / "config.json", base / "generation_config.json",
-                      inputs[adapter] / "adapter_config.json", inputs[adapter] / "adapter_model.safetensors"}
+    found = shards | {
+        base / INDEX,
+        base / "config.json",
+        base / "generation_config.json",
+        inputs[adapter] / "adapter_config.json",
+        inputs[adapter] / "adapter_model.safetensors",
+    }
     source = inputs[tokenizer_from]
     found |= {source / n for n in TOKENIZER_FILES if (source / n).is_file()}
     return found
 
 
-@pytest.mark.parametrize(("release", "adapter", "tokenizer_from"),
-                         [("bf16", "lora", "base"), ("added", "added", "added")], indirect=["release"])
+@pytest.mark.parametrize(
+    ("release", "adapter", "tokenizer_from"),
+    [("bf16", "lora", "base"), ("added", "added", "added")],
+    indirect=["release"],
+)
 def test_receipt_lists_every_input_and_output(inputs, release, adapter: str, tokenizer_from: str) -> None:
     _, out = release
     receipt = json.loads((out / "release.json").read_text())
@@ -223,7 +248,9 @@ def test_receipt_lists_every_input_and_output(inputs, release, adapter: str, tok
     for library in ("mergekit-lite", "torch", "transformers", "peft", "safetensors"):
         assert receipt["versions"][library] not in ("", "not installed"), library
     plan = receipt["plan"]
-    assert plan["total_size"] == sum(e.nbytes for shard in plan["shards"] for e in read_header(out / shard).tensors.values())
+    assert plan["total_size"] == sum(
+        e.nbytes for shard in plan["shards"] for e in read_header(out / shard).tensors.values()
+    )
     assert plan["shards"] == sorted({p.name for p in out.glob("*.safetensors")})
 
 
@@ -309,11 +336,18 @@ def test_second_concurrent_run_is_refused(inputs, tmp_path: Path) -> None:
     output = (tmp_path / "out").resolve()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     with output_lock(output):
-        done = subprocess.run([sys.executable, "-m", "mergekit_lite", "merge", str(m)], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-m", "mergekit_lite", "merge", str(m)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 2, done.stdout + done.stderr
         assert done.stderr.strip().splitlines()[-1] == (
-            f"error: output `{output}` is being written by another run (pid {os.getpid()}); wait for it")
+            f"error: output `{output}` is being written by another run (pid {os.getpid()}); wait for it"
+        )
         assert "Traceback" not in done.stderr
         assert not output.exists()
         assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "manifest.yaml"]
@@ -335,8 +369,15 @@ def old_release(inputs, tmp_path: Path) -> Path:
 
 def test_overwrite_keeps_the_old_release_when_the_gate_fails(inputs, old_release: Path, tmp_path: Path) -> None:
     before = _snapshot(old_release)
-    m = write_manifest(tmp_path, inputs["base"], [inputs["lora"]], "float32", max_shard_size="24KB", overwrite=True,
-                       verify={**FAST, "thresholds": {"top1_agreement": 1.1}})
+    m = write_manifest(
+        tmp_path,
+        inputs["base"],
+        [inputs["lora"]],
+        "float32",
+        max_shard_size="24KB",
+        overwrite=True,
+        verify={**FAST, "thresholds": {"top1_agreement": 1.1}},
+    )
     with pytest.raises(GateFailed):
         merge(m)
     assert _snapshot(old_release) == before
@@ -344,8 +385,9 @@ def test_overwrite_keeps_the_old_release_when_the_gate_fails(inputs, old_release
 
 
 def test_overwrite_replaces_the_old_release_whole(inputs, old_release: Path, tmp_path: Path) -> None:
-    m = write_manifest(tmp_path, inputs["base"], [inputs["lora"]], "float32", max_shard_size="24KB", overwrite=True,
-                       verify=FAST)
+    m = write_manifest(
+        tmp_path, inputs["base"], [inputs["lora"]], "float32", max_shard_size="24KB", overwrite=True, verify=FAST
+    )
     assert merge(m) == old_release
     files = {str(p.relative_to(old_release)) for p in old_release.rglob("*") if p.is_file()}
     listed = {line.split("  ", 1)[1] for line in (old_release / "SHA256SUMS").read_text().splitlines()}

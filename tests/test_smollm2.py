@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from mergekit_lite.manifest.load import load_manifest
+from mergekit_lite.pipeline import execute
+from mergekit_lite.pipeline import prepare as prepare_job
 from mergekit_lite.tools.demo import answer
 from mergekit_lite.tools.example import PROMPT, SECOND_ADAPTER_NAME, prepare
-from mergekit_lite.manifest.load import load_manifest
-from mergekit_lite.pipeline import execute, prepare as prepare_job
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "examples"  # shared with `make demo`: built once per machine

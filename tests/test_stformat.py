@@ -49,15 +49,42 @@ F32_2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
         pytest.param({"w": F32_2}, b"\0" * 8, 2**40, "exceeds the", id="absurd-length"),
         pytest.param({"w": F32_2}, b"", 500, "is truncated: header of 500 bytes", id="truncated-header"),
         pytest.param(b"{not json", b"", None, "header is not valid JSON", id="not-json"),
-        pytest.param(b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}',
-                     b"\0" * 16, None, "duplicate tensor name `w`", id="duplicate"),
+        pytest.param(
+            b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}',
+            b"\0" * 16,
+            None,
+            "duplicate tensor name `w`",
+            id="duplicate",
+        ),
         pytest.param({"w": F32_2}, b"\0" * 4, None, "is truncated", id="truncated-data"),
         pytest.param({"w": F32_2}, b"\0" * 12, None, "has 4 trailing bytes", id="trailing"),
-        pytest.param({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, None, "needs 12", id="size-mismatch"),
-        pytest.param({"a": F32_2, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, None, "overlaps", id="overlap"),
-        pytest.param({"a": F32_2, "b": {"dtype": "F32", "shape": [2], "data_offsets": [12, 20]}}, b"\0" * 20, None, "gap", id="gap"),
-        pytest.param({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 1]}}, b"\0", None, "unsupported dtype", id="dtype"),
-        pytest.param({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, None, "invalid shape", id="shape"),
+        pytest.param(
+            {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}},
+            b"\0" * 8,
+            None,
+            "needs 12",
+            id="size-mismatch",
+        ),
+        pytest.param(
+            {"a": F32_2, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
+            b"\0" * 12,
+            None,
+            "overlaps",
+            id="overlap",
+        ),
+        pytest.param(
+            {"a": F32_2, "b": {"dtype": "F32", "shape": [2], "data_offsets": [12, 20]}},
+            b"\0" * 20,
+            None,
+            "gap",
+            id="gap",
+        ),
+        pytest.param(
+            {"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 1]}}, b"\0", None, "unsupported dtype", id="dtype"
+        ),
+        pytest.param(
+            {"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, None, "invalid shape", id="shape"
+        ),
         pytest.param([1, 2], b"", None, "not a JSON object", id="array"),
     ],
 )

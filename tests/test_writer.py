@@ -17,9 +17,9 @@ from safetensors.torch import save_file
 import mergekit_lite.io.reader as reader_module
 import mergekit_lite.io.writer as writer_module
 from mergekit_lite.errors import MergeError
-from mergekit_lite.merge.merge import WriteBehind
 from mergekit_lite.io.format import NAMES, encode_header, read_header
 from mergekit_lite.io.writer import ShardWriter
+from mergekit_lite.merge.merge import WriteBehind
 
 # odd sizes, so that tensors straddle the staging buffer and disk blocks; one larger than the buffer
 SHAPES = [(3,), (1000, 7), (5,), (4099,), (64, 65), (1,)]
@@ -37,8 +37,9 @@ def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def _expected(tensors: dict[str, torch.Tensor]) -> bytes:
     entries = [(name, NAMES[t.dtype], tuple(t.shape)) for name, t in tensors.items()]
-    return encode_header(entries, {"format": "pt"}) + b"".join(t.reshape(-1).view(torch.uint8).numpy().tobytes()
-                                                             for t in tensors.values())
+    return encode_header(entries, {"format": "pt"}) + b"".join(
+        t.reshape(-1).view(torch.uint8).numpy().tobytes() for t in tensors.values()
+    )
 
 
 @pytest.fixture(params=["direct", "buffered"])

@@ -14,19 +14,19 @@ rightly; the combination itself is checked end to end against PEFT's add_weighte
 from __future__ import annotations
 
 import math
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
 
-from mergekit_lite.merge import mathops
-from mergekit_lite.sources.adapter import Adapter
-from mergekit_lite.merge.combine import CombinedFactors
 from mergekit_lite.gate.report import GateReport
-from mergekit_lite.plan.plan import Op, Plan, PlannedTensor
-from mergekit_lite.io.reader import AlignedBuffer, TensorReader
 from mergekit_lite.io.format import DTYPES, TensorEntry
+from mergekit_lite.io.reader import AlignedBuffer, TensorReader
+from mergekit_lite.merge import mathops
+from mergekit_lite.merge.combine import CombinedFactors
+from mergekit_lite.plan.plan import Op, Plan, PlannedTensor
+from mergekit_lite.sources.adapter import Adapter
 
 PROBES = 4
 READ_AHEAD = 64 * 2**20  # bytes: a larger tensor (an embedding) is mapped when its turn comes, not read ahead
@@ -34,7 +34,12 @@ BLOCK_ELEMENTS = 2**18  # rows are upcast in blocks of about this many elements:
 _MANTISSA = {torch.float32: 24, torch.float16: 11, torch.bfloat16: 8, torch.float64: 53}
 _INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}
 _ULP_SCALE = {dtype: 2.0 ** (2 - 2 * bits) for dtype, bits in _MANTISSA.items()}  # ulp^2 / (2^(e-1))^2
-_EXPONENT_MASK = {torch.float32: 0x7F800000, torch.float16: 0x7C00, torch.bfloat16: 0x7F80, torch.float64: 0x7FF0000000000000}
+_EXPONENT_MASK = {
+    torch.float32: 0x7F800000,
+    torch.float16: 0x7C00,
+    torch.bfloat16: 0x7F80,
+    torch.float64: 0x7FF0000000000000,
+}
 
 
 @dataclass
@@ -45,8 +50,14 @@ class TensorFigures:
     applied_sigmas: float
 
 
-def check_algebra(report: GateReport, plan: Plan, adapters: list[Adapter], base: TensorReader,
-                  candidate: dict[str, TensorEntry], limits: dict[str, float]) -> None:
+def check_algebra(
+    report: GateReport,
+    plan: Plan,
+    adapters: list[Adapter],
+    base: TensorReader,
+    candidate: dict[str, TensorEntry],
+    limits: dict[str, float],
+) -> None:
     """Record finiteness, unchanged-equals-base and the probe checks over every planned tensor."""
     out = TensorReader(candidate)
     factors = [TensorReader({k.key: k.entry for k in a.keys}) for a in adapters]
@@ -55,11 +66,17 @@ def check_algebra(report: GateReport, plan: Plan, adapters: list[Adapter], base:
     differs: list[str] = []
     figures: list[TensorFigures] = []
     # missing ones, or of another shape or dtype, are already reported by the structure checks
-    tensors = [t for t in plan.tensors
-               if t.name in candidate and candidate[t.name].shape == t.shape and candidate[t.name].dtype == t.dtype]
+    tensors = [
+        t
+        for t in plan.tensors
+        if t.name in candidate and candidate[t.name].shape == t.shape and candidate[t.name].dtype == t.dtype
+    ]
     # the row passes run on torch's threads; this thread's own calls are small, on one
-    with (RowPasses(torch.get_num_threads()) as rows, ReadAhead(out, base, tensors) as ahead,
-          mathops.intra_op_threads(1)):
+    with (
+        RowPasses(torch.get_num_threads()) as rows,
+        ReadAhead(out, base, tensors) as ahead,
+        mathops.intra_op_threads(1),
+    ):
         for t, (merged, w0) in zip(tensors, ahead, strict=True):
             if not t.ops:
                 if merged.is_floating_point() and not mathops.all_finite(merged):
@@ -74,17 +91,22 @@ def check_algebra(report: GateReport, plan: Plan, adapters: list[Adapter], base:
                 figures.append(figure)
     report.add("structure", "no NaN or Inf", not non_finite, len(non_finite), 0, ", ".join(non_finite[:3]))
     untouched = sum(1 for t in plan.tensors if not t.ops)
-    report.add("algebra", f"{untouched} unchanged tensors equal the base", not differs, len(differs), 0,
-               ", ".join(differs[:3]))
+    report.add(
+        "algebra", f"{untouched} unchanged tensors equal the base", not differs, len(differs), 0, ", ".join(differs[:3])
+    )
     if not figures:
         return
-    for metric, label in (("residual_rms", "W'x residual, RMS ulps"), ("residual_max", "W'x residual, max ulps"),
-                          ("applied_sigmas", "expected change applied, |fraction - 1| in rounding sigmas")):
+    for metric, label in (
+        ("residual_rms", "W'x residual, RMS ulps"),
+        ("residual_max", "W'x residual, max ulps"),
+        ("applied_sigmas", "expected change applied, |fraction - 1| in rounding sigmas"),
+    ):
         worst = max(figures, key=lambda f: getattr(f, metric))
         value = getattr(worst, metric)
         limit = limits[metric]
-        report.add("algebra", f"{label} ({len(figures)} changed tensors)", value <= limit, value, limit,
-                   f"worst: {worst.name}")
+        report.add(
+            "algebra", f"{label} ({len(figures)} changed tensors)", value <= limit, value, limit, f"worst: {worst.name}"
+        )
 
 
 class ReadAhead:
@@ -101,8 +123,10 @@ class ReadAhead:
         self.pool = ThreadPoolExecutor(2, "mergekit-readahead")  # the candidate's reads and the base's side by side
 
     def _read(self, t: PlannedTensor, slot: tuple[AlignedBuffer, AlignedBuffer]) -> tuple[Future, Future]:
-        return (self.pool.submit(self.candidate.load_into, t.name, slot[0], True),
-                self.pool.submit(self.base.load_into, t.source, slot[1]))
+        return (
+            self.pool.submit(self.candidate.load_into, t.name, slot[0], True),
+            self.pool.submit(self.base.load_into, t.source, slot[1]),
+        )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         slots = [(AlignedBuffer(), AlignedBuffer()) for _ in range(2)]  # one tensor checked, the next read
@@ -134,8 +158,14 @@ def _equals_base(t: PlannedTensor, merged: torch.Tensor, w0: torch.Tensor) -> bo
     return torch.equal(merged, w0.to(DTYPES[t.dtype]))
 
 
-def _probe(t: PlannedTensor, merged: torch.Tensor, w0: torch.Tensor, factors: list[TensorReader],
-           combined: CombinedFactors | None = None, rows: RowPasses | None = None) -> TensorFigures | None:
+def _probe(
+    t: PlannedTensor,
+    merged: torch.Tensor,
+    w0: torch.Tensor,
+    factors: list[TensorReader],
+    combined: CombinedFactors | None = None,
+    rows: RowPasses | None = None,
+) -> TensorFigures | None:
     """Compare W'x with the factored expectation in float64; figures in output-dtype ulps.
 
     None when W' holds a NaN or an infinity. W'x is then not finite (no probe entry is zero), so
@@ -145,8 +175,12 @@ def _probe(t: PlannedTensor, merged: torch.Tensor, w0: torch.Tensor, factors: li
     transposed = any(op.layout == "conv1d" and op.kind == "dora" for op in t.ops)
     w_out = merged.reshape(-1, 1) if vector else merged
     cols = w_out.shape[0] if transposed else w_out.shape[1]
-    x = torch.ones(1, 1, dtype=torch.float64) if vector else torch.randn(
-        cols, PROBES, dtype=torch.float64, generator=torch.Generator().manual_seed(cols))
+    x = (
+        torch.ones(1, 1, dtype=torch.float64)
+        if vector
+        else torch.randn(cols, PROBES, dtype=torch.float64, generator=torch.Generator().manual_seed(cols))
+    )
+
     def get(op: Op, i: int) -> torch.Tensor:
         if combined is not None and op.adapter == combined.plan.index:
             return combined.get_many((op.keys[i],))[0].to(torch.float64)
@@ -200,7 +234,7 @@ def _apply(op: Op, y: torch.Tensor, x: torch.Tensor, unmerged: torch.Tensor, tra
         change = op.scale * (a.T @ (b.T @ x))
     if op.kind != "dora":
         return y + change
-    w0 = (unmerged.T if transposed else unmerged)
+    w0 = unmerged.T if transposed else unmerged
     norm = _dora_norm(w0, a, b, op.scale)
     factor = get(op, 2).reshape(-1, 1) / norm.reshape(-1, 1)
     return factor * (y + change)
@@ -211,8 +245,8 @@ def _dora_norm(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> 
     sq = torch.zeros(w0.shape[0], dtype=torch.float64)
     cross = torch.zeros(w0.shape[0], a.shape[0], dtype=torch.float64)
     for start, block in _blocks(w0):
-        sq[start:start + block.shape[0]] = (block * block).sum(dim=1)
-        cross[start:start + block.shape[0]] = block @ a.T
+        sq[start : start + block.shape[0]] = (block * block).sum(dim=1)
+        cross[start : start + block.shape[0]] = block @ a.T
     gram = a @ a.T
     total = sq + 2 * s * (cross * b).sum(dim=1) + s * s * ((b @ gram) * b).sum(dim=1)
     return total.clamp_min(0).sqrt()
@@ -234,16 +268,18 @@ def _matmul(w: torch.Tensor, x: torch.Tensor, transposed: bool, rows: RowPasses 
     return product.to(torch.float64)
 
 
-def _matmul_and_ulp_scale(w: torch.Tensor, x: torch.Tensor, transposed: bool, work: torch.dtype | None = None,
-                          rows: RowPasses | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _matmul_and_ulp_scale(
+    w: torch.Tensor, x: torch.Tensor, transposed: bool, work: torch.dtype | None = None, rows: RowPasses | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(W x, sqrt(sum_j (ulp(W_ij) x_j)^2)) in float64, in one pass over W: the product, and the
     spread of it that one-ulp errors in W would cause. A float tensor's ulp is a power of two
     read off its exponent bits (see _exponent_squared)."""
     work = work or _work_dtype(w)
     product, spread = (rows or RowPasses(1)).run(w, x, transposed, work, spread=True)
     assert spread is not None
-    if work != torch.float64 and not (bool((spread > 0).all()) and mathops.all_finite(spread)
-                                      and mathops.all_finite(product)):
+    if work != torch.float64 and not (
+        bool((spread > 0).all()) and mathops.all_finite(spread) and mathops.all_finite(product)
+    ):
         # bfloat16 rows of values below 2^-63 (or above 2^63) have ulps whose squares under- (over-)
         # flow float32: redo in float64
         return _matmul_and_ulp_scale(w, x, transposed, torch.float64, rows)
@@ -275,18 +311,29 @@ class RowPasses:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def run(self, w: torch.Tensor, x: torch.Tensor, transposed: bool, work: torch.dtype,
-            spread: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def run(
+        self, w: torch.Tensor, x: torch.Tensor, transposed: bool, work: torch.dtype, spread: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(W x or W^T x, and the ulp spread's square when `spread`) in `work`."""
         xw = x.to(work)
         x2 = (xw * xw).mul_(_ULP_SCALE[w.dtype])
         parts = mathops.split(mathops.row_blocks(w.shape[0], w.shape[1], BLOCK_ELEMENTS), len(self.scratch))
         n = len(parts)
         out_rows = w.shape[1] if transposed else w.shape[0]
-        outputs = [(torch.zeros(out_rows, x.shape[1], dtype=work), torch.zeros(out_rows, x.shape[1], dtype=work) if spread else None)
-                   for _ in range(n if transposed else 1)]
-        self.threads.map(_row_pass, [(w, xw, x2, transposed, w.dtype, part, self.scratch[i], *outputs[i if transposed else 0])
-                                     for i, part in enumerate(parts)])
+        outputs = [
+            (
+                torch.zeros(out_rows, x.shape[1], dtype=work),
+                torch.zeros(out_rows, x.shape[1], dtype=work) if spread else None,
+            )
+            for _ in range(n if transposed else 1)
+        ]
+        self.threads.map(
+            _row_pass,
+            [
+                (w, xw, x2, transposed, w.dtype, part, self.scratch[i], *outputs[i if transposed else 0])
+                for i, part in enumerate(parts)
+            ],
+        )
         product, square = outputs[0]
         for p, q in outputs[1:]:  # transposed: the threads' partial sums
             product += p
@@ -295,9 +342,17 @@ class RowPasses:
         return product, square
 
 
-def _row_pass(w: torch.Tensor, xw: torch.Tensor, x2: torch.Tensor, transposed: bool, dtype: torch.dtype,
-              blocks: list[tuple[int, int]], scratch: dict[torch.dtype, torch.Tensor], product: torch.Tensor,
-              square: torch.Tensor | None) -> None:
+def _row_pass(
+    w: torch.Tensor,
+    xw: torch.Tensor,
+    x2: torch.Tensor,
+    transposed: bool,
+    dtype: torch.dtype,
+    blocks: list[tuple[int, int]],
+    scratch: dict[torch.dtype, torch.Tensor],
+    product: torch.Tensor,
+    square: torch.Tensor | None,
+) -> None:
     """_matmul's and _matmul_and_ulp_scale's work on some row blocks of W, in scratch buffers."""
     work = xw.dtype
     for start, stop in blocks:
@@ -349,7 +404,7 @@ def _exponent_squared(block: torch.Tensor, dtype: torch.dtype, out: torch.Tensor
 def _blocks(w: torch.Tensor):
     rows = max(1, BLOCK_ELEMENTS // max(1, w.shape[1]))
     for start in range(0, w.shape[0], rows):
-        yield start, w[start:start + rows].to(torch.float64)
+        yield start, w[start : start + rows].to(torch.float64)
 
 
 def _resize(y_base: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

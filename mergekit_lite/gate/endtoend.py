@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 
-from mergekit_lite.plan.combine import COMBINED
-from mergekit_lite.plan.plan import CombinePlan
 from mergekit_lite.gate.report import GateReport
 from mergekit_lite.gate.tolerances import within
 from mergekit_lite.manifest.sections import AUTO_PLACEMENTS, VerifySpec, parse_size
+from mergekit_lite.plan.combine import COMBINED
+from mergekit_lite.plan.plan import CombinePlan
 
 DEFAULT_PROMPTS = [
     "Hello! How are you today?",
@@ -52,8 +52,9 @@ def prompt_ids(tokenizer: Any, prompts: list[str] | None, vocab: int) -> tuple[l
     chat = bool(getattr(tokenizer, "chat_template", None))
     for text in texts:
         if chat:
-            enc = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                return_dict=False)
+            enc = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, return_dict=False
+            )
             ids = enc["input_ids"] if isinstance(enc, dict) else enc
         else:
             ids = tokenizer(text)["input_ids"]
@@ -63,8 +64,14 @@ def prompt_ids(tokenizer: Any, prompts: list[str] | None, vocab: int) -> tuple[l
     return out, f"{len(out)} {source} prompts, {kind}"
 
 
-def reference_model(base: Path, adapters: list[tuple[Path, float]], dtype: torch.dtype, loading: dict[str, Any],
-                    embedding_rows: int | None = None, combine: CombinePlan | None = None):
+def reference_model(
+    base: Path,
+    adapters: list[tuple[Path, float]],
+    dtype: torch.dtype,
+    loading: dict[str, Any],
+    embedding_rows: int | None = None,
+    combine: CombinePlan | None = None,
+):
     """PEFT's base + adapters, unmerged, each adapter's scaling multiplied by its manifest weight;
     with `combine`, PEFT's add_weighted_adapter of them instead (see _add_combined).
 
@@ -110,9 +117,16 @@ def _add_combined(peft_model, names: list[str], weights: list[float], combine: C
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(combine.seed)
         peft_model.add_weighted_adapter(
-            names, weights, COMBINED, combination_type=combine.method, svd_rank=combine.svd_rank,
-            svd_clamp=combine.svd_clamp, svd_full_matrices=combine.svd_full_matrices, density=combine.density,
-            majority_sign_method=combine.majority_sign_method)
+            names,
+            weights,
+            COMBINED,
+            combination_type=combine.method,
+            svd_rank=combine.svd_rank,
+            svd_clamp=combine.svd_clamp,
+            svd_full_matrices=combine.svd_full_matrices,
+            density=combine.density,
+            majority_sign_method=combine.majority_sign_method,
+        )
     for module in layers:
         if (home := homes[id(module)]) is not None:
             _move_factors(module, [COMBINED, *names], lambda device: device.type == "cpu", home)
@@ -167,8 +181,14 @@ class Placement:
                 previous = os.getcwd()
                 os.chdir(tmp)
                 try:
-                    yield tuple({"device_map": self.device_map, "max_memory": self.max_memory,  # type: ignore[misc]
-                                 "offload_folder": str(Path(tmp) / part)} for part in ("reference", "release"))
+                    yield tuple(
+                        {
+                            "device_map": self.device_map,
+                            "max_memory": self.max_memory,  # type: ignore[misc]
+                            "offload_folder": str(Path(tmp) / part),
+                        }
+                        for part in ("reference", "release")
+                    )
                 finally:
                     os.chdir(previous)
         finally:
@@ -198,10 +218,20 @@ def placement(settings: VerifySpec, device_map: str) -> Placement:
 EFFECT_SHARE = 0.5  # the logit threshold is at most this share of the adapters' own effect
 
 
-def check_end_to_end(report: GateReport, candidate: Path, base: Path, adapters: list[tuple[Path, float]],
-                     placement: Placement, tokenizer: Any, prompts: list[str] | None, new_tokens: int,
-                     limits: dict[str, float], embedding_rows: int | None = None,
-                     fixed: frozenset[str] = frozenset(), combine: CombinePlan | None = None) -> None:
+def check_end_to_end(
+    report: GateReport,
+    candidate: Path,
+    base: Path,
+    adapters: list[tuple[Path, float]],
+    placement: Placement,
+    tokenizer: Any,
+    prompts: list[str] | None,
+    new_tokens: int,
+    limits: dict[str, float],
+    embedding_rows: int | None = None,
+    fixed: frozenset[str] = frozenset(),
+    combine: CombinePlan | None = None,
+) -> None:
     """Record the end-to-end metrics of the candidate against PEFT's reference (with `combine`, PEFT's
     add_weighted_adapter of the adapters: an independent check of the combination).
 
@@ -212,13 +242,38 @@ def check_end_to_end(report: GateReport, candidate: Path, base: Path, adapters: 
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _run(report, candidate, base, adapters, COMPUTE_DTYPE, placement, tokenizer, prompts, new_tokens,
-             dict(limits), embedding_rows, fixed, combine)
+        _run(
+            report,
+            candidate,
+            base,
+            adapters,
+            COMPUTE_DTYPE,
+            placement,
+            tokenizer,
+            prompts,
+            new_tokens,
+            dict(limits),
+            embedding_rows,
+            fixed,
+            combine,
+        )
 
 
-def _run(report: GateReport, candidate: Path, base: Path, adapters: list[tuple[Path, float]], dtype: torch.dtype,
-         placement: Placement, tokenizer: Any, prompts: list[str] | None, new_tokens: int, limits: dict[str, float],
-         embedding_rows: int | None, fixed: frozenset[str], combine: CombinePlan | None = None) -> None:
+def _run(
+    report: GateReport,
+    candidate: Path,
+    base: Path,
+    adapters: list[tuple[Path, float]],
+    dtype: torch.dtype,
+    placement: Placement,
+    tokenizer: Any,
+    prompts: list[str] | None,
+    new_tokens: int,
+    limits: dict[str, float],
+    embedding_rows: int | None,
+    fixed: frozenset[str],
+    combine: CombinePlan | None = None,
+) -> None:
     from transformers import AutoModelForCausalLM
 
     with placement.loading() as (for_reference, for_release):
@@ -228,8 +283,17 @@ def _run(report: GateReport, candidate: Path, base: Path, adapters: list[tuple[P
         _measure(report, reference, merged, dtype, tokenizer, prompts, new_tokens, limits, fixed)
 
 
-def _measure(report: GateReport, reference, merged, dtype: torch.dtype, tokenizer: Any, prompts: list[str] | None,
-             new_tokens: int, limits: dict[str, float], fixed: frozenset[str]) -> None:
+def _measure(
+    report: GateReport,
+    reference,
+    merged,
+    dtype: torch.dtype,
+    tokenizer: Any,
+    prompts: list[str] | None,
+    new_tokens: int,
+    limits: dict[str, float],
+    fixed: frozenset[str],
+) -> None:
     vocab = merged.get_input_embeddings().weight.shape[0]
     ids, how = prompt_ids(tokenizer, prompts, vocab)
     ref_logits = [_forward(reference, seq) for seq in ids]
@@ -243,10 +307,14 @@ def _measure(report: GateReport, reference, merged, dtype: torch.dtype, tokenize
         threshold_note = f" (threshold: {EFFECT_SHARE:g} x the adapters' effect)"
     tie = 2 * limits["max_abs_logit_diff"]
     figures = _compare(ref_logits, out_logits, tie)
-    report.context.update({
-        "prompts": how, "compute_dtype": str(dtype).removeprefix("torch."),
-        "adapter_effect_max_abs_logit_diff": effect, "tie_margin": tie,
-    })
+    report.context.update(
+        {
+            "prompts": how,
+            "compute_dtype": str(dtype).removeprefix("torch."),
+            "adapter_effect_max_abs_logit_diff": effect,
+            "tie_margin": tie,
+        }
+    )
     greedy, first_diff = _greedy(reference, merged, ids, new_tokens, tokenizer, tie)
     figures["greedy_match"] = greedy
     detail = {
@@ -283,8 +351,12 @@ def _compare(reference: list[torch.Tensor], merged: list[torch.Tensor], tie: flo
         kls.append((log_p.exp() * (log_p - log_q)).sum(-1))
         agree += int(_agrees(ref, out.argmax(-1), tie).sum())
         total += ref.shape[0]
-    return {"max_abs_logit_diff": worst, "worst_prompt": worst_prompt,
-            "mean_kl": float(torch.cat(kls).mean().clamp_min(0)), "top1_agreement": agree / total}
+    return {
+        "max_abs_logit_diff": worst,
+        "worst_prompt": worst_prompt,
+        "mean_kl": float(torch.cat(kls).mean().clamp_min(0)),
+        "top1_agreement": agree / total,
+    }
 
 
 def _agrees(ref_logits: torch.Tensor, chosen: torch.Tensor, tie: float) -> torch.Tensor:
@@ -325,4 +397,4 @@ def _generate(model, seq: torch.Tensor, n: int) -> list[int]:
     config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    return out[0, ids.shape[1]:].tolist()
+    return out[0, ids.shape[1] :].tolist()

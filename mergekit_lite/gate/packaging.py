@@ -10,7 +10,9 @@ from mergekit_lite.gate.report import GateReport
 from mergekit_lite.sources.tokenizer import load_tokenizer
 
 
-def check_packaging(report: GateReport, candidate: Path, source: Any, texts: list[str], embedding_rows: int | None) -> None:
+def check_packaging(
+    report: GateReport, candidate: Path, source: Any, texts: list[str], embedding_rows: int | None
+) -> None:
     """Compare the packaged tokenizer with the source tokenizer on vocabulary, prompts and template."""
     try:
         packaged = load_tokenizer(candidate)
@@ -21,7 +23,9 @@ def check_packaging(report: GateReport, candidate: Path, source: Any, texts: lis
         report.add("packaging", "tokenizer shipped", False, "missing", "present", "the source has a tokenizer")
         return
     vocab_diff = _vocab_difference(source.get_vocab(), packaged.get_vocab())
-    report.add("packaging", "vocabulary equals the source", not vocab_diff, len(vocab_diff), 0, ", ".join(vocab_diff[:3]))
+    report.add(
+        "packaging", "vocabulary equals the source", not vocab_diff, len(vocab_diff), 0, ", ".join(vocab_diff[:3])
+    )
     mismatched = []
     for text in texts:
         variants = [(text, source(text)["input_ids"], packaged(text)["input_ids"])]
@@ -30,23 +34,40 @@ def check_packaging(report: GateReport, candidate: Path, source: Any, texts: lis
             shipped = _chat(packaged, chat) if getattr(packaged, "chat_template", None) else None
             variants.append((f"chat: {text}", _chat(source, chat), shipped))
         mismatched += [label for label, a, b in variants if b is None or list(a) != list(b)]
-    report.add("packaging", "prompts encode as with the source", not mismatched, len(mismatched), 0,
-               f"first: {mismatched[0]!r}" if mismatched else "")
+    report.add(
+        "packaging",
+        "prompts encode as with the source",
+        not mismatched,
+        len(mismatched),
+        0,
+        f"first: {mismatched[0]!r}" if mismatched else "",
+    )
     if embedding_rows is not None:
-        report.add("packaging", "len(tokenizer) <= embedding rows", len(packaged) <= embedding_rows, len(packaged),
-                   embedding_rows)
+        report.add(
+            "packaging",
+            "len(tokenizer) <= embedding rows",
+            len(packaged) <= embedding_rows,
+            len(packaged),
+            embedding_rows,
+        )
     special = _special_difference(source, packaged)
     report.add("packaging", "special tokens as the source", not special, len(special), 0, "; ".join(special[:3]))
     had = bool(getattr(source, "chat_template", None))
     same = getattr(packaged, "chat_template", None) == getattr(source, "chat_template", None)
-    report.add("packaging", "chat template as the source", same, "present" if packaged.chat_template else "absent",
-               "present" if had else "absent")
+    report.add(
+        "packaging",
+        "chat template as the source",
+        same,
+        "present" if packaged.chat_template else "absent",
+        "present" if had else "absent",
+    )
     generation = candidate / "generation_config.json"
     if generation.is_file() and packaged.eos_token_id is not None:
         eos = json.loads(generation.read_text()).get("eos_token_id")
         ids = eos if isinstance(eos, list) else [eos]
-        report.add("packaging", "generation_config has the EOS id", packaged.eos_token_id in ids, ids,
-                   packaged.eos_token_id)
+        report.add(
+            "packaging", "generation_config has the EOS id", packaged.eos_token_id in ids, ids, packaged.eos_token_id
+        )
 
 
 def _chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:

@@ -39,7 +39,9 @@ class GateReport:
     def failures(self) -> list[Check]:
         return [c for c in self.checks if not c.passed]
 
-    def add(self, group: str, name: str, passed: bool, figure: Any = None, threshold: Any = None, detail: str = "") -> Check:
+    def add(
+        self, group: str, name: str, passed: bool, figure: Any = None, threshold: Any = None, detail: str = ""
+    ) -> Check:
         check = Check(group, name, bool(passed), _plain(figure), _plain(threshold), detail)
         self.checks.append(check)
         return check
@@ -98,7 +100,12 @@ def table(report: GateReport) -> str:
 def markdown(report: GateReport, title: str) -> str:
     """A Markdown summary (for the model card and $GITHUB_STEP_SUMMARY)."""
     verdict = "passed" if report.passed else "**FAILED**"
-    lines = [f"### {title}: verification {verdict}", "", "| | check | figure | threshold | detail |", "|---|---|---|---|---|"]
+    lines = [
+        f"### {title}: verification {verdict}",
+        "",
+        "| | check | figure | threshold | detail |",
+        "|---|---|---|---|---|",
+    ]
     for c in report.checks:
         mark = "✅" if c.passed else "❌"
         cells = [mark, f"{c.group}: {c.name}", fmt(c.figure), fmt(c.threshold), c.detail]

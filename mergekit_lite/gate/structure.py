@@ -8,16 +8,17 @@ from typing import Any
 
 from mergekit_lite.errors import MergekitError
 from mergekit_lite.gate.report import GateReport
-from mergekit_lite.plan.plan import Plan
 from mergekit_lite.io.format import TORCH_NAMES, TensorEntry, read_header
 from mergekit_lite.plan.config import reconciled_config
+from mergekit_lite.plan.plan import Plan
 
 LEFTOVERS = ("base_model.model.", "lora_", "base_layer", "modules_to_save", "original_module", "trainable_tokens")
 INDEX = "model.safetensors.index.json"
 
 
-def check_structure(report: GateReport, plan: Plan, folder: Path, base_config: dict[str, Any],
-                    base_files: set[str] | None = None) -> dict[str, TensorEntry]:
+def check_structure(
+    report: GateReport, plan: Plan, folder: Path, base_config: dict[str, Any], base_files: set[str] | None = None
+) -> dict[str, TensorEntry]:
     """Record the structure checks; return the candidate's tensors by name (for the later checks)."""
     wanted = ["config.json"] + [n for n in ("generation_config.json",) if n in (base_files or set())]
     absent = [n for n in wanted if not (folder / n).is_file()]
@@ -32,11 +33,23 @@ def check_structure(report: GateReport, plan: Plan, folder: Path, base_config: d
     leftovers = sorted(n for n in tensors if any(mark in n for mark in LEFTOVERS))
     report.add("structure", "no PEFT names", not leftovers, len(leftovers), 0, _few("found", leftovers))
     wrong_shape = [n for n, t in expected.items() if n in tensors and tensors[n].shape != t.shape]
-    report.add("structure", "shapes as planned", not wrong_shape, len(wrong_shape), 0,
-               _few("", [f"{n} {list(tensors[n].shape)} != {list(expected[n].shape)}" for n in wrong_shape]))
+    report.add(
+        "structure",
+        "shapes as planned",
+        not wrong_shape,
+        len(wrong_shape),
+        0,
+        _few("", [f"{n} {list(tensors[n].shape)} != {list(expected[n].shape)}" for n in wrong_shape]),
+    )
     wrong_dtype = [n for n, t in expected.items() if n in tensors and tensors[n].dtype != t.dtype]
-    report.add("structure", "dtypes as requested", not wrong_dtype, len(wrong_dtype), 0,
-               _few("", [f"{n} {tensors[n].dtype} != {expected[n].dtype}" for n in wrong_dtype]))
+    report.add(
+        "structure",
+        "dtypes as requested",
+        not wrong_dtype,
+        len(wrong_dtype),
+        0,
+        _few("", [f"{n} {tensors[n].dtype} != {expected[n].dtype}" for n in wrong_dtype]),
+    )
     _check_config(report, plan, folder, base_config, tensors)
     return tensors
 
@@ -81,8 +94,9 @@ def _read_files(folder: Path) -> tuple[dict[str, TensorEntry], list[str]]:
     return tensors, problems
 
 
-def _check_config(report: GateReport, plan: Plan, folder: Path, base_config: dict[str, Any],
-                  tensors: dict[str, TensorEntry]) -> None:
+def _check_config(
+    report: GateReport, plan: Plan, folder: Path, base_config: dict[str, Any], tensors: dict[str, TensorEntry]
+) -> None:
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as exc:

@@ -20,16 +20,31 @@ TOLERANCES: dict[str, dict[str, float]] = {
     # row on top of the final rounding; measured worst over the parity suite: RMS 1.37, max 6.1,
     # 7.0 sigmas (DoRA). A real defect (a delta missing or doubled) is millions of sigmas.
     "F32": {
-        "residual_rms": 4.0, "residual_max": 32.0, "applied_sigmas": 64.0,
-        "max_abs_logit_diff": 1e-3, "mean_kl": 1e-6, "top1_agreement": 1.0, "greedy_match": 1.0,
+        "residual_rms": 4.0,
+        "residual_max": 32.0,
+        "applied_sigmas": 64.0,
+        "max_abs_logit_diff": 1e-3,
+        "mean_kl": 1e-6,
+        "top1_agreement": 1.0,
+        "greedy_match": 1.0,
     },
     "BF16": {
-        "residual_rms": 2.0, "residual_max": 16.0, "applied_sigmas": 8.0,
-        "max_abs_logit_diff": 2.0, "mean_kl": 5e-3, "top1_agreement": 0.95, "greedy_match": 0.75,
+        "residual_rms": 2.0,
+        "residual_max": 16.0,
+        "applied_sigmas": 8.0,
+        "max_abs_logit_diff": 2.0,
+        "mean_kl": 5e-3,
+        "top1_agreement": 0.95,
+        "greedy_match": 0.75,
     },
     "F16": {
-        "residual_rms": 2.0, "residual_max": 16.0, "applied_sigmas": 8.0,
-        "max_abs_logit_diff": 0.5, "mean_kl": 1e-3, "top1_agreement": 0.98, "greedy_match": 0.75,
+        "residual_rms": 2.0,
+        "residual_max": 16.0,
+        "applied_sigmas": 8.0,
+        "max_abs_logit_diff": 0.5,
+        "mean_kl": 1e-3,
+        "top1_agreement": 0.98,
+        "greedy_match": 0.75,
     },
 }
 HIGHER_IS_BETTER = {"top1_agreement", "greedy_match"}

@@ -61,8 +61,12 @@ def sha256_file(path: Path, chunk: int = 8 * 2**20, stop: threading.Event | None
     return digest.hexdigest()
 
 
-def file_records(paths: list[Path], root: Path | None = None, known: dict[str, str] | None = None,
-                 stop: threading.Event | None = None) -> list[dict[str, Any]]:
+def file_records(
+    paths: list[Path],
+    root: Path | None = None,
+    known: dict[str, str] | None = None,
+    stop: threading.Event | None = None,
+) -> list[dict[str, Any]]:
     """[{path, size, sha256}] for files, paths relative to `root` when given.
 
     `known` maps a path (as recorded) to a digest already computed, for example by the shard
@@ -134,7 +138,7 @@ class JsonStore:
             self.file.parent.mkdir(parents=True, exist_ok=True)
             fresh = self._read()
             fresh.update(self.entries)
-            keep = dict(list(fresh.items())[-self.limit:])
+            keep = dict(list(fresh.items())[-self.limit :])
             fd, tmp = tempfile.mkstemp(prefix=f".{self.file.stem}.", dir=self.file.parent)
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 json.dump(keep, fh)

@@ -145,9 +145,7 @@ def _entry(path: Path, name: str, info: object, data_start: int) -> TensorEntry:
         raise CheckpointError(f"{where} has invalid data_offsets {offsets!r}")
     expected = math.prod(shape) * ITEMSIZE[dtype]
     if offsets[1] - offsets[0] != expected:
-        raise CheckpointError(
-            f"{where} spans {offsets[1] - offsets[0]} bytes but {dtype} {shape} needs {expected}"
-        )
+        raise CheckpointError(f"{where} spans {offsets[1] - offsets[0]} bytes but {dtype} {shape} needs {expected}")
     return TensorEntry(name, dtype, tuple(shape), path, data_start + offsets[0], expected)
 
 

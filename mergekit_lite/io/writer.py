@@ -14,8 +14,8 @@ from types import TracebackType
 import torch
 
 from mergekit_lite.errors import MergeError
-from mergekit_lite.io.reader import ALIGN, aligned, set_direct
 from mergekit_lite.io.format import ITEMSIZE, NAMES, encode_header
+from mergekit_lite.io.reader import ALIGN, aligned, set_direct
 
 STAGING = 16 * 2**20  # bytes gathered before each write to the file
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -59,8 +59,13 @@ class ShardWriter:
     One thread at a time may use a writer.
     """
 
-    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str],
-                 digest: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        entries: list[tuple[str, str, tuple[int, ...]]],
+        metadata: dict[str, str],
+        digest: bool = False,
+    ) -> None:
         self.path = path
         self.sha256 = hashlib.sha256() if digest else None  # of the file, as its bytes go out
         self.entries = entries

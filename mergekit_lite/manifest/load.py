@@ -24,13 +24,14 @@ from mergekit_lite.manifest.sections import (
     Located,
     OutputField,
     SourceField,
-    VerifySpec,
     Strict,
+    VerifySpec,
     parse_size,
 )
 from mergekit_lite.manifest.yamlsource import Loc, dotted, load_yaml
 
 MAX_MANIFEST_BYTES = 2**20  # a manifest is a few hundred bytes; this refuses /dev/zero and friends
+
 
 class Manifest(Strict):
     """mergekit-lite manifest, version 1."""
@@ -43,7 +44,9 @@ class Manifest(Strict):
     device_map: str = "cpu"
     output: OutputField
     tokenizer: str = "adapter"
-    cache_dir: str | None = Field(default=None, description="Hugging Face cache for `id` sources (default: HF_HUB_CACHE).")
+    cache_dir: str | None = Field(
+        default=None, description="Hugging Face cache for `id` sources (default: HF_HUB_CACHE)."
+    )
     verify: VerifySpec = Field(default_factory=VerifySpec)
     executor: ExecutorField = Field(default_factory=ExecutorSpec)
 
@@ -68,8 +71,13 @@ class HubPin:
 
     def record(self) -> dict[str, str]:
         """The receipt's entry for this source."""
-        return {"source": self.where, "id": self.repo_id, "revision": self.revision, "commit": self.commit,
-                "path": str(self.folder)}
+        return {
+            "source": self.where,
+            "id": self.repo_id,
+            "revision": self.revision,
+            "commit": self.commit,
+            "path": str(self.folder),
+        }
 
 
 class LoadedManifest:
@@ -79,8 +87,9 @@ class LoadedManifest:
     pipeline.prepare); afterwards `base_path` and `adapter_paths` are plain local folders.
     """
 
-    def __init__(self, manifest: Manifest, source: Path, lines: dict[Loc, int] | None = None,
-                 pins: tuple[HubPin, ...] = ()) -> None:
+    def __init__(
+        self, manifest: Manifest, source: Path, lines: dict[Loc, int] | None = None, pins: tuple[HubPin, ...] = ()
+    ) -> None:
         self.manifest = manifest
         self.source = source
         self.root = source.parent
@@ -114,8 +123,10 @@ class LoadedManifest:
             pin = by_key.get(where)
             return spec if pin is None else spec.model_copy(update={"revision": pin.commit})
 
-        update: dict[str, Any] = {"base": pinned("base", m.base),
-                                  "adapters": [pinned(f"adapters[{i}]", a) for i, a in enumerate(m.adapters)]}
+        update: dict[str, Any] = {
+            "base": pinned("base", m.base),
+            "adapters": [pinned(f"adapters[{i}]", a) for i, a in enumerate(m.adapters)],
+        }
         if m.cache_dir is not None:
             update["cache_dir"] = str(self.resolve(m.cache_dir))
         return LoadedManifest(m.model_copy(update=update), self.source, self.lines, tuple(pins))
@@ -125,8 +136,10 @@ class LoadedManifest:
             return self.resolve(spec.path)
         pin = self.pins.get(where)
         if pin is None:
-            raise ManifestError(f"{self.source.name}: `{where}.id` ({spec.id}) is a hub source that has not been "
-                                "resolved yet (pipeline.prepare resolves it)")
+            raise ManifestError(
+                f"{self.source.name}: `{where}.id` ({spec.id}) is a hub source that has not been "
+                "resolved yet (pipeline.prepare resolves it)"
+            )
         return pin.folder
 
     @property
@@ -141,7 +154,10 @@ class LoadedManifest:
     def input_folders(self) -> list[Path]:
         """The folders the output must stay out of: each local input, and each hub source's whole
         repository folder in the cache (its snapshot's files are links into its blobs/)."""
-        return [pin.storage if (pin := self.pins.get(where)) else self._folder(where, spec) for where, spec in self.sources()]
+        return [
+            pin.storage if (pin := self.pins.get(where)) else self._folder(where, spec)
+            for where, spec in self.sources()
+        ]
 
     @property
     def hub_sources(self) -> list[dict[str, str]]:
@@ -173,7 +189,9 @@ def load_manifest(path: str | Path) -> LoadedManifest:
         if path is not None:
             loaded.resolve(path)  # a path that cannot be resolved is refused now, before any work
     if manifest.verify.offload_folder is not None:  # made absolute here: the gate knows no manifest folder
-        verify = manifest.verify.model_copy(update={"offload_folder": str(loaded.resolve(manifest.verify.offload_folder))})
+        verify = manifest.verify.model_copy(
+            update={"offload_folder": str(loaded.resolve(manifest.verify.offload_folder))}
+        )
         loaded = LoadedManifest(manifest.model_copy(update={"verify": verify}), source.resolve(), lines)
     return loaded
 
@@ -193,12 +211,16 @@ def _read_text(source: Path) -> str:
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
         raise ManifestError(f"cannot read manifest `{source}`: {exc}") from None
     if len(raw) > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"manifest `{source}` is larger than {MAX_MANIFEST_BYTES} bytes; a manifest is a small YAML file")
+        raise ManifestError(
+            f"manifest `{source}` is larger than {MAX_MANIFEST_BYTES} bytes; a manifest is a small YAML file"
+        )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
-        raise ManifestError(f"{source.name}:{line}: the manifest is not UTF-8 text (byte {raw[exc.start]:#04x})") from None
+        raise ManifestError(
+            f"{source.name}:{line}: the manifest is not UTF-8 text (byte {raw[exc.start]:#04x})"
+        ) from None
 
 
 def _describe(exc: ValidationError, lines: dict[Loc, int], source: str) -> str:
@@ -220,10 +242,16 @@ def _describe(exc: ValidationError, lines: dict[Loc, int], source: str) -> str:
     else:
         value = first.get("input")
         text = repr(value)
-        shown = f" (got {text if len(text) <= 60 else text[:57] + '...'})" if not isinstance(value, (dict, list)) else ""
+        shown = (
+            f" (got {text if len(text) <= 60 else text[:57] + '...'})" if not isinstance(value, (dict, list)) else ""
+        )
         # a union (`str | int`) fails once per member, at the same key: say all of it at once
-        wants = dict.fromkeys(_plain(e["msg"]) for e in errors if e["type"] != "extra_forbidden" and _clean(e["loc"]) == loc)
-        said = [w if i == 0 else w.removeprefix("Input should be ") for i, w in enumerate(wants)] or [_plain(first["msg"])]
+        wants = dict.fromkeys(
+            _plain(e["msg"]) for e in errors if e["type"] != "extra_forbidden" and _clean(e["loc"]) == loc
+        )
+        said = [w if i == 0 else w.removeprefix("Input should be ") for i, w in enumerate(wants)] or [
+            _plain(first["msg"])
+        ]
         message = f"`{key}`: {' or '.join(said)}{shown}"
     problems = len({_clean(e["loc"]) for e in errors})
     more = f" (and {problems - 1} more problem{'s' if problems > 2 else ''})" if problems > 1 else ""
@@ -238,8 +266,11 @@ def _clean(loc: Any) -> Loc:
 def _plain(msg: str) -> str:
     """pydantic's wording without its class names: a short form takes a mapping or a path."""
     short = {"Source", "AdapterSpec", "OutputSpec"}
-    return re.sub(r"a valid dictionary or instance of (\w+)",
-                  lambda m: "a mapping or a path string" if m.group(1) in short else "a mapping", msg)
+    return re.sub(
+        r"a valid dictionary or instance of (\w+)",
+        lambda m: "a mapping or a path string" if m.group(1) in short else "a mapping",
+        msg,
+    )
 
 
 def _line_for(loc: Loc, lines: dict[Loc, int]) -> int | None:

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
-from typing_extensions import Annotated
 
 DType = Literal["float32", "float16", "bfloat16", "auto"]
 METRICS = ("max_abs_logit_diff", "mean_kl", "top1_agreement", "greedy_match")
@@ -16,9 +15,16 @@ AUTO_PLACEMENTS = ("auto", "balanced", "balanced_low_0", "sequential")  # accele
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", re.ASCII)
 _REVISION = re.compile(r"\w[\w.+-]*(/[\w.+-]+)*", re.ASCII)  # a commit, a tag or a branch (`refs/pr/1` too)
 _SIZE_UNITS = {
-    "": 1, "B": 1,
-    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
 }
 
 
@@ -46,8 +52,10 @@ class Located(Strict):
     @classmethod
     def _repo_id(cls, value: str | None) -> str | None:
         if value is not None and (not _REPO_ID.fullmatch(value) or "--" in value or ".." in value or len(value) > 96):
-            raise ValueError(f"{value[:60]!r} is not a Hugging Face repository id such as `org/name` "
-                             "(letters, digits, `-`, `_`, `.`; a local folder goes in `path`)")
+            raise ValueError(
+                f"{value[:60]!r} is not a Hugging Face repository id such as `org/name` "
+                "(letters, digits, `-`, `_`, `.`; a local folder goes in `path`)"
+            )
         return value
 
     @field_validator("revision")
@@ -109,12 +117,20 @@ class VerifySpec(Strict):
     max_new_tokens: int = Field(default=16, ge=0)
     thresholds: dict[Literal[METRICS], float] = Field(default_factory=dict)  # type: ignore[valid-type]
     # placement of the end-to-end check's two models (PEFT's reference and the release), with accelerate
-    device_map: str | None = Field(default=None, description="Where the end-to-end models go: cpu, cuda, cuda:N, "
-                                   "auto, balanced, balanced_low_0 or sequential (default: the manifest's device_map).")
+    device_map: str | None = Field(
+        default=None,
+        description="Where the end-to-end models go: cpu, cuda, cuda:N, "
+        "auto, balanced, balanced_low_0 or sequential (default: the manifest's device_map).",
+    )
     max_memory: dict[str, str | int] | None = Field(
-        default=None, description="Per device memory budget for `device_map: auto` (a GPU index, cpu, mps), e.g. {'0': 20GB, cpu: 64GB}.")
-    offload_folder: str | None = Field(default=None, description="Where weights that fit nowhere else are offloaded "
-                                       "(a temporary folder inside it, removed afterwards; default: the system's temporary folder).")
+        default=None,
+        description="Per device memory budget for `device_map: auto` (a GPU index, cpu, mps), e.g. {'0': 20GB, cpu: 64GB}.",
+    )
+    offload_folder: str | None = Field(
+        default=None,
+        description="Where weights that fit nowhere else are offloaded "
+        "(a temporary folder inside it, removed afterwards; default: the system's temporary folder).",
+    )
 
     @field_validator("device_map")
     @classmethod
@@ -135,8 +151,10 @@ class VerifySpec(Strict):
     @model_validator(mode="after")
     def _auto_placement(self) -> VerifySpec:
         if (self.max_memory is not None or self.offload_folder is not None) and self.device_map not in AUTO_PLACEMENTS:
-            raise ValueError("`max_memory` and `offload_folder` place the models with accelerate: set "
-                             "`verify.device_map: auto` (or balanced, balanced_low_0, sequential) with them")
+            raise ValueError(
+                "`max_memory` and `offload_folder` place the models with accelerate: set "
+                "`verify.device_map: auto` (or balanced, balanced_low_0, sequential) with them"
+            )
         return self
 
 
@@ -149,34 +167,66 @@ class ExecutorSpec(Strict):
     """
 
     kind: Literal["local", "processes", "ray"] = "local"
-    workers: int | None = Field(default=None, ge=1, description="processes: how many (default: one per CPU core); "
-                                "ray: at most this many shards in flight (default: as many as the cluster schedules).")
-    address: str | None = Field(default=None, description="ray: `auto` (a running cluster), `ray://HOST:PORT`, "
-                                "HOST:PORT, or `local` (default: RAY_ADDRESS, else a new single-machine instance).")
-    cpus_per_worker: int | None = Field(default=None, ge=1, description="ray: CPUs each task asks for and uses (default 1).")
+    workers: int | None = Field(
+        default=None,
+        ge=1,
+        description="processes: how many (default: one per CPU core); "
+        "ray: at most this many shards in flight (default: as many as the cluster schedules).",
+    )
+    address: str | None = Field(
+        default=None,
+        description="ray: `auto` (a running cluster), `ray://HOST:PORT`, "
+        "HOST:PORT, or `local` (default: RAY_ADDRESS, else a new single-machine instance).",
+    )
+    cpus_per_worker: int | None = Field(
+        default=None, ge=1, description="ray: CPUs each task asks for and uses (default 1)."
+    )
 
     @field_validator("address")
     @classmethod
     def _address(cls, value: str | None) -> str | None:
         if value is not None and not re.fullmatch(r"auto|local|ray://[\w.:\[\]-]+|[\w.\[\]:-]+:\d+", value):
-            raise ValueError(f"{value[:60]!r} is not a Ray address: give `auto`, `local`, `ray://HOST:PORT` or HOST:PORT")
+            raise ValueError(
+                f"{value[:60]!r} is not a Ray address: give `auto`, `local`, `ray://HOST:PORT` or HOST:PORT"
+            )
         return value
 
     @model_validator(mode="after")
     def _fits_kind(self) -> ExecutorSpec:
         if self.kind == "local" and self.workers is not None:
-            raise ValueError("`workers` goes with `kind: processes` or `kind: ray`; `local` merges on threads of this process")
+            raise ValueError(
+                "`workers` goes with `kind: processes` or `kind: ray`; `local` merges on threads of this process"
+            )
         for key in ("address", "cpus_per_worker"):
             if self.kind != "ray" and getattr(self, key) is not None:
                 raise ValueError(f"`{key}` goes with `kind: ray`, not `kind: {self.kind}`")
         return self
 
 
-
-COMBINE_METHODS = ("sum", "cat", "linear", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
-                   "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
-DENSITY_METHODS = ("ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
-                   "magnitude_prune", "magnitude_prune_svd")
+COMBINE_METHODS = (
+    "sum",
+    "cat",
+    "linear",
+    "svd",
+    "ties",
+    "ties_svd",
+    "dare_linear",
+    "dare_ties",
+    "dare_linear_svd",
+    "dare_ties_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
+)
+DENSITY_METHODS = (
+    "ties",
+    "ties_svd",
+    "dare_linear",
+    "dare_ties",
+    "dare_linear_svd",
+    "dare_ties_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
+)
 SIGN_METHODS = ("ties", "ties_svd", "dare_ties", "dare_ties_svd")
 RANDOM_METHODS = ("dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd")
 SVD_METHODS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
@@ -202,22 +252,46 @@ class CombineSpec(Strict):
     """
 
     method: Literal[COMBINE_METHODS] = "sum"  # type: ignore[valid-type]
-    density: float | None = Field(default=None, gt=0, le=1, description="ties, dare_*, magnitude_prune (and their "
-                                  "_svd variants): the share of values kept, 0 < density <= 1.")
+    density: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="ties, dare_*, magnitude_prune (and their "
+        "_svd variants): the share of values kept, 0 < density <= 1.",
+    )
     majority_sign_method: Literal["total", "frequency"] | None = Field(
-        default=None, description="ties, dare_ties (and _svd): how the sign of each value is elected (PEFT's default: total).")
-    svd_rank: int | None = Field(default=None, ge=1, description="svd methods: rank of the combined adapter "
-                                 "(default: the largest of the adapters' ranks).")
-    svd_clamp: float | None = Field(default=None, gt=0, le=1, description="svd methods: clamp the factors' entries "
-                                    "to this quantile of their magnitudes (default: no clamping).")
-    svd_full_matrices: bool | None = Field(default=None, description="svd methods: full (PEFT's default, true) or "
-                                           "reduced SVD; reduced needs far less memory for large matrices.")
+        default=None,
+        description="ties, dare_ties (and _svd): how the sign of each value is elected (PEFT's default: total).",
+    )
+    svd_rank: int | None = Field(
+        default=None,
+        ge=1,
+        description="svd methods: rank of the combined adapter (default: the largest of the adapters' ranks).",
+    )
+    svd_clamp: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="svd methods: clamp the factors' entries "
+        "to this quantile of their magnitudes (default: no clamping).",
+    )
+    svd_full_matrices: bool | None = Field(
+        default=None,
+        description="svd methods: full (PEFT's default, true) or "
+        "reduced SVD; reduced needs far less memory for large matrices.",
+    )
     seed: int | None = Field(default=None, ge=0, description="dare methods: the seed of the random masks (default 0).")
 
     @model_validator(mode="after")
     def _parameters_fit(self) -> CombineSpec:
-        uses = {"density": DENSITY_METHODS, "majority_sign_method": SIGN_METHODS, "svd_rank": SVD_METHODS,
-                "svd_clamp": SVD_METHODS, "svd_full_matrices": SVD_METHODS, "seed": RANDOM_METHODS}
+        uses = {
+            "density": DENSITY_METHODS,
+            "majority_sign_method": SIGN_METHODS,
+            "svd_rank": SVD_METHODS,
+            "svd_clamp": SVD_METHODS,
+            "svd_full_matrices": SVD_METHODS,
+            "seed": RANDOM_METHODS,
+        }
         for key, methods in uses.items():
             if getattr(self, key) is not None and self.method not in methods:
                 raise ValueError(f"`{key}` goes with {', '.join(methods)}; `{self.method}` does not use it")
@@ -231,7 +305,6 @@ AdapterField = Annotated[AdapterSpec, BeforeValidator(_short_form("path"), json_
 OutputField = Annotated[OutputSpec, BeforeValidator(_short_form("path"), json_schema_input_type=str | OutputSpec)]
 ExecutorField = Annotated[ExecutorSpec, BeforeValidator(_short_form("kind"), json_schema_input_type=str | ExecutorSpec)]
 CombineField = Annotated[CombineSpec, BeforeValidator(_short_form("method"), json_schema_input_type=str | CombineSpec)]
-
 
 
 def parse_size(value: str | int) -> int:
@@ -251,5 +324,3 @@ def parse_size(value: str | int) -> int:
     if size < 1:
         raise ValueError(f"{value!r}: a shard size must be at least one byte")
     return size
-
-

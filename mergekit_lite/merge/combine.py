@@ -63,16 +63,29 @@ class CombinedFactors:
 
     def _compute(self, module: CombinedModule, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         plan = self.plan
-        inputs = [(self._load(i.adapter, i.lora_a), self._load(i.adapter, i.lora_b), i.scaling, i.weight)
-                  for i in module.inputs]
+        inputs = [
+            (self._load(i.adapter, i.lora_a), self._load(i.adapter, i.lora_b), i.scaling, i.weight)
+            for i in module.inputs
+        ]
         with mathops.intra_op_threads(self.threads):
             if plan.effective == "cat":
                 return mathops.combine_cat(inputs, module.rank)
             if plan.effective in SVD_METHODS:
                 method = "linear" if plan.effective == "svd" else plan.effective.removesuffix("_svd")
-                return mathops.combine_svd(method, inputs, module.layout != "linear", plan.rank, plan.density,
-                                           plan.majority_sign_method, plan.svd_clamp, plan.svd_full_matrices, generator)
-            return mathops.combine_factorwise(plan.effective, inputs, plan.density, plan.majority_sign_method, generator)
+                return mathops.combine_svd(
+                    method,
+                    inputs,
+                    module.layout != "linear",
+                    plan.rank,
+                    plan.density,
+                    plan.majority_sign_method,
+                    plan.svd_clamp,
+                    plan.svd_full_matrices,
+                    generator,
+                )
+            return mathops.combine_factorwise(
+                plan.effective, inputs, plan.density, plan.majority_sign_method, generator
+            )
 
     def _load(self, index: int, key: str) -> torch.Tensor:
         tensor = self.readers[index].load(key).to(torch.float32)

@@ -26,13 +26,13 @@ from typing import Any
 
 import torch
 
-from mergekit_lite.sources.adapter import Adapter
 from mergekit_lite.errors import InputError, MergeError, MergekitError
+from mergekit_lite.io.format import TensorEntry
+from mergekit_lite.io.reader import TensorReader
 from mergekit_lite.manifest.sections import ExecutorSpec
 from mergekit_lite.merge.merge import Progress, ShardFile, write_shard, write_shards
 from mergekit_lite.plan.plan import Plan
-from mergekit_lite.io.reader import TensorReader
-from mergekit_lite.io.format import TensorEntry
+from mergekit_lite.sources.adapter import Adapter
 
 RAY_MISSING = '`executor: ray` needs Ray, which is not installed here: pip install "mergekit-lite[ray]"'
 CANCEL_WAIT_S = 60  # after a failure, how long the driver waits for cancelled Ray tasks to stop writing
@@ -55,9 +55,16 @@ def check_available(spec: ExecutorSpec) -> None:
         _import_ray()
 
 
-def run_shards(spec: ExecutorSpec, plan: Plan, base: dict[str, TensorEntry], adapters: list[Adapter], folder: Path,
-               device: torch.device, progress: Progress | None = None,
-               digests: dict[str, str] | None = None) -> list[Path]:
+def run_shards(
+    spec: ExecutorSpec,
+    plan: Plan,
+    base: dict[str, TensorEntry],
+    adapters: list[Adapter],
+    folder: Path,
+    device: torch.device,
+    progress: Progress | None = None,
+    digests: dict[str, str] | None = None,
+) -> list[Path]:
     """Write every shard of the plan into `folder` with the executor `spec` names; return the paths in order.
 
     `progress` is called for each tensor: as it is written (local), or when its shard is done
@@ -163,10 +170,13 @@ def _ray_result(ray: ModuleType, ref: Any, work: ShardWork, index: int) -> Shard
         if isinstance(cause, (MergekitError, OSError)):
             raise cause from None
         if isinstance(cause, ImportError):
-            raise InputError(f"a Ray worker cannot import mergekit-lite ({cause}): install the same version of "
-                             "mergekit-lite on every node of the cluster") from None
-        raise MergeError(f"merging `{name}` failed on a Ray worker: {type(cause).__name__}: {cause}; "
-                         "nothing was published") from None
+            raise InputError(
+                f"a Ray worker cannot import mergekit-lite ({cause}): install the same version of "
+                "mergekit-lite on every node of the cluster"
+            ) from None
+        raise MergeError(
+            f"merging `{name}` failed on a Ray worker: {type(cause).__name__}: {cause}; nothing was published"
+        ) from None
     except ray.exceptions.RayError as exc:
         raise MergeError(_died(work, [index], f"the Ray worker ({type(exc).__name__})")) from None
 
@@ -222,4 +232,3 @@ def _connect(ray: ModuleType, address: str | None) -> bool:
 
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-

@@ -23,8 +23,9 @@ _OUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 _ORDER = {"replace": 0, "base_layer": 1, "delta": 2, "dora": 2, "rows": 3}
 
 
-def build_plan(ckpt: Checkpoint, adapters: list[Adapter], dtype: str, max_shard_bytes: int,
-               combine: CombineSpec | None = None) -> Plan:
+def build_plan(
+    ckpt: Checkpoint, adapters: list[Adapter], dtype: str, max_shard_bytes: int, combine: CombineSpec | None = None
+) -> Plan:
     """Map every adapter tensor onto the base; fix output names, shapes, dtypes and shards.
 
     With a `combine` method other than sum, each module's LoRA deltas become one delta of the
@@ -100,7 +101,9 @@ def _ops_of_adapter(adapter: Adapter, resolve: _Resolver, ops: dict[str, list[Op
                 # (`lm_head.weight` and `lm_head.modules_to_save.weight`): one op, the other accounted.
                 first = replaced[key.kind, target]
                 if first.entry.shape != key.entry.shape:
-                    raise PlanError(f"{adapter.label}: `{first.key}` and `{key.key}` both replace `{target}` with different shapes")
+                    raise PlanError(
+                        f"{adapter.label}: `{first.key}` and `{key.key}` both replace `{target}` with different shapes"
+                    )
                 accounted.append(key.key)
                 continue
             replaced[key.kind, target] = key
@@ -113,7 +116,9 @@ def _ops_of_adapter(adapter: Adapter, resolve: _Resolver, ops: dict[str, list[Op
         _lora_ops(adapter, module, kinds, resolve, ops)
 
 
-def _lora_ops(adapter: Adapter, module: str, kinds: dict[str, AdapterKey], resolve: _Resolver, ops: dict[str, list[Op]]) -> None:
+def _lora_ops(
+    adapter: Adapter, module: str, kinds: dict[str, AdapterKey], resolve: _Resolver, ops: dict[str, list[Op]]
+) -> None:
     label = adapter.label
     scale = adapter.weight * adapter.scaling(module)
     a, b = kinds.get("lora_A"), kinds.get("lora_B")
@@ -234,7 +239,9 @@ def _finalise(t: PlannedTensor, adapters: dict[int, Adapter], entries: dict[tupl
             shape = first
         elif op.kind == "rows":
             if len(shape) != 2 or first[1:] != shape[1:] or max(op.indices, default=-1) >= shape[0]:
-                raise PlanError(f"{where}: token rows {list(first)} at indices up to {max(op.indices)} do not fit `{t.name}` {list(shape)}")
+                raise PlanError(
+                    f"{where}: token rows {list(first)} at indices up to {max(op.indices)} do not fit `{t.name}` {list(shape)}"
+                )
         elif op.layout == "bias":
             if first != shape:
                 raise PlanError(f"{where} has shape {list(first)} but `{t.name}` is {list(shape)}")
@@ -248,7 +255,9 @@ def _finalise(t: PlannedTensor, adapters: dict[int, Adapter], entries: dict[tupl
     t.ops = final
 
 
-def _layout(op: Op, shape: tuple[int, ...], a: tuple[int, ...], b: tuple[int, ...], adapter: Adapter, where: str, name: str) -> str:
+def _layout(
+    op: Op, shape: tuple[int, ...], a: tuple[int, ...], b: tuple[int, ...], adapter: Adapter, where: str, name: str
+) -> str:
     """linear (W is [out, in]), conv1d (GPT-2, W is [in, out]) or embedding (W is [vocab, dim])."""
     product = (b[0], a[1])  # B @ A is [out, in]
     if op.layout == "embedding":
@@ -304,4 +313,3 @@ def _adapter_summary(adapter: Adapter) -> dict[str, Any]:
         "target_modules": cfg.get("target_modules"),
         "tensors": len(adapter.keys),
     }
-

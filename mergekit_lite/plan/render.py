@@ -40,10 +40,16 @@ def plan_table(plan: Plan, limit: int | None = None) -> str:
         )
     if plan.combine is not None:
         params = ", ".join(f"{k}={v}" for k, v in plan.combine.summary().items() if k != "method" and v is not None)
-        lines.append(f"adapter {plan.combine.index} = `{plan.combine.method}` of the adapters above ({params}), "
-                     "as PEFT's add_weighted_adapter")
+        lines.append(
+            f"adapter {plan.combine.index} = `{plan.combine.method}` of the adapters above ({params}), "
+            "as PEFT's add_weighted_adapter"
+        )
     dtypes = sorted({_PEFT_NAMES.get(t.dtype, t.dtype) for t in plan.tensors})
-    tie = "tied" if plan.tied_out else ("untied (the adapters change lm_head or the embedding)" if plan.tied_in else "untied")
+    tie = (
+        "tied"
+        if plan.tied_out
+        else ("untied (the adapters change lm_head or the embedding)" if plan.tied_in else "untied")
+    )
     lines += [
         f"output    {len(plan.tensors)} tensors ({len(changed)} changed), {', '.join(dtypes)}, "
         f"{len(plan.shard_names)} shard{'s' if len(plan.shard_names) > 1 else ''}, {human_bytes(plan.total_bytes)}",
@@ -55,7 +61,9 @@ def plan_table(plan: Plan, limit: int | None = None) -> str:
     rows = [("tensor", "shape", "dtype", "operations")]
     shown = changed if limit is None else changed[:limit]
     for t in shown:
-        rows.append((t.name, "x".join(map(str, t.shape)), _PEFT_NAMES.get(t.dtype, t.dtype), ", ".join(map(describe_op, t.ops))))
+        rows.append(
+            (t.name, "x".join(map(str, t.shape)), _PEFT_NAMES.get(t.dtype, t.dtype), ", ".join(map(describe_op, t.ops)))
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
         lines.append("  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3])

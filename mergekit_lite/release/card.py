@@ -18,8 +18,16 @@ def _combine_line(combine: dict[str, Any]) -> str:
     return f"`{combine['method']}` ({params}), as PEFT's `add_weighted_adapter` then `merge_and_unload`"
 
 
-def model_card(name: str, base: Path, base_id: str | None, adapters: list[dict[str, Any]], plan: Plan,
-               gate_markdown: str | None, skipped_because: str = "--no-verify", base_revision: str | None = None) -> str:
+def model_card(
+    name: str,
+    base: Path,
+    base_id: str | None,
+    adapters: list[dict[str, Any]],
+    plan: Plan,
+    gate_markdown: str | None,
+    skipped_because: str = "--no-verify",
+    base_revision: str | None = None,
+) -> str:
     """README.md: provenance, adapters, dtype, the gate's figures, the tool's version.
 
     `base_id` (a hub repository id) goes into the front matter's `base_model`; `base_revision`
@@ -33,7 +41,9 @@ def model_card(name: str, base: Path, base_id: str | None, adapters: list[dict[s
     for a in adapters:
         targets = a["target_modules"]
         targets = ", ".join(targets) if isinstance(targets, list) else str(targets)
-        rows.append(f"| {a['index']} | `{a['path']}` | {a['variant']} | {a['r']} | {a['lora_alpha']} | {a['weight']:g} | {targets} |")
+        rows.append(
+            f"| {a['index']} | `{a['path']}` | {a['variant']} | {a['r']} | {a['lora_alpha']} | {a['weight']:g} | {targets} |"
+        )
     summary = plan_summary(plan)
     pinned = f" (commit `{base_revision}`)" if base_id and base_revision else ""
     body = [
@@ -50,7 +60,8 @@ def model_card(name: str, base: Path, base_id: str | None, adapters: list[dict[s
         f"- tied embeddings: base {plan.tied_in}, release {plan.tied_out}",
         f"- adapters combined: {_combine_line(summary['combine'])}",
         "",
-        gate_markdown or f"### NOT VERIFIED\n\nThis release was published with the verification gate skipped ({skipped_because}).\n",
+        gate_markdown
+        or f"### NOT VERIFIED\n\nThis release was published with the verification gate skipped ({skipped_because}).\n",
         "Files: `release.json` records the SHA-256 of every input and output file and the library versions; "
         "`SHA256SUMS` checks with `sha256sum -c SHA256SUMS`; `manifest.yaml` is the manifest as run.",
     ]

@@ -20,7 +20,10 @@ def write_index(folder: Path, plan: Plan) -> None:
     if len(plan.shard_names) == 1:
         return
     weight_map = {t.name: plan.shard_names[t.shard] for t in sorted(plan.tensors, key=lambda t: t.name)}
-    write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": plan.total_bytes}, "weight_map": weight_map})
+    write_json(
+        folder / "model.safetensors.index.json",
+        {"metadata": {"total_size": plan.total_bytes}, "weight_map": weight_map},
+    )
 
 
 def write_configs(folder: Path, base: Path, base_config: dict[str, Any], plan: Plan, tokenizer: Any = None) -> None:

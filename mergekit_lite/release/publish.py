@@ -180,7 +180,9 @@ def _acquire(path: Path, output: Path) -> int:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise OutputError(f"output `{output}` is being written by another run (pid {holder}); wait for it") from None
+            raise OutputError(
+                f"output `{output}` is being written by another run (pid {holder}); wait for it"
+            ) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:

@@ -13,8 +13,8 @@ import yaml
 from mergekit_lite._version import __version__
 from mergekit_lite.io.digests import file_records
 from mergekit_lite.io.format import TORCH_NAMES
-from mergekit_lite.release.configs import write_json
 from mergekit_lite.plan.plan import Plan
+from mergekit_lite.release.configs import write_json
 
 LIBRARIES = ("torch", "transformers", "peft", "safetensors", "accelerate", "huggingface_hub", "numpy")
 
@@ -46,8 +46,14 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
     }
 
 
-def write_receipt(folder: Path, inputs: list[dict[str, Any]], plan: Plan, verification: dict[str, Any],
-                  known: dict[str, str] | None = None, sources: list[dict[str, str]] | None = None) -> dict[str, str]:
+def write_receipt(
+    folder: Path,
+    inputs: list[dict[str, Any]],
+    plan: Plan,
+    verification: dict[str, Any],
+    known: dict[str, str] | None = None,
+    sources: list[dict[str, str]] | None = None,
+) -> dict[str, str]:
     """release.json: what was read and written, with SHA-256, and the versions that did it.
 
     `inputs` are file_records of the inputs; `known` maps release-relative paths to digests
@@ -57,16 +63,19 @@ def write_receipt(folder: Path, inputs: list[dict[str, Any]], plan: Plan, verifi
     """
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in ("release.json", "SHA256SUMS"))
     outputs = file_records(paths, folder, known)
-    write_json(folder / "release.json", {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["mergekit-lite", *sys.argv[1:]]) if sys.argv else "mergekit-lite",
-        "versions": versions(),
-        "plan": plan_summary(plan),
-        "verification": {"passed": verification.get("passed"), "verified": verification.get("verified", True)},
-        "sources": sources or [],
-        "inputs": inputs,
-        "outputs": outputs,
-    })
+    write_json(
+        folder / "release.json",
+        {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["mergekit-lite", *sys.argv[1:]]) if sys.argv else "mergekit-lite",
+            "versions": versions(),
+            "plan": plan_summary(plan),
+            "verification": {"passed": verification.get("passed"), "verified": verification.get("verified", True)},
+            "sources": sources or [],
+            "inputs": inputs,
+            "outputs": outputs,
+        },
+    )
     return {r["path"]: r["sha256"] for r in outputs}
 
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergekit_lite.sources.checkpoint import read_json
 from mergekit_lite.errors import AdapterError
 from mergekit_lite.io.format import FLOAT_DTYPES, TensorEntry, read_header
+from mergekit_lite.sources.checkpoint import read_json
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +24,37 @@ PICKLE = "adapter_model.bin"
 
 # LoraConfig fields (peft 0.21) that change nothing in the merge or are handled below.
 KNOWN_KEYS = {
-    "alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "exclude_modules", "fan_in_fan_out",
-    "inference_mode", "init_lora_weights", "layers_pattern", "layers_to_transform", "lora_alpha", "lora_bias",
-    "lora_dropout", "modules_to_save", "peft_type", "peft_version", "r", "rank_pattern", "revision",
-    "target_modules", "task_type", "trainable_token_indices", "use_dora", "use_rslora", "ensure_weight_tying",
-    "eva_config", "corda_config", "loftq_config", "runtime_config", "megatron_core", "qalora_group_size",
+    "alpha_pattern",
+    "auto_mapping",
+    "base_model_name_or_path",
+    "bias",
+    "exclude_modules",
+    "fan_in_fan_out",
+    "inference_mode",
+    "init_lora_weights",
+    "layers_pattern",
+    "layers_to_transform",
+    "lora_alpha",
+    "lora_bias",
+    "lora_dropout",
+    "modules_to_save",
+    "peft_type",
+    "peft_version",
+    "r",
+    "rank_pattern",
+    "revision",
+    "target_modules",
+    "task_type",
+    "trainable_token_indices",
+    "use_dora",
+    "use_rslora",
+    "ensure_weight_tying",
+    "eva_config",
+    "corda_config",
+    "loftq_config",
+    "runtime_config",
+    "megatron_core",
+    "qalora_group_size",
 }
 # Fields that, when set, change the forward pass in a way a dense merge cannot express.
 UNMERGEABLE = {
@@ -159,7 +185,9 @@ def _from_pickle(path: Path, label: str) -> Path:
             f"{label}: `{path.name}` is not a plain tensor pickle; torch.load(weights_only=True) refused it "
             f"({_unpickling_reason(exc)}); it may try to run code: do not load it any other way"
         ) from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise AdapterError(f"{label}: `{path.name}` does not hold a mapping of tensor names to tensors")
     folder = Path(tempfile.mkdtemp(prefix="mergekit-lite-pickle-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
@@ -213,7 +241,9 @@ def _vet_config(config: dict[str, Any], label: str) -> None:
             "and merge the converted adapter (rank 2r) into the original base"
         )
     if type(init) is not bool and not (isinstance(init, str) and init in SAFE_INITS):
-        raise AdapterError(f"{label}: `init_lora_weights` {repr(init)[:60]} is a LoRA variant mergekit-lite does not support")
+        raise AdapterError(
+            f"{label}: `init_lora_weights` {repr(init)[:60]} is a LoRA variant mergekit-lite does not support"
+        )
     _check_types(config, label)
     for key, why in UNMERGEABLE.items():
         if config.get(key):
@@ -240,7 +270,10 @@ def _check_types(config: dict[str, Any], label: str) -> None:
         raise bad("r", "a positive integer")
     if "lora_alpha" in config and not is_alpha(config["lora_alpha"]):
         raise bad("lora_alpha", "a finite number")
-    for key, check, want in (("rank_pattern", is_rank, "positive integers"), ("alpha_pattern", is_alpha, "finite numbers")):
+    for key, check, want in (
+        ("rank_pattern", is_rank, "positive integers"),
+        ("alpha_pattern", is_alpha, "finite numbers"),
+    ):
         patterns = config.get(key)
         if patterns is None:
             continue
@@ -250,7 +283,9 @@ def _check_types(config: dict[str, Any], label: str) -> None:
             try:
                 re.compile(rf"(.*\.)?({pattern})$")
             except re.error as exc:
-                raise AdapterError(f"{label}: `{key}` pattern {pattern!r} is not a valid regular expression ({exc})") from None
+                raise AdapterError(
+                    f"{label}: `{key}` pattern {pattern!r} is not a valid regular expression ({exc})"
+                ) from None
     for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
         if config.get(key) is not None and type(config[key]) is not bool:
             raise bad(key, "true or false")
@@ -267,7 +302,7 @@ def _classify(entry: TensorEntry, label: str) -> AdapterKey:
         raise AdapterError(f"{label}: tensor `{key}` does not start with `{PREFIX}`; not a PEFT LoRA file")
     if entry.dtype not in FLOAT_DTYPES:
         raise AdapterError(f"{label}: tensor `{key}` is stored as {entry.dtype}; LoRA tensors are floating point")
-    rest = key[len(PREFIX):]
+    rest = key[len(PREFIX) :]
     for suffix, kind, target_suffix in _SUFFIXES:
         if rest.endswith(suffix):
             module = rest[: -len(suffix)]

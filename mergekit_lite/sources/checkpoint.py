@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergekit_lite.io.digests import JsonStore, cache_folder
 from mergekit_lite.errors import CheckpointError
+from mergekit_lite.io.digests import JsonStore, cache_folder
 from mergekit_lite.io.format import DuplicateKey, TensorEntry, no_duplicates, read_header
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,9 @@ def read_tensors(path: Path) -> tuple[list[Path], dict[str, TensorEntry]]:
     for file in files:
         for name, entry in read_header(file).tensors.items():
             if name in tensors:
-                raise CheckpointError(f"`{path}`: tensor `{name}` is in both `{tensors[name].file.name}` and `{file.name}`")
+                raise CheckpointError(
+                    f"`{path}`: tensor `{name}` is in both `{tensors[name].file.name}` and `{file.name}`"
+                )
             tensors[name] = entry
     if not tensors:
         raise CheckpointError(f"`{path}` holds no tensors")
@@ -117,7 +119,9 @@ def weight_files(path: Path) -> list[Path]:
         names: list[str] = []
         for shard in weight_map.values():
             if not isinstance(shard, str) or any(c in shard for c in "/\\\0") or shard in ("", ".", ".."):
-                raise CheckpointError(f"`{index}` names shard {shard!r}: only plain file names in the folder are allowed")
+                raise CheckpointError(
+                    f"`{index}` names shard {shard!r}: only plain file names in the folder are allowed"
+                )
             if not shard.endswith(".safetensors"):
                 raise CheckpointError(f"`{index}` names shard `{shard}`: only .safetensors shards are read")
             if shard not in names:
@@ -152,7 +156,9 @@ def _check_index(path: Path, tensors: dict[str, TensorEntry]) -> None:
             raise CheckpointError(f"`{entry.file.name}` holds `{name}`, which `{index.name}` does not list")
 
 
-def _embeddings(path: Path, config: dict[str, Any], tensors: dict[str, TensorEntry]) -> tuple[bool, str | None, str | None]:
+def _embeddings(
+    path: Path, config: dict[str, Any], tensors: dict[str, TensorEntry]
+) -> tuple[bool, str | None, str | None]:
     """Whether input and output embeddings are tied, and their tensor names, from the config alone."""
     folder = cache_folder()
     key = _architecture_key(path) if folder is not None else None
@@ -166,7 +172,9 @@ def _embeddings(path: Path, config: dict[str, Any], tensors: dict[str, TensorEnt
             store.put(key, [tied, inp, out])
             store.save()
     inp = _match(inp, tensors) or next((n for n in tensors if n.endswith(("embed_tokens.weight", "wte.weight"))), None)
-    out = _match(out, tensors, allow_missing=True) or ("lm_head.weight" if "lm_head.weight" in tensors or tied else None)
+    out = _match(out, tensors, allow_missing=True) or (
+        "lm_head.weight" if "lm_head.weight" in tensors or tied else None
+    )
     return tied, inp, out
 
 
@@ -217,8 +225,12 @@ def _architecture_key(path: Path) -> str | None:
 
 def _is_architecture(value: Any) -> bool:
     """A cached [tied, input name or None, output name or None]."""
-    return (isinstance(value, list) and len(value) == 3 and isinstance(value[0], bool)
-            and all(v is None or isinstance(v, str) for v in value[1:]))
+    return (
+        isinstance(value, list)
+        and len(value) == 3
+        and isinstance(value[0], bool)
+        and all(v is None or isinstance(v, str) for v in value[1:])
+    )
 
 
 def _match(name: str | None, tensors: dict[str, TensorEntry], allow_missing: bool = False) -> str | None:

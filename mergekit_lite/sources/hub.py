@@ -42,18 +42,24 @@ def resolve_hub_sources(loaded: LoadedManifest) -> LoadedManifest:
     A manifest without hub sources is returned as is, and huggingface_hub is not called.
     """
     m = loaded.manifest
-    wanted = [("base", ("base", "id"), m.base, False),
-              *((f"adapters[{i}]", ("adapters", i, "id"), a, a.allow_pickle) for i, a in enumerate(m.adapters))]
+    wanted = [
+        ("base", ("base", "id"), m.base, False),
+        *((f"adapters[{i}]", ("adapters", i, "id"), a, a.allow_pickle) for i, a in enumerate(m.adapters)),
+    ]
     wanted = [w for w in wanted if w[2].id is not None]
     if not wanted:
         return loaded
     cache = cache_folder(loaded.resolve(m.cache_dir) if m.cache_dir is not None else None)
-    pins = [fetch(where, spec.id, spec.revision, cache, f"{loaded.at(*loc)}: `{where}.id`", allow_pickle=pickle)
-            for where, loc, spec, pickle in wanted]
+    pins = [
+        fetch(where, spec.id, spec.revision, cache, f"{loaded.at(*loc)}: `{where}.id`", allow_pickle=pickle)
+        for where, loc, spec, pickle in wanted
+    ]
     return loaded.with_pins(pins)
 
 
-def fetch(where: str, repo_id: str, revision: str | None, cache: Path, label: str, allow_pickle: bool = False) -> HubPin:
+def fetch(
+    where: str, repo_id: str, revision: str | None, cache: Path, label: str, allow_pickle: bool = False
+) -> HubPin:
     """Resolve one repository at one revision to its snapshot folder, fetching what a merge reads.
 
     `where` is the manifest key (`base` or `adapters[i]`), `label` how errors name it. `revision`
@@ -66,13 +72,22 @@ def fetch(where: str, repo_id: str, revision: str | None, cache: Path, label: st
     folder = _snapshot(repo_id, requested, cache, METADATA, offline, label)
     commit = folder.name
     if not COMMIT.fullmatch(commit):
-        raise InputError(f"{label} `{repo_id}` revision `{requested}` resolved to the folder `{folder}`, which is not "
-                         "named by a commit hash; the cache looks damaged: download the snapshot again")
+        raise InputError(
+            f"{label} `{repo_id}` revision `{requested}` resolved to the folder `{folder}`, which is not "
+            "named by a commit hash; the cache looks damaged: download the snapshot again"
+        )
     weights = _base_weights(folder) if where == "base" else ADAPTER_WEIGHTS + (ADAPTER_PICKLE if allow_pickle else [])
     folder = _snapshot(repo_id, commit, cache, weights, offline, label)  # by commit: a moving branch cannot mix two
     if revision is None:
-        log.warning("%s `%s` gives no `revision`: using `%s`, which is commit %s now; pin `revision: %s` "
-                    "for a reproducible release", label, repo_id, DEFAULT_REVISION, commit, commit)
+        log.warning(
+            "%s `%s` gives no `revision`: using `%s`, which is commit %s now; pin `revision: %s` "
+            "for a reproducible release",
+            label,
+            repo_id,
+            DEFAULT_REVISION,
+            commit,
+            commit,
+        )
     storage = _storage(cache, repo_id).resolve()
     return HubPin(where, repo_id, requested, commit, folder.resolve(), storage)
 
@@ -125,21 +140,28 @@ def _snapshot(repo_id: str, revision: str, cache: Path, patterns: list[str], off
 
     what = f"{label} `{repo_id}` revision `{revision}`"
     try:
-        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, allow_patterns=patterns,
-                                      local_files_only=offline))
+        return Path(
+            snapshot_download(
+                repo_id, revision=revision, cache_dir=cache, allow_patterns=patterns, local_files_only=offline
+            )
+        )
     except IncompleteSnapshotError as exc:
-        raise InputError(f"{what}: the cached snapshot is incomplete ({_first_line(exc)}); "
-                         f"{_download_hint(repo_id, revision, cache)}") from None
+        raise InputError(
+            f"{what}: the cached snapshot is incomplete ({_first_line(exc)}); "
+            f"{_download_hint(repo_id, revision, cache)}"
+        ) from None
     except LocalEntryNotFoundError as exc:
         raise _not_cached(repo_id, revision, cache, offline, label, exc) from None
     except RevisionNotFoundError:
         raise ManifestError(f"{what}: the Hub has no such revision; give an existing commit, tag or branch") from None
     except GatedRepoError:
-        raise InputError(f"{what}: the repository is gated; accept its terms on the Hub and log in with "
-                         "`hf auth login`") from None
+        raise InputError(
+            f"{what}: the repository is gated; accept its terms on the Hub and log in with `hf auth login`"
+        ) from None
     except RepositoryNotFoundError:
-        raise ManifestError(f"{what}: no such repository on the Hub (or it is private: log in with "
-                            "`hf auth login`)") from None
+        raise ManifestError(
+            f"{what}: no such repository on the Hub (or it is private: log in with `hf auth login`)"
+        ) from None
     except HFValidationError as exc:
         raise ManifestError(f"{what}: {_first_line(exc)}") from None
     except HfHubHTTPError as exc:
@@ -155,18 +177,23 @@ def _storage(cache: Path, repo_id: str) -> Path:
     return cache / repo_folder_name(repo_id=repo_id, repo_type="model")
 
 
-def _not_cached(repo_id: str, revision: str, cache: Path, offline: bool, label: str,
-                exc: LocalEntryNotFoundError) -> InputError:
+def _not_cached(
+    repo_id: str, revision: str, cache: Path, offline: bool, label: str, exc: LocalEntryNotFoundError
+) -> InputError:
     """The error for a snapshot that is neither cached nor downloadable, saying which part is missing."""
     why = "HF_HUB_OFFLINE is set" if offline else f"the Hub cannot be reached ({_first_line(exc.__cause__ or exc)})"
     hint = _download_hint(repo_id, revision, cache)
     storage = _storage(cache, repo_id)
     if not storage.is_dir():
-        return ManifestError(f"{label} `{repo_id}` (revision `{revision}`) is not in the local Hugging Face cache "
-                             f"`{cache}` and {why}: {hint}, or point `cache_dir` (or HF_HUB_CACHE) at the cache that holds it")
+        return ManifestError(
+            f"{label} `{repo_id}` (revision `{revision}`) is not in the local Hugging Face cache "
+            f"`{cache}` and {why}: {hint}, or point `cache_dir` (or HF_HUB_CACHE) at the cache that holds it"
+        )
     short = " (a commit is given in full, 40 hex digits)" if re.fullmatch(r"[0-9a-f]{4,39}", revision) else ""
-    return ManifestError(f"{label} `{repo_id}` has no revision `{revision}` in the local Hugging Face cache `{cache}` "
-                         f"(cached: {cached_revisions(storage)}){short} and {why}: {hint}")
+    return ManifestError(
+        f"{label} `{repo_id}` has no revision `{revision}` in the local Hugging Face cache `{cache}` "
+        f"(cached: {cached_revisions(storage)}){short} and {why}: {hint}"
+    )
 
 
 def cached_revisions(storage: Path) -> str:

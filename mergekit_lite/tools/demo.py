@@ -11,8 +11,8 @@ import textwrap
 import warnings
 from pathlib import Path
 
-from mergekit_lite.tools.example import PROMPT, chat_ids, prepare
 from mergekit_lite.manifest.load import load_manifest
+from mergekit_lite.tools.example import PROMPT, chat_ids, prepare
 
 MANIFEST = Path("manifests/smollm2-demo.yaml")
 CACHE = Path(".cache/examples")
@@ -25,7 +25,7 @@ def answer(model, tokenizer, question: str, tokens: int = 40) -> str:
     ids = torch.tensor([chat_ids(tokenizer, question)])
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def main() -> None:
@@ -58,7 +58,9 @@ def main() -> None:
         print(f"\n  {label}:")
         print(textwrap.indent(textwrap.fill(text, 88), "    "))
     same = rows[1][1] == rows[2][1]
-    print(f"\n  merged == base + adapter: {'yes' if same else 'NO'};  differs from base: {'yes' if rows[0][1] != rows[2][1] else 'NO'}")
+    print(
+        f"\n  merged == base + adapter: {'yes' if same else 'NO'};  differs from base: {'yes' if rows[0][1] != rows[2][1] else 'NO'}"
+    )
     print(f"\nrelease: {release}")
 
 

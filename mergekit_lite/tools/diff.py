@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from mergekit_lite.sources.checkpoint import read_tensors
 from mergekit_lite.errors import CheckpointError
 from mergekit_lite.io.reader import TensorReader
+from mergekit_lite.sources.checkpoint import read_tensors
 
 
 @dataclass
@@ -36,7 +36,11 @@ def diff_checkpoints(a: Path, b: Path) -> list[TensorChange]:
     for name in sorted(set(left) | set(right)):
         ea, eb = left.get(name), right.get(name)
         if ea is None or eb is None:
-            rows.append(TensorChange(name, ea and ea.shape, eb and eb.shape, None, None, "only in " + ("B" if ea is None else "A")))
+            rows.append(
+                TensorChange(
+                    name, ea and ea.shape, eb and eb.shape, None, None, "only in " + ("B" if ea is None else "A")
+                )
+            )
             continue
         ta, tb = read_a.get(name).to(torch.float64), read_b.get(name).to(torch.float64)
         note = "" if ea.dtype == eb.dtype else f"{ea.dtype} -> {eb.dtype}"
@@ -51,7 +55,9 @@ def diff_checkpoints(a: Path, b: Path) -> list[TensorChange]:
         delta = tb - ta
         norm = float(ta.norm())
         relative = float(delta.norm()) / norm if norm > 0 else (0.0 if float(delta.norm()) == 0 else float("inf"))
-        rows.append(TensorChange(name, ea.shape, eb.shape, relative, float(delta.abs().max()) if delta.numel() else 0.0, note))
+        rows.append(
+            TensorChange(name, ea.shape, eb.shape, relative, float(delta.abs().max()) if delta.numel() else 0.0, note)
+        )
     return sorted(rows, key=lambda r: (r.relative is not None, r.relative or 0.0), reverse=True)
 
 

@@ -54,8 +54,14 @@ def prepare(cache: Path, steps: int = 30) -> tuple[Path, Path]:
     if not (base / "config.json").is_file():
         _convert_base(base)
     if not (adapter / "adapter_config.json").is_file():
-        _train_adapter(base, adapter, steps, QUESTIONS, ANSWER, ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                  "gate_proj", "up_proj", "down_proj"])
+        _train_adapter(
+            base,
+            adapter,
+            steps,
+            QUESTIONS,
+            ANSWER,
+            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        )
     if not (second / "adapter_config.json").is_file():
         _train_adapter(base, second, steps, SECOND_QUESTIONS, SECOND_ANSWER, ["q_proj", "v_proj", "up_proj"])
     return base, adapter
@@ -114,7 +120,7 @@ def _train_adapter(base: Path, out: Path, steps: int, questions: list[str], answ
         prompt = chat_ids(tokenizer, question)
         full = chat_ids(tokenizer, question, answer)
         batch.append(full)
-        labels.append([-100] * len(prompt) + full[len(prompt):])
+        labels.append([-100] * len(prompt) + full[len(prompt) :])
     width = max(map(len, batch))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.tensor([b + [pad] * (width - len(b)) for b in batch])
