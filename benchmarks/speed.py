@@ -102,12 +102,13 @@ def warm(folder: Path) -> None:
                 pass
 
 
-def measure(command: list[str], output: Path, cache: str = "off") -> tuple[float, float]:
-    """(wall seconds, peak RSS in GiB) of `command` in a fresh process, which must create `output`."""
+def measure(command: list[str], output: Path, cache: str = "off", cwd: Path = HERE.parent) -> tuple[float, float]:
+    """(wall seconds, peak RSS in GiB) of `command` in a fresh process started in `cwd`, which must
+    create `output`."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", MERGEKIT_LITE_CACHE=cache)
     with tempfile.TemporaryFile() as errors:  # progress bars and warnings, shown only on failure
         start = time.perf_counter()
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, env=env, cwd=HERE.parent)
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, env=env, cwd=cwd)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         if os.waitstatus_to_exitcode(status) != 0 or not output.exists():

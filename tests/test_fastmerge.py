@@ -14,27 +14,28 @@ import torch
 import mergekit_lite.merge.merge as merge_module
 from mergekit_lite.errors import MergeError
 from mergekit_lite.io.reader import TensorReader
-from mergekit_lite.merge import mathops
+from mergekit_lite.merge import exact, mathops
 from mergekit_lite.pipeline import prepare
 
 from helpers import write_manifest
 
 
+def _terms(deltas: list[tuple[torch.Tensor, torch.Tensor, float]]) -> list[exact.Term]:
+    return [exact.term(lora_b, lora_a, scale) for lora_a, lora_b, scale in deltas]
+
+
 def _whole(base: torch.Tensor, deltas: list[tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype) -> torch.Tensor:
-    """The whole-tensor path of merge_tensor for linear deltas (on a copy: for a float32 base, `to` is a no-op)."""
-    acc = base.clone().to(torch.float32)
-    for lora_a, lora_b, scale in deltas:
-        mathops.add_delta(acc, mathops.lora_delta(lora_a, lora_b, scale, "linear"))
-    return mathops.round_to(acc, dtype)
+    """The merge of the whole tensor as one block."""
+    out = torch.empty(base.shape, dtype=dtype)
+    assert exact.merge(base, _terms(deltas), out)
+    return out
 
 
 def _rows(base: torch.Tensor, deltas: list[tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype,
           block: int) -> tuple[torch.Tensor, bool]:
     rows, cols = base.shape
-    blocks = mathops.row_blocks(rows, cols, block)
-    numel = max(r1 - r0 for r0, r1 in blocks) * cols
     out = torch.empty(base.shape, dtype=dtype)
-    ok = mathops.merge_linear_rows(base, deltas, out, torch.empty(numel), torch.empty(numel), blocks)
+    ok = exact.merge(base, _terms(deltas), out, mathops.row_blocks(rows, cols, block))
     return out, ok
 
 
@@ -140,7 +141,7 @@ def test_an_error_stops_every_thread_and_gives_back_the_thread_count(zoo, tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         job = prepare(m, for_output=False)
-    real = merge_module.mathops.merge_linear_rows
+    real = merge_module.exact.merge_block
     calls = {"n": 0}
 
     def failing(*args):
@@ -149,7 +150,7 @@ def test_an_error_stops_every_thread_and_gives_back_the_thread_count(zoo, tmp_pa
             raise MergeError("injected in a row thread")
         return real(*args)
 
-    monkeypatch.setattr(merge_module.mathops, "merge_linear_rows", failing)
+    monkeypatch.setattr(merge_module.exact, "merge_block", failing)
     before = torch.get_num_threads()
     with pytest.raises(MergeError, match="injected in a row thread"):
         _write(job, tmp_path / "out")
@@ -180,17 +181,3 @@ def test_shard_digests_come_with_the_shards(zoo, tmp_path: Path) -> None:
                                       torch.device("cpu"), digests=digests)
     assert len(paths) > 1
     assert digests == _digests(tmp_path / "out")
-
-
-@pytest.mark.parametrize("scale", [1.0, 2.0, 0.5, 4.0, 0.125])
-def test_power_of_two_scales_fold_into_b_bit_for_bit(scale: float) -> None:
-    """lora_delta scales B's few entries instead of the product for a power-of-two scale: the
-    same bits as PEFT's order, (B @ A) * scale, since such a scaling rounds nowhere."""
-    g = torch.Generator().manual_seed(5)
-    a, b = torch.randn(16, 300, generator=g) * 0.01, torch.randn(200, 16, generator=g) * 0.01
-    expected = (b @ a) * scale
-    assert torch.equal(mathops.lora_delta(a, b, scale, "linear"), expected)
-    assert torch.equal(mathops.lora_delta(a, b, scale, "conv1d"), expected.T)
-    folded_anyway = (b * 3.0) @ a  # control: a scale that is not a power of two does round differently
-    assert not torch.equal(folded_anyway, (b @ a) * 3.0)
-    assert torch.equal(mathops.lora_delta(a, b, 3.0, "linear"), (b @ a) * 3.0)

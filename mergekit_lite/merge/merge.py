@@ -1,4 +1,4 @@
-"""Streaming execution of a plan: read one tensor, apply its ops in fp32, round once, write.
+"""Streaming execution of a plan: read one tensor, apply its ops exactly, round once, write.
 
 Linear LoRA deltas are merged one block of rows at a time, on several threads, in reused buffers;
 the writes run on a worker thread a few tensors behind the math; untouched tensors are copied
@@ -22,7 +22,7 @@ from mergekit_lite.errors import AdapterError, MergeError
 from mergekit_lite.io.format import DTYPES
 from mergekit_lite.io.reader import TensorReader
 from mergekit_lite.io.writer import ShardWriter
-from mergekit_lite.merge import mathops
+from mergekit_lite.merge import exact, mathops
 from mergekit_lite.merge.combine import CombinedFactors
 from mergekit_lite.plan.memory import ROW_BLOCK, ROW_THREADS, WRITE_BEHIND, merges_by_rows
 from mergekit_lite.plan.plan import CombinePlan, Op, Plan, PlannedTensor
@@ -138,52 +138,118 @@ class ShardMerger:
 
 def merge_tensor(t: PlannedTensor, base: TensorReader, factors: _Factors, device: torch.device,
                  workspace: Workspace | None = None) -> torch.Tensor:
-    """Apply the planned ops to one tensor in fp32 and round once to the output dtype.
+    """Apply the planned ops to one tensor and round the exact result once to the output dtype.
 
-    With a workspace, linear LoRA deltas are merged by blocks of rows into one of its output
-    buffers (bitwise the same result); everything else takes the whole-tensor path.
+    Every element is the correctly rounded value of the exact merge (merge/exact.py), so the
+    result is the same whatever the path, blocking, thread count or machine. With a workspace,
+    linear LoRA deltas are merged on its threads into one of its output buffers; everything else
+    here, one block of rows at a time (DoRA, whose norms need whole rows, in float64 as a whole).
     """
     out_dtype = DTYPES[t.dtype]
     if workspace is not None and merges_by_rows(t):
         merged = _merge_rows(t, base, factors, workspace)
         if merged is not None:
             return merged
-        # not finite: the whole-tensor path computes the same values and says what went wrong
+        # not finite: the path below computes the same values and says what went wrong
     if not t.ops:
         return base.get(t.source).to(out_dtype)
-    starts_replaced = t.ops[0].kind == "replace"
-    acc = None if starts_replaced else base.get(t.source).to(device=device, dtype=torch.float32)
-    unmerged: torch.Tensor | None = None
-    changed = False
-    for op in t.ops:
-        if op.kind in ("replace", "base_layer"):
-            new = factors.get(op.adapter, op.keys[0])
-            if changed and not torch.equal(new, _base_fp32(t, base, device)):
-                raise AdapterError(
-                    f"adapter {op.adapter}: `{op.keys[0]}` is a copy of `{t.name}` that differs from the base; "
-                    "the adapter was saved against another base model"
-                )
-            acc = new.clone()
-            continue
-        assert acc is not None
-        if not changed and any(o.kind == "dora" for o in t.ops):
-            unmerged = acc.clone()
-        changed = True
-        acc = _apply(op, acc, unmerged, factors)
-    assert acc is not None
-    out = mathops.round_to(acc, out_dtype)
-    if not mathops.all_finite(out):
-        where = "overflows " + t.dtype if mathops.all_finite(acc) else "has NaN or Inf values"
+    if any(op.kind == "dora" for op in t.ops):
+        acc = _dora_float64(t, base, factors, device)
+        out = exact.correct_round(acc, out_dtype)
+        ok, inputs_finite = mathops.all_finite(out), mathops.all_finite(acc)
+    else:
+        w, terms, rows = _terms(t, base, factors, device)
+        out = torch.empty(t.shape, dtype=out_dtype, device=device)
+        matrix = _matrix(out)
+        ok = exact.merge(_matrix(w), terms, matrix, mathops.row_blocks(*matrix.shape, ROW_BLOCK))
+        for indices, values in rows:  # trainable tokens come last: their rows are the saved ones, rounded once
+            out.index_copy_(0, indices, values.to(out_dtype))
+        ok = ok and mathops.all_finite(out)
+        inputs_finite = mathops.all_finite(w)
+    if not ok:
+        where = "overflows " + t.dtype if inputs_finite else "has NaN or Inf values"
         raise MergeError(f"merged `{t.name}` {where}; nothing was published")
     return out
 
 
+def _matrix(x: torch.Tensor) -> torch.Tensor:
+    """A bias as a one-column matrix; matrices as they are."""
+    return x.view(-1, 1) if x.dim() == 1 else x
+
+
+def _start(t: PlannedTensor, op: Op, base: TensorReader, factors: _Factors, device: torch.device,
+           changed: bool) -> torch.Tensor:
+    """The tensor a `replace` / `base_layer` op starts from (the adapter's saved copy, float32)."""
+    new = factors.get(op.adapter, op.keys[0])
+    if changed and not torch.equal(new, _base_fp32(t, base, device)):
+        raise AdapterError(
+            f"adapter {op.adapter}: `{op.keys[0]}` is a copy of `{t.name}` that differs from the base; "
+            "the adapter was saved against another base model"
+        )
+    return new.clone()
+
+
+def _terms(t: PlannedTensor, base: TensorReader, factors: _Factors, device: torch.device
+           ) -> tuple[torch.Tensor, list[exact.Term], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The tensor a merge starts from, its LoRA deltas as exact.Terms in the stored frame, and the rows
+    that trainable tokens replace afterwards (plan order: replacements, deltas, rows)."""
+    w = None if t.ops[0].kind == "replace" else base.get(t.source).to(device)
+    terms: list[exact.Term] = []
+    rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for op in t.ops:
+        if op.kind in ("replace", "base_layer"):
+            w = _start(t, op, base, factors, device, changed=bool(terms or rows))
+        elif op.kind == "rows":
+            rows.append((torch.tensor(op.indices, dtype=torch.long, device=device), factors.get(op.adapter, op.keys[0])))
+        else:
+            terms.append(_term(op, factors))
+    assert w is not None
+    return w, terms, rows
+
+
+def _term(op: Op, factors: _Factors) -> exact.Term:
+    """One delta op as W += scale * rows @ cols in the frame the weight is stored in."""
+    if op.layout == "bias":
+        bias = factors.get(op.adapter, op.keys[0])
+        return exact.term(bias.view(-1, 1), torch.ones(1, 1, device=bias.device), op.scale)
+    lora_a, lora_b = factors.get_many(op.adapter, op.keys[:2])
+    if op.layout in ("conv1d", "embedding"):  # stored [in, out] / [vocab, dim]: delta = (B A)^T = A^T B^T
+        return exact.term(lora_a.T, lora_b.T, op.scale)
+    return exact.term(lora_b, lora_a, op.scale)
+
+
+def _dora_float64(t: PlannedTensor, base: TensorReader, factors: _Factors, device: torch.device) -> torch.Tensor:
+    """A tensor with DoRA among its ops, evaluated in float64 in a fixed order (see exact.py)."""
+    acc = None if t.ops[0].kind == "replace" else base.get(t.source).to(device=device, dtype=torch.float64)
+    unmerged: torch.Tensor | None = None
+    for op in t.ops:
+        if op.kind in ("replace", "base_layer"):
+            acc = _start(t, op, base, factors, device, changed=unmerged is not None).to(torch.float64)
+            continue
+        assert acc is not None
+        if unmerged is None:
+            unmerged = acc.clone()  # DoRA's norm is of the weight without earlier adapters merged in
+        if op.kind == "rows":
+            acc.index_copy_(0, torch.tensor(op.indices, dtype=torch.long, device=device),
+                            factors.get(op.adapter, op.keys[0]).to(torch.float64))
+            continue
+        delta = _matrix(exact.fixed_order_delta(_term(op, factors))).view(acc.shape)
+        if op.kind != "dora":
+            acc = acc + delta
+        elif op.layout == "conv1d":  # stored [in, out]: output features are columns
+            acc = exact.dora_rescale(acc.T, unmerged.T, delta.T, factors.get(op.adapter, op.keys[2])).T
+        else:
+            acc = exact.dora_rescale(acc, unmerged, delta, factors.get(op.adapter, op.keys[2]))
+    assert acc is not None
+    return acc
+
+
 def _merge_rows(t: PlannedTensor, base: TensorReader, factors: _Factors, workspace: Workspace) -> torch.Tensor | None:
     """The row-block merge of a linear weight into a workspace buffer; None if the result is not finite."""
-    deltas = [(*factors.get_many(op.adapter, op.keys), op.scale) for op in t.ops]
+    terms = [_term(op, factors) for op in t.ops]
     source = base.get(t.source)  # backed by a mapping of the file: pages are read as the blocks touch them
     out = workspace.output(t.shape, DTYPES[t.dtype])
-    return out if workspace.merge_rows(source, deltas, out) else None
+    return out if workspace.merge_rows(source, terms, out) else None
 
 
 class Workspace:
@@ -201,7 +267,7 @@ class Workspace:
         self.outputs = [torch.empty(0, dtype=torch.uint8) for _ in range(slots)]
         self.turn = 0
         threads = max(1, min(threads, ROW_THREADS))
-        self.scratch = [(torch.empty(0), torch.empty(0)) for _ in range(threads)]
+        self.scratch = [exact.Scratch.empty() for _ in range(threads)]
         self.threads = mathops.BlockThreads(threads, "mergekit-rows")
 
     def output(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -214,22 +280,33 @@ class Workspace:
             self.outputs[slot] = torch.empty(nbytes, dtype=torch.uint8)
         return self.outputs[slot][:nbytes].view(dtype).view(shape)
 
-    def merge_rows(self, base: torch.Tensor, deltas: list[tuple[torch.Tensor, torch.Tensor, float]],
-                   out: torch.Tensor) -> bool:
-        """mathops.merge_linear_rows over `base`, its blocks of rows shared among the threads."""
-        rows, cols = base.shape
-        blocks = mathops.row_blocks(rows, cols, ROW_BLOCK)
-        numel = max(r1 - r0 for r0, r1 in blocks) * cols
+    def merge_rows(self, base: torch.Tensor, terms: list[exact.Term], out: torch.Tensor) -> bool:
+        """exact.merge over `base`, its blocks of rows shared among the threads; False if not finite."""
+        blocks = mathops.row_blocks(*base.shape, ROW_BLOCK)
         parts = mathops.split(blocks, len(self.scratch))
-        for i in range(len(parts)):
-            if self.scratch[i][0].numel() < numel:
-                self.scratch[i] = (torch.empty(numel), torch.empty(numel))
-        calls = [(base, deltas, out, *self.scratch[i], part) for i, part in enumerate(parts)]
-        return all(self.threads.map(mathops.merge_linear_rows, calls))
+        calls = [(base, terms, out, part, self.scratch[i]) for i, part in enumerate(parts)]
+        pending = self.threads.map(_merge_part, calls)
+        if any(p is False for p in pending):
+            return False
+        exact.resolve(base, terms, out, [p for part in pending for p in part])
+        return True
 
     def close(self) -> None:
         """Stop the threads."""
         self.threads.close()
+
+
+def _merge_part(base: torch.Tensor, terms: list[exact.Term], out: torch.Tensor, blocks: list[tuple[int, int]],
+                scratch: exact.Scratch) -> list[exact.Pending] | bool:
+    """One thread's share of a row-block merge: its blocks merged, the elements left to decide."""
+    pending = []
+    for r0, r1 in blocks:
+        part = exact.merge_block(base, terms, r0, r1, out, scratch)
+        if part is False:
+            return False
+        if part is not None:
+            pending.append(part)
+    return pending
 
 
 class WriteBehind:
@@ -267,21 +344,6 @@ class WriteBehind:
                 self.drain()
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _apply(op: Op, acc: torch.Tensor, unmerged: torch.Tensor | None, factors: _Factors) -> torch.Tensor:
-    if op.kind == "rows":
-        mathops.replace_rows(acc, op.indices, factors.get(op.adapter, op.keys[0]))
-        return acc
-    if op.layout == "bias":
-        mathops.add_delta(acc, factors.get(op.adapter, op.keys[0]) * op.scale)
-        return acc
-    delta = mathops.lora_delta(factors.get(op.adapter, op.keys[0]), factors.get(op.adapter, op.keys[1]), op.scale, op.layout)
-    if op.kind == "dora":
-        assert unmerged is not None
-        return mathops.dora_merge(acc, unmerged, delta, factors.get(op.adapter, op.keys[2]), op.layout)
-    mathops.add_delta(acc, delta)
-    return acc
 
 
 def _base_fp32(t: PlannedTensor, base: TensorReader, device: torch.device) -> torch.Tensor:

@@ -13,7 +13,8 @@ from mergekit_lite.io.writer import STAGING
 from mergekit_lite.plan.plan import CombinePlan, PlannedTensor
 from mergekit_lite.sources.adapter import Adapter
 
-ROW_BLOCK = 2**17  # elements of a linear weight merged at a time by one thread, in two fp32 blocks of 512 KiB (in L2)
+ROW_BLOCK = 2**17  # elements of a weight merged at a time by one thread (a float64 block of 1 MiB)
+SCRATCH_BYTES = 24  # per element of a block: exact.Scratch's float64, float32 and integer buffers
 ROW_THREADS = 8  # at most this many threads merge the blocks of one tensor
 WRITE_BEHIND = 2  # the writer thread may be this many tensors behind the math
 
@@ -43,14 +44,17 @@ def peak_bytes(tensors: list[PlannedTensor], adapters: list[Adapter], combined: 
         need += sum(factor_bytes[op.adapter, k] for op in t.ops for k in op.keys)
         if merges_by_rows(t):
             by_rows_out, by_rows_width = max(by_rows_out, t.nbytes), max(by_rows_width, t.shape[1])
+        elif any(op.kind == "dora" for op in t.ops):
+            # float64 as a whole: accumulator, unmerged copy, delta, and the temporaries of the rescale
+            need += numel * 8 * 7 + t.nbytes
+            whole_out = max(whole_out, t.nbytes)
         else:
-            # accumulator, delta and (for DoRA) the unmerged copy in fp32, and the output
-            copies = 3 if any(op.kind == "dora" for op in t.ops) else 2 if t.ops else 0
-            need += numel * 4 * copies + t.nbytes
+            # by blocks of rows: a float32 starting copy (replaced tensors), the scratch block, the output
+            need += numel * 4 + SCRATCH_BYTES * (ROW_BLOCK + 3 * t.shape[-1]) + t.nbytes
             whole_out = max(whole_out, t.nbytes)
         worst = max(worst, need)
-    # output buffers taken in turn, and per thread two fp32 scratch blocks of ROW_BLOCK elements (plus up to three rows)
-    scratch = ROW_THREADS * 2 * 4 * (ROW_BLOCK + 3 * by_rows_width) if by_rows_out else 0
+    # output buffers taken in turn, and per thread a scratch block of ROW_BLOCK elements (plus up to three rows)
+    scratch = ROW_THREADS * SCRATCH_BYTES * (ROW_BLOCK + 3 * by_rows_width) if by_rows_out else 0
     reused = (WRITE_BEHIND + 1) * by_rows_out + scratch
     # and the staging buffers of the shard being written and of the one before it, while it closes
     return worst + reused + WRITE_BEHIND * whole_out + 2 * STAGING + held
