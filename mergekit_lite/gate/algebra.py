@@ -27,6 +27,7 @@ from mergekit_lite.merge import mathops
 from mergekit_lite.merge.combine import CombinedFactors
 from mergekit_lite.plan.plan import Op, Plan, PlannedTensor
 from mergekit_lite.sources.adapter import Adapter
+from mergekit_lite.vocabulary import WHOLE_TENSOR
 
 PROBES = 4
 READ_AHEAD = 64 * 2**20  # bytes: a larger tensor (an embedding) is mapped when its turn comes, not read ahead
@@ -192,7 +193,7 @@ def _probe(
     unmerged = w0
     started = False
     for op in t.ops:
-        if op.kind in ("replace", "base_layer"):
+        if op.kind in WHOLE_TENSOR:
             r = factors[op.adapter].load(op.keys[0])
             r = r.reshape(-1, 1) if vector else r
             if not started:

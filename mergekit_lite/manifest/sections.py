@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from mergekit_lite.vocabulary import COMBINE_METHODS, COMBINE_NAMES, COMBINE_PARAMETERS, methods_taking
+
 DType = Literal["float32", "float16", "bfloat16", "auto"]
 METRICS = ("max_abs_logit_diff", "mean_kl", "top1_agreement", "greedy_match")
 AUTO_PLACEMENTS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate computes these device maps
@@ -203,35 +205,6 @@ class ExecutorSpec(Strict):
         return self
 
 
-COMBINE_METHODS = (
-    "sum",
-    "cat",
-    "linear",
-    "svd",
-    "ties",
-    "ties_svd",
-    "dare_linear",
-    "dare_ties",
-    "dare_linear_svd",
-    "dare_ties_svd",
-    "magnitude_prune",
-    "magnitude_prune_svd",
-)
-DENSITY_METHODS = (
-    "ties",
-    "ties_svd",
-    "dare_linear",
-    "dare_ties",
-    "dare_linear_svd",
-    "dare_ties_svd",
-    "magnitude_prune",
-    "magnitude_prune_svd",
-)
-SIGN_METHODS = ("ties", "ties_svd", "dare_ties", "dare_ties_svd")
-RANDOM_METHODS = ("dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd")
-SVD_METHODS = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
-
-
 class CombineSpec(Strict):
     """How several adapters are combined (each adapter's `weight` is its weight here).
 
@@ -251,7 +224,7 @@ class CombineSpec(Strict):
     a generator seeded with `seed`, as PEFT does from torch's after `torch.manual_seed(seed)`.
     """
 
-    method: Literal[COMBINE_METHODS] = "sum"  # type: ignore[valid-type]
+    method: Literal[COMBINE_NAMES] = "sum"  # type: ignore[valid-type]  # the names of vocabulary.COMBINE_METHODS
     density: float | None = Field(
         default=None,
         gt=0,
@@ -284,18 +257,11 @@ class CombineSpec(Strict):
 
     @model_validator(mode="after")
     def _parameters_fit(self) -> CombineSpec:
-        uses = {
-            "density": DENSITY_METHODS,
-            "majority_sign_method": SIGN_METHODS,
-            "svd_rank": SVD_METHODS,
-            "svd_clamp": SVD_METHODS,
-            "svd_full_matrices": SVD_METHODS,
-            "seed": RANDOM_METHODS,
-        }
-        for key, methods in uses.items():
-            if getattr(self, key) is not None and self.method not in methods:
-                raise ValueError(f"`{key}` goes with {', '.join(methods)}; `{self.method}` does not use it")
-        if self.method in DENSITY_METHODS and self.density is None:
+        method = COMBINE_METHODS[self.method]
+        for key in COMBINE_PARAMETERS:
+            if getattr(self, key) is not None and key not in method.parameters:
+                raise ValueError(f"`{key}` goes with {', '.join(methods_taking(key))}; `{self.method}` does not use it")
+        if method.needs_density and self.density is None:
             raise ValueError(f"`{self.method}` needs `density`, the share of values kept (0 < density <= 1)")
         return self
 

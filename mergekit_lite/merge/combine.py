@@ -18,10 +18,10 @@ import torch
 
 from mergekit_lite.errors import AdapterError
 from mergekit_lite.io.reader import TensorReader
-from mergekit_lite.manifest.sections import RANDOM_METHODS, SVD_METHODS
 from mergekit_lite.merge import mathops
 from mergekit_lite.plan.plan import CombinedModule, CombinePlan
 from mergekit_lite.sources.adapter import Adapter
+from mergekit_lite.vocabulary import COMBINE_METHODS
 
 
 class CombinedFactors:
@@ -47,7 +47,7 @@ class CombinedFactors:
 
     def factors(self, module: CombinedModule) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of one module, exactly as PEFT's add_weighted_adapter makes them on the CPU."""
-        if self.plan.effective in RANDOM_METHODS:
+        if COMBINE_METHODS[self.plan.effective].random:
             if self._all is None:
                 self._all = self._all_in_peft_order()
             return self._all[module.module]
@@ -63,17 +63,17 @@ class CombinedFactors:
 
     def _compute(self, module: CombinedModule, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         plan = self.plan
+        traits = COMBINE_METHODS[plan.effective]
         inputs = [
             (self._load(i.adapter, i.lora_a), self._load(i.adapter, i.lora_b), i.scaling, i.weight)
             for i in module.inputs
         ]
         with mathops.intra_op_threads(self.threads):
-            if plan.effective == "cat":
+            if traits.family == "cat":
                 return mathops.combine_cat(inputs, module.rank)
-            if plan.effective in SVD_METHODS:
-                method = "linear" if plan.effective == "svd" else plan.effective.removesuffix("_svd")
+            if traits.family == "svd":
                 return mathops.combine_svd(
-                    method,
+                    traits.task,
                     inputs,
                     module.layout != "linear",
                     plan.rank,
@@ -83,9 +83,7 @@ class CombinedFactors:
                     plan.svd_full_matrices,
                     generator,
                 )
-            return mathops.combine_factorwise(
-                plan.effective, inputs, plan.density, plan.majority_sign_method, generator
-            )
+            return mathops.combine_factorwise(traits.task, inputs, plan.density, plan.majority_sign_method, generator)
 
     def _load(self, index: int, key: str) -> torch.Tensor:
         tensor = self.readers[index].load(key).to(torch.float32)

@@ -18,9 +18,9 @@ from mergekit_lite.plan.memory import peak_bytes
 from mergekit_lite.plan.plan import CombinePlan, Op, Plan, PlannedTensor
 from mergekit_lite.sources.adapter import Adapter, AdapterKey
 from mergekit_lite.sources.checkpoint import Checkpoint
+from mergekit_lite.vocabulary import OP_ORDER, WHOLE_TENSOR, Layout
 
 _OUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-_ORDER = {"replace": 0, "base_layer": 1, "delta": 2, "dora": 2, "rows": 3}
 
 
 def build_plan(
@@ -94,7 +94,7 @@ def _ops_of_adapter(adapter: Adapter, resolve: _Resolver, ops: dict[str, list[Op
     for key in adapter.keys:
         if key.kind == "original":  # PEFT's copy of the module before training: not a change
             accounted.append(key.key)
-        elif key.kind in ("replace", "base_layer"):
+        elif key.kind in WHOLE_TENSOR:
             target = resolve(key.target, key, adapter)
             if (key.kind, target) in replaced:
                 # With a resized vocabulary PEFT saves a modules_to_save tensor under two names
@@ -150,7 +150,7 @@ def _lora_ops(
             "(`r` or `rank_pattern`); the config and the weights do not belong together"
         )
     target = resolve(fa.target, fa, adapter)
-    layout = "embedding" if ea else "linear"
+    layout: Layout = "embedding" if ea else "linear"
     if "magnitude" in kinds:
         if layout == "embedding":
             raise PlanError(f"{label}: DoRA on embedding `{module}` is not supported; merge it with PEFT")
@@ -200,7 +200,7 @@ def _planned(name: str, entry: TensorEntry, ops: list[Op], dtype: str) -> Planne
 
 
 def _op_order(op: Op) -> tuple[int, int]:
-    return (op.adapter, _ORDER[op.kind])
+    return (op.adapter, OP_ORDER[op.kind])
 
 
 def _reconcile_tied(ckpt: Checkpoint, ops: dict[str, list[Op]]) -> bool:
@@ -231,7 +231,7 @@ def _finalise(t: PlannedTensor, adapters: dict[int, Adapter], entries: dict[tupl
         where = f"{adapters[op.adapter].label}: `{op.keys[0]}`"
         shapes = [entries[op.adapter, k].shape for k in op.keys]
         first = shapes[0]
-        if op.kind in ("replace", "base_layer"):
+        if op.kind in WHOLE_TENSOR:
             if changed and (op.kind == "replace" or first != shape):
                 raise PlanError(f"{where} replaces `{t.name}` whole, which would discard an earlier adapter's change")
             if not (first == shape or (len(first) == len(shape) == 2 and first[1] == shape[1])):
@@ -249,7 +249,7 @@ def _finalise(t: PlannedTensor, adapters: dict[int, Adapter], entries: dict[tupl
             op = replace(op, layout=_layout(op, shape, first, shapes[1], adapters[op.adapter], where, t.name))
             if op.kind == "dora" and shapes[2] != (shape[0] if op.layout == "linear" else shape[1],):
                 raise PlanError(f"{where}: DoRA magnitude {list(shapes[2])} does not fit `{t.name}` {list(shape)}")
-        changed = changed or op.kind not in ("replace", "base_layer")
+        changed = changed or op.kind not in WHOLE_TENSOR
         final.append(op)
     t.shape = shape
     t.ops = final
@@ -257,7 +257,7 @@ def _finalise(t: PlannedTensor, adapters: dict[int, Adapter], entries: dict[tupl
 
 def _layout(
     op: Op, shape: tuple[int, ...], a: tuple[int, ...], b: tuple[int, ...], adapter: Adapter, where: str, name: str
-) -> str:
+) -> Layout:
     """linear (W is [out, in]), conv1d (GPT-2, W is [in, out]) or embedding (W is [vocab, dim])."""
     product = (b[0], a[1])  # B @ A is [out, in]
     if op.layout == "embedding":

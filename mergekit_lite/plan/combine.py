@@ -15,12 +15,11 @@ from typing import Any
 import torch
 
 from mergekit_lite.errors import PlanError
-from mergekit_lite.manifest.sections import RANDOM_METHODS, SVD_METHODS, CombineSpec
+from mergekit_lite.manifest.sections import CombineSpec
 from mergekit_lite.plan.plan import CombinedInput, CombinedModule, CombinePlan, PlannedTensor
 from mergekit_lite.sources.adapter import Adapter
+from mergekit_lite.vocabulary import COMBINE_METHODS, LORA_LAYOUTS
 
-SAME_RANK = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # PEFT stacks their factors
-LORA_LAYOUTS = ("linear", "conv1d", "embedding")
 COMBINED = "combined"  # the new adapter's name in PEFT
 REPLAYED_INITS = (True, False, "gaussian")  # initialisations whose random draws are replayed (and tested) for dare
 _UNSUPPORTED = {  # adapter_config.json fields PEFT's add_weighted_adapter does not combine
@@ -44,17 +43,18 @@ def plan_combine(
         return None
     method = spec.method
     effective = "linear" if len(adapters) == 1 else method
+    traits = COMBINE_METHODS[effective]
     _refuse_unsupported(method, adapters, tensors, base_shapes)
     ranks = [_max_rank(a) for a in adapters]
-    if effective in SAME_RANK and len(set(ranks)) > 1:
+    if traits.same_rank and len(set(ranks)) > 1:
         listed = ", ".join(f"adapter {a.index} r={r}" for a, r in zip(adapters, ranks))
         raise PlanError(
             f"`combine: {method}` needs adapters of one rank, as PEFT's add_weighted_adapter does "
             f"({listed}); use `cat`, `svd` or `sum`"
         )
-    rank = sum(ranks) if effective == "cat" else (spec.svd_rank or max(ranks)) if effective in SVD_METHODS else ranks[0]
+    rank = sum(ranks) if traits.family == "cat" else (spec.svd_rank or max(ranks)) if traits.svd else ranks[0]
     init = adapters[0].config.get("init_lora_weights", True)
-    if effective in RANDOM_METHODS and init not in REPLAYED_INITS:
+    if traits.random and init not in REPLAYED_INITS:
         raise PlanError(
             f"{adapters[0].label}: `init_lora_weights: {init}` is copied to the combined adapter, and "
             f"`combine: {method}` reproduces PEFT's random draws only after the initialisations "
@@ -73,18 +73,18 @@ def plan_combine(
             "layers_pattern and exclude_modules); put the adapter with the widest reach first, or use `sum`"
         )
     return CombinePlan(
-        method,
-        effective,
-        len(adapters),
-        rank,
-        spec.density,
-        spec.majority_sign_method or "total",
-        spec.svd_rank,
-        spec.svd_clamp,
-        True if spec.svd_full_matrices is None else spec.svd_full_matrices,
-        spec.seed or 0,
-        init,
-        tuple(modules),
+        method=method,
+        effective=effective,
+        index=len(adapters),
+        rank=rank,
+        density=spec.density,
+        majority_sign_method=spec.majority_sign_method or "total",
+        svd_rank=spec.svd_rank,
+        svd_clamp=spec.svd_clamp,
+        svd_full_matrices=True if spec.svd_full_matrices is None else spec.svd_full_matrices,
+        seed=spec.seed or 0,
+        init=init,
+        modules=tuple(modules),
     )
 
 
@@ -248,14 +248,15 @@ def _module(
     a_shapes = {entries[i.adapter, i.lora_a] for i in inputs}
     b_shapes = {entries[i.adapter, i.lora_b] for i in inputs}
     module_rank = rank
-    if effective in SAME_RANK:
+    traits = COMBINE_METHODS[effective]
+    if traits.same_rank:
         if len(a_shapes) > 1 or len(b_shapes) > 1:
             raise PlanError(
                 f"`combine: {method}` needs equal factor shapes at each module, as PEFT stacks them; "
                 f"`{name}` has A {sorted(map(list, a_shapes))} and B {sorted(map(list, b_shapes))} (rank_pattern?)"
             )
         module_rank = next(iter(a_shapes))[0]
-    elif effective in SVD_METHODS and rank > min(layer["in_features"], layer["out_features"]):
+    elif traits.svd and rank > min(layer["in_features"], layer["out_features"]):
         raise PlanError(
             f"`combine: {method}`: rank {rank} is larger than `{name}` allows "
             f"({layer['out_features']}x{layer['in_features']}); give a smaller `svd_rank`"

@@ -14,30 +14,26 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_lite.io.format import ITEMSIZE
-from mergekit_lite.manifest.sections import DENSITY_METHODS, RANDOM_METHODS, SIGN_METHODS, SVD_METHODS
 from mergekit_lite.sources.adapter import PREFIX
-
-# Operation kinds, applied in this order within one adapter:
-#   replace      the tensor is replaced whole (modules_to_save, bias all/lora_only)
-#   base_layer   PEFT's saved copy of a targeted embedding: replaces it when resized, else must equal it
-#   delta        W += scale * B @ A (layout linear | conv1d | embedding)
-#   dora         DoRA: W = m / ||W0 + dW|| * (W + dW)
-#   rows         W[indices] = rows (trainable tokens)
-# Every op of an adapter has scale = manifest weight * PEFT scaling where it applies.
+from mergekit_lite.vocabulary import COMBINE_METHODS, Layout, OpKind
 
 
 @dataclass(frozen=True)
 class Op:
-    kind: str
+    """One change of one adapter to one output tensor (the kinds and layouts: vocabulary.py)."""
+
+    kind: OpKind
     adapter: int
     keys: tuple[str, ...]  # adapter tensor keys this op reads, in the order the math takes them
-    scale: float = 1.0
-    layout: str = ""
+    scale: float = 1.0  # manifest weight * PEFT scaling, where it applies
+    layout: Layout = ""
     indices: tuple[int, ...] = ()
 
 
 @dataclass
 class PlannedTensor:
+    """One output tensor: where its computation starts, its ops in the order they apply, its shard."""
+
     name: str
     source: str  # base tensor whose bytes start the computation
     src_dtype: str
@@ -96,7 +92,7 @@ class CombinedModule:
 
     module: str  # as named in the model, e.g. model.layers.0.self_attn.q_proj
     target: str  # the output tensor its delta goes to
-    layout: str  # linear | conv1d | embedding
+    layout: Layout  # linear | conv1d | embedding
     in_features: int
     out_features: int
     rank: int  # rows of the combined A
@@ -116,7 +112,7 @@ class CombinedModule:
         n = len(self.inputs)
         factors = (1 if method == "cat" else n) * self.rank * (self.in_features + self.out_features) * 4
         out = self.rank * (self.in_features + self.out_features) * 4
-        if method not in SVD_METHODS:
+        if not COMBINE_METHODS[method].svd:
             return 4 * factors + out
         dense = self.in_features * self.out_features * 4
         small, large = sorted((self.in_features, self.out_features))
@@ -146,18 +142,19 @@ class CombinePlan:
         doc: dict[str, Any] = {"method": self.method, "rank": self.rank}
         if self.effective != self.method:
             doc["effective_method"] = self.effective
-        if self.effective in DENSITY_METHODS:
+        taken = COMBINE_METHODS[self.effective].parameters
+        if "density" in taken:
             doc["density"] = self.density
-        if self.effective in SIGN_METHODS:
+        if "majority_sign_method" in taken:
             doc["majority_sign_method"] = self.majority_sign_method
-        if self.effective in SVD_METHODS:
+        if COMBINE_METHODS[self.effective].svd:
             doc.update(svd_rank=self.svd_rank, svd_clamp=self.svd_clamp, svd_full_matrices=self.svd_full_matrices)
-        if self.effective in RANDOM_METHODS:
+        if "seed" in taken:
             doc["seed"] = self.seed
         return doc
 
     def held_bytes(self) -> int:
         """Bytes of combined factors held through the merge: all of them for dare, else none."""
-        if self.effective not in RANDOM_METHODS:
+        if not COMBINE_METHODS[self.effective].random:
             return 0
         return sum(m.rank * (m.in_features + m.out_features) * 4 for m in self.modules)

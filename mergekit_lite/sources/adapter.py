@@ -15,6 +15,7 @@ from typing import Any
 from mergekit_lite.errors import AdapterError
 from mergekit_lite.io.format import FLOAT_DTYPES, TensorEntry, read_header
 from mergekit_lite.sources.checkpoint import read_json
+from mergekit_lite.vocabulary import KeyKind
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class AdapterKey:
     """One tensor of an adapter file, classified."""
 
     key: str  # as stored in the adapter file
-    kind: str  # lora_A, lora_B, lora_bias, emb_A, emb_B, magnitude, tokens, base_layer, replace, original
+    kind: KeyKind  # see vocabulary.py
     module: str  # model module path, e.g. model.layers.0.self_attn.q_proj
     target: str  # base tensor it concerns, e.g. model.layers.0.self_attn.q_proj.weight
     entry: TensorEntry
