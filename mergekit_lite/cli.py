@@ -16,7 +16,8 @@ import click
 from mergekit_lite._version import __version__
 from mergekit_lite.errors import MergekitError
 from mergekit_lite.manifest.load import manifest_json_schema
-from mergekit_lite.plan.render import human_bytes, plan_table
+from mergekit_lite.plan.render import plan_table
+from mergekit_lite.sizes import human_bytes
 
 
 def _clean_errors(func: Callable[..., Any]) -> Callable[..., Any]:

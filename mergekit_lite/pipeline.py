@@ -12,14 +12,13 @@ from typing import Any
 
 import torch
 
-from mergekit_lite.errors import AdapterError, InputError, MergekitError
+from mergekit_lite.errors import InputError, MergekitError
 from mergekit_lite.gate import GateReport, run_gate
 from mergekit_lite.gate.report import fmt, markdown, skipped_report
 from mergekit_lite.io.digests import InputDigests
-from mergekit_lite.io.reader import TensorReader
 from mergekit_lite.manifest.load import LoadedManifest, load_manifest
-from mergekit_lite.merge import mathops
 from mergekit_lite.merge.executor import check_available, run_shards
+from mergekit_lite.merge.factors import require_finite
 from mergekit_lite.merge.merge import Progress
 from mergekit_lite.plan.build import build_plan
 from mergekit_lite.plan.plan import Plan
@@ -117,11 +116,11 @@ def check_adapter_values(adapters: list[Adapter]) -> None:
     and a non-finite factor is an input error (exit 2), not a failed merge.
     """
     for adapter in adapters:
-        reader = TensorReader({k.key: k.entry for k in adapter.keys})
+        reader = adapter.reader()
         for key in adapter.keys:
             tensor = reader.load(key.key)
-            if tensor.is_floating_point() and not mathops.all_finite(tensor):
-                raise AdapterError(f"{adapter.label}: `{key.key}` contains NaN or Inf values")
+            if tensor.is_floating_point():
+                require_finite(tensor, adapter.label, key.key)
 
 
 def run_plan(manifest_path: str | Path) -> Plan:
@@ -141,14 +140,31 @@ def execute(job: Job, progress: Progress | None = None, verify: bool = True, kee
         with new_parents(output), output_lock(output), staging(output) as stage:
             check_output(output, loaded.input_folders, m.output.overwrite, job.plan.total_bytes)
             digests: dict[str, str] = {}  # the shards' SHA-256, computed as they are written
-            run_shards(m.executor, job.plan, job.checkpoint.tensors, job.adapters, stage, device, progress, digests)
+            run_shards(
+                m.executor,
+                job.plan,
+                job.checkpoint.tensors,
+                job.adapters,
+                stage,
+                device,
+                progress=progress,
+                digests=digests,
+            )
             write_index(stage, job.plan)
             if source is not None:
                 copy_tokenizer(source, stage)
             write_configs(stage, job.checkpoint.path, job.checkpoint.config, job.plan, load_tokenizer(source))
             report = None
             if verify and m.verify.enabled:
-                report = run_gate(job.plan, job.checkpoint, job.adapters, stage, m.verify, m.device_map, source)
+                report = run_gate(
+                    job.plan,
+                    job.checkpoint,
+                    job.adapters,
+                    stage,
+                    settings=m.verify,
+                    device_map=m.device_map,
+                    tokenizer_source=source,
+                )
                 if not report.passed:
                     kept = publish_module.keep_rejected(stage, output) if keep_rejected else None
                     raise GateFailed(report, kept)
@@ -192,19 +208,19 @@ def _describe(
     gate_md = markdown(report, "mergekit-lite gate") if report is not None else None
     card = model_card(
         loaded.output_path.name,
-        loaded.base_path,
-        m.base.id,
-        _card_adapters(job),
         job.plan,
-        gate_md,
-        reason,
+        base=loaded.base_path,
+        base_id=m.base.id,
         base_revision=m.base.revision,
+        adapters=_card_adapters(job),
+        gate_markdown=gate_md,
+        skipped_because=reason,
     )
     (stage / "README.md").write_text(card, encoding="utf-8")
     (stage / "manifest.yaml").write_text(
         resolved_manifest(m, loaded.base_path, loaded.adapter_paths, loaded.output_path), encoding="utf-8"
     )
-    hashed = write_receipt(stage, inputs, job.plan, verification, digests, sources=loaded.hub_sources)
+    hashed = write_receipt(stage, inputs, job.plan, verification, known=digests, sources=loaded.hub_sources)
     write_checksums(stage, hashed)  # only release.json itself is left to hash
 
 
@@ -243,7 +259,15 @@ def verify_release(manifest_path: str | Path, against: str | Path | None = None)
         raise InputError(f"release `{candidate}` does not exist or is not a folder")
     source = tokenizer_source(m.tokenizer, loaded.base_path, loaded.adapter_paths, loaded.resolve)
     settings = m.verify.model_copy(update={"enabled": True})
-    return run_gate(job.plan, job.checkpoint, job.adapters, candidate, settings, m.device_map, source)
+    return run_gate(
+        job.plan,
+        job.checkpoint,
+        job.adapters,
+        candidate,
+        settings=settings,
+        device_map=m.device_map,
+        tokenizer_source=source,
+    )
 
 
 def run_merge(manifest_path: str | Path, progress: Progress | None = None, verify: bool = True) -> Path:

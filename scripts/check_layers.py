@@ -15,7 +15,7 @@ from pathlib import Path
 PACKAGE = "mergekit_lite"
 # Lower layers first; a module may import its own layer and the ones above it in this list, never a later one.
 LAYERS = [
-    ("_version", "errors", "vocabulary"),
+    ("_version", "errors", "sizes", "vocabulary"),
     ("io",),
     ("manifest",),
     ("sources",),

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from mergekit_lite.cli import main
 from mergekit_lite.errors import ManifestError
 from mergekit_lite.manifest.load import load_manifest
-from mergekit_lite.manifest.sections import parse_size
+from mergekit_lite.sizes import parse_size
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -12,7 +12,7 @@ import mergekit_lite.merge.merge as merge_module
 from mergekit_lite import run_merge
 from mergekit_lite.errors import MergeError
 from mergekit_lite.io.format import read_header
-from mergekit_lite.manifest.sections import parse_size
+from mergekit_lite.sizes import parse_size
 
 from helpers import write_manifest
 

@@ -14,7 +14,7 @@ rightly; the combination itself is checked end to end against PEFT's add_weighte
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -55,13 +55,18 @@ def check_algebra(
     report: GateReport,
     plan: Plan,
     adapters: list[Adapter],
+    *,
     base: TensorReader,
     candidate: dict[str, TensorEntry],
     limits: dict[str, float],
 ) -> None:
-    """Record finiteness, unchanged-equals-base and the probe checks over every planned tensor."""
+    """Record finiteness, unchanged-equals-base and the probe checks over every planned tensor.
+
+    `base` reads the base checkpoint, `candidate` is the release's tensor table (from the structure
+    checks), `limits` the thresholds for the release's dtype. Reads each tensor once, streamed.
+    """
     out = TensorReader(candidate)
-    factors = [TensorReader({k.key: k.entry for k in a.keys}) for a in adapters]
+    factors = [a.reader() for a in adapters]
     combined = CombinedFactors(plan.combine, adapters) if plan.combine is not None else None
     non_finite: list[str] = []
     differs: list[str] = []
@@ -85,15 +90,27 @@ def check_algebra(
                 elif not _equals_base(t, merged, w0):
                     differs.append(t.name)
                 continue
-            figure = _probe(t, merged, w0, factors, combined, rows)
+            figure = _probe(t, merged, w0, factors, combined=combined, rows=rows)
             if figure is None:
                 non_finite.append(t.name)
             else:
                 figures.append(figure)
-    report.add("structure", "no NaN or Inf", not non_finite, len(non_finite), 0, ", ".join(non_finite[:3]))
+    report.add(
+        "structure",
+        "no NaN or Inf",
+        not non_finite,
+        figure=len(non_finite),
+        threshold=0,
+        detail=", ".join(non_finite[:3]),
+    )
     untouched = sum(1 for t in plan.tensors if not t.ops)
     report.add(
-        "algebra", f"{untouched} unchanged tensors equal the base", not differs, len(differs), 0, ", ".join(differs[:3])
+        "algebra",
+        f"{untouched} unchanged tensors equal the base",
+        not differs,
+        figure=len(differs),
+        threshold=0,
+        detail=", ".join(differs[:3]),
     )
     if not figures:
         return
@@ -106,7 +123,12 @@ def check_algebra(
         value = getattr(worst, metric)
         limit = limits[metric]
         report.add(
-            "algebra", f"{label} ({len(figures)} changed tensors)", value <= limit, value, limit, f"worst: {worst.name}"
+            "algebra",
+            f"{label} ({len(figures)} changed tensors)",
+            value <= limit,
+            figure=value,
+            threshold=limit,
+            detail=f"worst: {worst.name}",
         )
 
 
@@ -164,6 +186,7 @@ def _probe(
     merged: torch.Tensor,
     w0: torch.Tensor,
     factors: list[TensorReader],
+    *,
     combined: CombinedFactors | None = None,
     rows: RowPasses | None = None,
 ) -> TensorFigures | None:
@@ -201,7 +224,7 @@ def _probe(
             y = _matmul(r, x, transposed, rows)
             continue
         started = True
-        y = _apply(op, y, x, unmerged, transposed, get)
+        y = _apply(op, y, x, unmerged, transposed=transposed, get=get)
     actual, scale = _matmul_and_ulp_scale(w_out, x, transposed, rows=rows)
     if not mathops.all_finite(actual) and not mathops.all_finite(merged):
         return None
@@ -221,7 +244,16 @@ def _probe(
     return TensorFigures(t.name, float(ratio.pow(2).mean().sqrt()), float(ratio.max()), sigmas)
 
 
-def _apply(op: Op, y: torch.Tensor, x: torch.Tensor, unmerged: torch.Tensor, transposed: bool, get) -> torch.Tensor:
+def _apply(
+    op: Op,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    unmerged: torch.Tensor,
+    *,
+    transposed: bool,
+    get: Callable[[Op, int], torch.Tensor],
+) -> torch.Tensor:
+    """y + the change `op` makes to W x (W' x for op's tensor, given y = W x before it), in factored form."""
     if op.kind == "rows":
         y = y.clone()
         y[list(op.indices)] = get(op, 0) @ x
@@ -354,7 +386,9 @@ def _row_pass(
     product: torch.Tensor,
     square: torch.Tensor | None,
 ) -> None:
-    """_matmul's and _matmul_and_ulp_scale's work on some row blocks of W, in scratch buffers."""
+    """_matmul's and _matmul_and_ulp_scale's work on some row blocks of W, in scratch buffers.
+
+    Positional, as BlockThreads.map calls it with one tuple of arguments per part."""
     work = xw.dtype
     for start, stop in blocks:
         block = _buffer(scratch, (stop - start, w.shape[1]), work)

@@ -28,9 +28,10 @@ import torch
 
 from mergekit_lite.gate.report import GateReport
 from mergekit_lite.gate.tolerances import within
-from mergekit_lite.manifest.sections import AUTO_PLACEMENTS, VerifySpec, parse_size
+from mergekit_lite.manifest.sections import AUTO_PLACEMENTS, VerifySpec
 from mergekit_lite.plan.combine import COMBINED
 from mergekit_lite.plan.plan import CombinePlan
+from mergekit_lite.sizes import parse_size
 
 DEFAULT_PROMPTS = [
     "Hello! How are you today?",
@@ -69,6 +70,7 @@ def reference_model(
     adapters: list[tuple[Path, float]],
     dtype: torch.dtype,
     loading: dict[str, Any],
+    *,
     embedding_rows: int | None = None,
     combine: CombinePlan | None = None,
 ):
@@ -218,20 +220,29 @@ def placement(settings: VerifySpec, device_map: str) -> Placement:
 EFFECT_SHARE = 0.5  # the logit threshold is at most this share of the adapters' own effect
 
 
-def check_end_to_end(
-    report: GateReport,
-    candidate: Path,
-    base: Path,
-    adapters: list[tuple[Path, float]],
-    placement: Placement,
-    tokenizer: Any,
-    prompts: list[str] | None,
-    new_tokens: int,
-    limits: dict[str, float],
-    embedding_rows: int | None = None,
-    fixed: frozenset[str] = frozenset(),
-    combine: CombinePlan | None = None,
-) -> None:
+@dataclass(frozen=True)
+class EndToEnd:
+    """What the end-to-end check compares: the candidate release against PEFT's base + adapters.
+
+    `adapters` are (folder, manifest weight); `limits` the dtype's thresholds, of which those the
+    manifest sets (`fixed`) are used as given; `combine` makes the reference PEFT's
+    add_weighted_adapter of the adapters; `embedding_rows` resizes the base's vocabulary first.
+    """
+
+    candidate: Path
+    base: Path
+    adapters: list[tuple[Path, float]]
+    placement: Placement
+    tokenizer: Any
+    prompts: list[str] | None
+    new_tokens: int
+    limits: dict[str, float]
+    embedding_rows: int | None = None
+    fixed: frozenset[str] = frozenset()
+    combine: CombinePlan | None = None
+
+
+def check_end_to_end(report: GateReport, check: EndToEnd) -> None:
     """Record the end-to-end metrics of the candidate against PEFT's reference (with `combine`, PEFT's
     add_weighted_adapter of the adapters: an independent check of the combination).
 
@@ -242,67 +253,36 @@ def check_end_to_end(
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _run(
-            report,
-            candidate,
-            base,
-            adapters,
-            COMPUTE_DTYPE,
-            placement,
-            tokenizer,
-            prompts,
-            new_tokens,
-            dict(limits),
-            embedding_rows,
-            fixed,
-            combine,
-        )
+        _run(report, check, COMPUTE_DTYPE, dict(check.limits))
 
 
-def _run(
-    report: GateReport,
-    candidate: Path,
-    base: Path,
-    adapters: list[tuple[Path, float]],
-    dtype: torch.dtype,
-    placement: Placement,
-    tokenizer: Any,
-    prompts: list[str] | None,
-    new_tokens: int,
-    limits: dict[str, float],
-    embedding_rows: int | None,
-    fixed: frozenset[str],
-    combine: CombinePlan | None = None,
-) -> None:
+def _run(report: GateReport, check: EndToEnd, dtype: torch.dtype, limits: dict[str, float]) -> None:
     from transformers import AutoModelForCausalLM
 
-    with placement.loading() as (for_reference, for_release):
-        reference = reference_model(base, adapters, dtype, for_reference, embedding_rows, combine)
-        merged = AutoModelForCausalLM.from_pretrained(candidate, dtype=dtype, **for_release).eval()
-        report.context["placement"] = placement.describe(reference, merged)
-        _measure(report, reference, merged, dtype, tokenizer, prompts, new_tokens, limits, fixed)
+    with check.placement.loading() as (for_reference, for_release):
+        reference = reference_model(
+            check.base, check.adapters, dtype, for_reference, embedding_rows=check.embedding_rows, combine=check.combine
+        )
+        merged = AutoModelForCausalLM.from_pretrained(check.candidate, dtype=dtype, **for_release).eval()
+        report.context["placement"] = check.placement.describe(reference, merged)
+        _measure(report, (reference, merged), dtype, check, limits)
 
 
 def _measure(
-    report: GateReport,
-    reference,
-    merged,
-    dtype: torch.dtype,
-    tokenizer: Any,
-    prompts: list[str] | None,
-    new_tokens: int,
-    limits: dict[str, float],
-    fixed: frozenset[str],
+    report: GateReport, models: tuple[Any, Any], dtype: torch.dtype, check: EndToEnd, limits: dict[str, float]
 ) -> None:
+    """The four metrics of the reference and the merged model on the prompts, recorded in `report`."""
+    reference, merged = models
+    tokenizer, new_tokens = check.tokenizer, check.new_tokens
     vocab = merged.get_input_embeddings().weight.shape[0]
-    ids, how = prompt_ids(tokenizer, prompts, vocab)
+    ids, how = prompt_ids(tokenizer, check.prompts, vocab)
     ref_logits = [_forward(reference, seq) for seq in ids]
     out_logits = [_forward(merged, seq) for seq in ids]
     with reference.disable_adapter():
         base_logits = [_forward(reference, seq) for seq in ids]
     effect = max(float((r - b).abs().max()) for r, b in zip(ref_logits, base_logits))
     threshold_note = ""
-    if "max_abs_logit_diff" not in fixed and EFFECT_SHARE * effect < limits["max_abs_logit_diff"]:
+    if "max_abs_logit_diff" not in check.fixed and EFFECT_SHARE * effect < limits["max_abs_logit_diff"]:
         limits["max_abs_logit_diff"] = EFFECT_SHARE * effect
         threshold_note = f" (threshold: {EFFECT_SHARE:g} x the adapters' effect)"
     tie = 2 * limits["max_abs_logit_diff"]
@@ -315,7 +295,7 @@ def _measure(
             "tie_margin": tie,
         }
     )
-    greedy, first_diff = _greedy(reference, merged, ids, new_tokens, tokenizer, tie)
+    greedy, first_diff = _greedy(reference, merged, ids, new_tokens, tokenizer=tokenizer, tie=tie)
     figures["greedy_match"] = greedy
     detail = {
         "max_abs_logit_diff": f"worst: prompt {figures.pop('worst_prompt')}; base vs reference: {effect:.3g}{threshold_note}",
@@ -325,7 +305,9 @@ def _measure(
     }
     for metric in ("max_abs_logit_diff", "mean_kl", "top1_agreement", "greedy_match"):
         value, limit = figures[metric], limits[metric]
-        report.add("end_to_end", metric, within(metric, value, limit), value, limit, detail[metric])
+        report.add(
+            "end_to_end", metric, within(metric, value, limit), figure=value, threshold=limit, detail=detail[metric]
+        )
 
 
 def _input_device(model) -> torch.device:
@@ -366,7 +348,7 @@ def _agrees(ref_logits: torch.Tensor, chosen: torch.Tensor, tie: float) -> torch
     return best - picked <= tie
 
 
-def _greedy(reference, merged, ids: list[torch.Tensor], n: int, tokenizer: Any, tie: float) -> tuple[float, str]:
+def _greedy(reference, merged, ids: list[torch.Tensor], n: int, *, tokenizer: Any, tie: float) -> tuple[float, str]:
     """Share of prompts whose n greedy tokens agree, where a first divergence at a near-tie of the
     reference (its two choices within `tie`) counts as agreement; the first real divergence, described."""
     if n == 0:

@@ -17,14 +17,33 @@ def check_packaging(
     try:
         packaged = load_tokenizer(candidate)
     except Exception as exc:  # noqa: BLE001  a broken shipped tokenizer fails the check, it does not crash the gate
-        report.add("packaging", "tokenizer shipped", False, "unloadable", "loads", f"{type(exc).__name__}: {exc}"[:200])
+        report.add(
+            "packaging",
+            "tokenizer shipped",
+            False,
+            figure="unloadable",
+            threshold="loads",
+            detail=f"{type(exc).__name__}: {exc}"[:200],
+        )
         return
     if packaged is None:
-        report.add("packaging", "tokenizer shipped", False, "missing", "present", "the source has a tokenizer")
+        report.add(
+            "packaging",
+            "tokenizer shipped",
+            False,
+            figure="missing",
+            threshold="present",
+            detail="the source has a tokenizer",
+        )
         return
     vocab_diff = _vocab_difference(source.get_vocab(), packaged.get_vocab())
     report.add(
-        "packaging", "vocabulary equals the source", not vocab_diff, len(vocab_diff), 0, ", ".join(vocab_diff[:3])
+        "packaging",
+        "vocabulary equals the source",
+        not vocab_diff,
+        figure=len(vocab_diff),
+        threshold=0,
+        detail=", ".join(vocab_diff[:3]),
     )
     mismatched = []
     for text in texts:
@@ -38,35 +57,46 @@ def check_packaging(
         "packaging",
         "prompts encode as with the source",
         not mismatched,
-        len(mismatched),
-        0,
-        f"first: {mismatched[0]!r}" if mismatched else "",
+        figure=len(mismatched),
+        threshold=0,
+        detail=f"first: {mismatched[0]!r}" if mismatched else "",
     )
     if embedding_rows is not None:
         report.add(
             "packaging",
             "len(tokenizer) <= embedding rows",
             len(packaged) <= embedding_rows,
-            len(packaged),
-            embedding_rows,
+            figure=len(packaged),
+            threshold=embedding_rows,
         )
     special = _special_difference(source, packaged)
-    report.add("packaging", "special tokens as the source", not special, len(special), 0, "; ".join(special[:3]))
+    report.add(
+        "packaging",
+        "special tokens as the source",
+        not special,
+        figure=len(special),
+        threshold=0,
+        detail="; ".join(special[:3]),
+    )
     had = bool(getattr(source, "chat_template", None))
     same = getattr(packaged, "chat_template", None) == getattr(source, "chat_template", None)
     report.add(
         "packaging",
         "chat template as the source",
         same,
-        "present" if packaged.chat_template else "absent",
-        "present" if had else "absent",
+        figure="present" if packaged.chat_template else "absent",
+        threshold="present" if had else "absent",
     )
     generation = candidate / "generation_config.json"
     if generation.is_file() and packaged.eos_token_id is not None:
         eos = json.loads(generation.read_text()).get("eos_token_id")
         ids = eos if isinstance(eos, list) else [eos]
         report.add(
-            "packaging", "generation_config has the EOS id", packaged.eos_token_id in ids, ids, packaged.eos_token_id
+            "packaging",
+            "generation_config has the EOS id",
+            packaged.eos_token_id in ids,
+            figure=ids,
+            threshold=packaged.eos_token_id,
         )
 
 

@@ -40,8 +40,9 @@ class GateReport:
         return [c for c in self.checks if not c.passed]
 
     def add(
-        self, group: str, name: str, passed: bool, figure: Any = None, threshold: Any = None, detail: str = ""
+        self, group: str, name: str, passed: bool, *, figure: Any = None, threshold: Any = None, detail: str = ""
     ) -> Check:
+        """Record one check: `figure` measured against `threshold`, `detail` the first problem found."""
         check = Check(group, name, bool(passed), _plain(figure), _plain(threshold), detail)
         self.checks.append(check)
         return check

@@ -22,33 +22,51 @@ def check_structure(
     """Record the structure checks; return the candidate's tensors by name (for the later checks)."""
     wanted = ["config.json"] + [n for n in ("generation_config.json",) if n in (base_files or set())]
     absent = [n for n in wanted if not (folder / n).is_file()]
-    report.add("structure", "config files shipped", not absent, len(absent), 0, _few("missing", absent))
+    report.add(
+        "structure", "config files shipped", not absent, figure=len(absent), threshold=0, detail=_few("missing", absent)
+    )
     tensors, problems = _read_files(folder)
-    report.add("structure", "shard files parse strictly", not problems, len(problems), 0, "; ".join(problems[:2]))
+    report.add(
+        "structure",
+        "shard files parse strictly",
+        not problems,
+        figure=len(problems),
+        threshold=0,
+        detail="; ".join(problems[:2]),
+    )
     expected = {t.name: t for t in plan.tensors}
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     detail = "; ".join(filter(None, [_few("missing", missing), _few("unexpected", extra)]))
-    report.add("structure", "tensor names as planned", not missing and not extra, len(missing) + len(extra), 0, detail)
+    report.add(
+        "structure",
+        "tensor names as planned",
+        not missing and not extra,
+        figure=len(missing) + len(extra),
+        threshold=0,
+        detail=detail,
+    )
     leftovers = sorted(n for n in tensors if any(mark in n for mark in LEFTOVERS))
-    report.add("structure", "no PEFT names", not leftovers, len(leftovers), 0, _few("found", leftovers))
+    report.add(
+        "structure", "no PEFT names", not leftovers, figure=len(leftovers), threshold=0, detail=_few("found", leftovers)
+    )
     wrong_shape = [n for n, t in expected.items() if n in tensors and tensors[n].shape != t.shape]
     report.add(
         "structure",
         "shapes as planned",
         not wrong_shape,
-        len(wrong_shape),
-        0,
-        _few("", [f"{n} {list(tensors[n].shape)} != {list(expected[n].shape)}" for n in wrong_shape]),
+        figure=len(wrong_shape),
+        threshold=0,
+        detail=_few("", [f"{n} {list(tensors[n].shape)} != {list(expected[n].shape)}" for n in wrong_shape]),
     )
     wrong_dtype = [n for n, t in expected.items() if n in tensors and tensors[n].dtype != t.dtype]
     report.add(
         "structure",
         "dtypes as requested",
         not wrong_dtype,
-        len(wrong_dtype),
-        0,
-        _few("", [f"{n} {tensors[n].dtype} != {expected[n].dtype}" for n in wrong_dtype]),
+        figure=len(wrong_dtype),
+        threshold=0,
+        detail=_few("", [f"{n} {tensors[n].dtype} != {expected[n].dtype}" for n in wrong_dtype]),
     )
     _check_config(report, plan, folder, base_config, tensors)
     return tensors
@@ -100,7 +118,7 @@ def _check_config(
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as exc:
-        report.add("structure", "config.json consistent", False, "unreadable", "", str(exc))
+        report.add("structure", "config.json consistent", False, figure="unreadable", threshold="", detail=str(exc))
         return
     want = reconciled_config(base_config, plan)
     problems = []
@@ -112,7 +130,14 @@ def _check_config(
     floats = {TORCH_NAMES[e.dtype] for e in tensors.values() if e.dtype in TORCH_NAMES}
     if "dtype" in config and floats and config["dtype"] not in floats:
         problems.append(f"dtype={config['dtype']!r} but the tensors are {sorted(floats)}")
-    report.add("structure", "config.json consistent", not problems, len(problems), 0, "; ".join(problems))
+    report.add(
+        "structure",
+        "config.json consistent",
+        not problems,
+        figure=len(problems),
+        threshold=0,
+        detail="; ".join(problems),
+    )
 
 
 def _few(label: str, names: list[str], n: int = 3) -> str:

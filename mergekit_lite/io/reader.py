@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -26,6 +26,28 @@ def set_direct(fd: int, on: bool) -> bool:
     except OSError:
         return False
     return on
+
+
+def pread_fully(
+    fd: int, view: memoryview, offset: int, need: int, *, ended: str, retry: Callable[[OSError], bool] | None = None
+) -> None:
+    """Read at least `need` bytes from `fd` at `offset` into `view`, however many reads it takes.
+
+    Each read asks for the rest of `view` (direct I/O reads whole blocks, so `view` may be longer
+    than `need`). An OSError(`ended`) if the file ends first; an OSError from a read is raised
+    unless `retry(error)` says it was dealt with and the read should be tried again.
+    """
+    done = 0
+    while done < need:
+        try:
+            got = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as exc:
+            if retry is None or not retry(exc):
+                raise
+            continue
+        if got == 0:
+            raise OSError(ended)
+        done += got
 
 
 class AlignedBuffer:
@@ -81,13 +103,8 @@ class TensorReader:
         data = torch.empty(entry.nbytes, dtype=torch.uint8)
         fd = os.open(entry.file, os.O_RDONLY)
         try:
-            view = memoryview(data.numpy())
-            done = 0
-            while done < entry.nbytes:
-                got = os.preadv(fd, [view[done:]], entry.begin + done)
-                if got == 0:
-                    raise OSError(f"`{entry.file}` ended early while reading `{name}`")
-                done += got
+            ended = f"`{entry.file}` ended early while reading `{name}`"
+            pread_fully(fd, memoryview(data.numpy()), entry.begin, entry.nbytes, ended=ended)
         finally:
             os.close(fd)
         return data.view(DTYPES[entry.dtype]).view(entry.shape)
@@ -110,19 +127,17 @@ class TensorReader:
             if not direct or exc.errno != errno.EINVAL:
                 raise
             fd, direct = os.open(entry.file, os.O_RDONLY), False
+
+        def buffered_instead(exc: OSError) -> bool:  # a filesystem that opens with O_DIRECT but refuses the reads
+            nonlocal direct
+            if not direct or exc.errno != errno.EINVAL:
+                return False
+            direct = set_direct(fd, False)
+            return True
+
         try:
-            done = 0
-            while done < entry.begin + entry.nbytes - start:
-                try:
-                    got = os.preadv(fd, [view[done:]], start + done)
-                except OSError as exc:  # a filesystem that opens with O_DIRECT but refuses the reads
-                    if not direct or exc.errno != errno.EINVAL:
-                        raise
-                    direct = set_direct(fd, False)
-                    continue
-                if got == 0:
-                    raise OSError(f"`{entry.file}` ended early while reading `{name}`")
-                done += got
+            ended = f"`{entry.file}` ended early while reading `{name}`"
+            pread_fully(fd, view, start, entry.begin + entry.nbytes - start, ended=ended, retry=buffered_instead)
         finally:
             os.close(fd)
         data = buffer.memory[entry.begin - start : entry.begin - start + entry.nbytes]
@@ -136,14 +151,14 @@ class TensorReader:
         """The stored bytes of `name`, in chunks of at most `chunk` bytes, read with pread."""
         entry = self.entries[name]
         fd = os.open(entry.file, os.O_RDONLY)
+        ended = f"`{entry.file}` ended early while reading `{name}`"
         try:
             done = 0
             while done < entry.nbytes:
-                data = os.pread(fd, min(chunk, entry.nbytes - done), entry.begin + done)
-                if not data:
-                    raise OSError(f"`{entry.file}` ended early while reading `{name}`")
+                data = bytearray(min(chunk, entry.nbytes - done))
+                pread_fully(fd, memoryview(data), entry.begin + done, len(data), ended=ended)
                 done += len(data)
-                yield data
+                yield bytes(data)
         finally:
             os.close(fd)
 

@@ -15,7 +15,7 @@ import torch
 
 from mergekit_lite.errors import MergeError
 from mergekit_lite.io.format import ITEMSIZE, NAMES, encode_header
-from mergekit_lite.io.reader import ALIGN, aligned, set_direct
+from mergekit_lite.io.reader import ALIGN, aligned, pread_fully, set_direct
 
 STAGING = 16 * 2**20  # bytes gathered before each write to the file
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -135,11 +135,9 @@ class ShardWriter:
                 if self.filled == STAGING:
                     self._write_out()
                 room = self.view[self.filled : self.filled + min(STAGING - self.filled, nbytes - done)]
-                got = os.preadv(src, [room], offset + done)
-                if got == 0:
-                    raise OSError(f"`{source}` ended early while copying `{name}`")
-                self.filled += got
-                done += got
+                pread_fully(src, room, offset + done, len(room), ended=f"`{source}` ended early while copying `{name}`")
+                self.filled += len(room)
+                done += len(room)
         finally:
             os.close(src)
 

@@ -26,9 +26,10 @@ from mergekit_lite.manifest.sections import (
     SourceField,
     Strict,
     VerifySpec,
-    parse_size,
+    check_device_map,
 )
 from mergekit_lite.manifest.yamlsource import Loc, dotted, load_yaml
+from mergekit_lite.sizes import parse_size
 
 MAX_MANIFEST_BYTES = 2**20  # a manifest is a few hundred bytes; this refuses /dev/zero and friends
 
@@ -53,9 +54,7 @@ class Manifest(Strict):
     @field_validator("device_map")
     @classmethod
     def _device(cls, value: str) -> str:
-        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", value):
-            raise ValueError(f"{value!r} is not one of cpu, cuda, cuda:N, auto")
-        return value
+        return check_device_map(value)
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,15 @@
-"""The manifest's sections (v1): strict pydantic models, one per key of the manifest, and the
-size parser. load.py assembles them into the Manifest and loads it from YAML."""
+"""The manifest's sections (v1): strict pydantic models, one per key of the manifest.
+
+load.py assembles them into the Manifest and loads it from YAML."""
 
 from __future__ import annotations
 
-import math
 import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from mergekit_lite.sizes import parse_size
 from mergekit_lite.vocabulary import COMBINE_METHODS, COMBINE_NAMES, COMBINE_PARAMETERS, methods_taking
 
 DType = Literal["float32", "float16", "bfloat16", "auto"]
@@ -16,18 +17,13 @@ METRICS = ("max_abs_logit_diff", "mean_kl", "top1_agreement", "greedy_match")
 AUTO_PLACEMENTS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate computes these device maps
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", re.ASCII)
 _REVISION = re.compile(r"\w[\w.+-]*(/[\w.+-]+)*", re.ASCII)  # a commit, a tag or a branch (`refs/pr/1` too)
-_SIZE_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
+
+
+def check_device_map(value: str, placements: tuple[str, ...] = ("auto",)) -> str:
+    """`value` if it names a device (cpu, cuda, cuda:N) or one of `placements`; else a ValueError listing them."""
+    if not re.fullmatch(rf"cpu|cuda(:\d+)?|{'|'.join(placements)}", value):
+        raise ValueError(f"{value!r} is not one of cpu, cuda, cuda:N, {', '.join(placements)}")
+    return value
 
 
 def _short_form(field: str):
@@ -137,9 +133,7 @@ class VerifySpec(Strict):
     @field_validator("device_map")
     @classmethod
     def _placement(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"cpu|auto|balanced|balanced_low_0|sequential|cuda(:\d+)?", value):
-            raise ValueError(f"{value!r} is not one of cpu, cuda, cuda:N, auto, balanced, balanced_low_0, sequential")
-        return value
+        return value if value is None else check_device_map(value, AUTO_PLACEMENTS)
 
     @field_validator("max_memory")
     @classmethod
@@ -271,22 +265,3 @@ AdapterField = Annotated[AdapterSpec, BeforeValidator(_short_form("path"), json_
 OutputField = Annotated[OutputSpec, BeforeValidator(_short_form("path"), json_schema_input_type=str | OutputSpec)]
 ExecutorField = Annotated[ExecutorSpec, BeforeValidator(_short_form("kind"), json_schema_input_type=str | ExecutorSpec)]
 CombineField = Annotated[CombineSpec, BeforeValidator(_short_form("method"), json_schema_input_type=str | CombineSpec)]
-
-
-def parse_size(value: str | int) -> int:
-    """`5GB` -> 5_000_000_000, `200KiB` -> 204_800 (Hugging Face conventions); ints are bytes."""
-    if isinstance(value, bool):
-        raise ValueError("a size is a number of bytes or a string such as 5GB")
-    if isinstance(value, int):
-        number, unit = value, ""
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
-        if not match or match.group(2).upper() not in _SIZE_UNITS:
-            raise ValueError(f"{value!r} is not a size such as 5GB, 500MB or 2GiB")
-        number, unit = float(match.group(1)), match.group(2).upper()
-    if not math.isfinite(number * _SIZE_UNITS[unit]):
-        raise ValueError(f"{value[:20]!r}... is not a size such as 5GB, 500MB or 2GiB")
-    size = int(number * _SIZE_UNITS[unit])
-    if size < 1:
-        raise ValueError(f"{value!r}: a shard size must be at least one byte")
-    return size

@@ -16,9 +16,8 @@ import math
 
 import torch
 
-from mergekit_lite.errors import AdapterError
-from mergekit_lite.io.reader import TensorReader
 from mergekit_lite.merge import mathops
+from mergekit_lite.merge.factors import load_factor
 from mergekit_lite.plan.plan import CombinedModule, CombinePlan
 from mergekit_lite.sources.adapter import Adapter
 from mergekit_lite.vocabulary import COMBINE_METHODS
@@ -30,7 +29,7 @@ class CombinedFactors:
     def __init__(self, plan: CombinePlan, adapters: list[Adapter], device: torch.device | None = None) -> None:
         self.plan = plan
         self.device = device or torch.device("cpu")
-        self.readers = {a.index: TensorReader({k.key: k.entry for k in a.keys}) for a in adapters}
+        self.readers = {a.index: a.reader() for a in adapters}
         self.labels = {a.index: a.label for a in adapters}
         self.by_key = {key: (m, i) for m in plan.modules for i, key in enumerate(m.keys)}
         self.threads = torch.get_num_threads()  # the merge runs some of its threads on one: compute with all
@@ -86,10 +85,7 @@ class CombinedFactors:
             return mathops.combine_factorwise(traits.task, inputs, plan.density, plan.majority_sign_method, generator)
 
     def _load(self, index: int, key: str) -> torch.Tensor:
-        tensor = self.readers[index].load(key).to(torch.float32)
-        if not mathops.all_finite(tensor):
-            raise AdapterError(f"{self.labels[index]}: `{key}` contains NaN or Inf values")
-        return tensor
+        return load_factor(self.readers[index], self.labels[index], key)
 
     def close(self) -> None:
         """Let go of the held factors."""

@@ -62,6 +62,7 @@ def run_shards(
     adapters: list[Adapter],
     folder: Path,
     device: torch.device,
+    *,
     progress: Progress | None = None,
     digests: dict[str, str] | None = None,
 ) -> list[Path]:

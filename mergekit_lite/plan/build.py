@@ -246,7 +246,9 @@ def _finalise(t: PlannedTensor, adapters: dict[int, Adapter], entries: dict[tupl
             if first != shape:
                 raise PlanError(f"{where} has shape {list(first)} but `{t.name}` is {list(shape)}")
         else:
-            op = replace(op, layout=_layout(op, shape, first, shapes[1], adapters[op.adapter], where, t.name))
+            op = replace(
+                op, layout=_layout(op, shape, first, shapes[1], adapter=adapters[op.adapter], where=where, name=t.name)
+            )
             if op.kind == "dora" and shapes[2] != (shape[0] if op.layout == "linear" else shape[1],):
                 raise PlanError(f"{where}: DoRA magnitude {list(shapes[2])} does not fit `{t.name}` {list(shape)}")
         changed = changed or op.kind not in WHOLE_TENSOR
@@ -256,7 +258,7 @@ def _finalise(t: PlannedTensor, adapters: dict[int, Adapter], entries: dict[tupl
 
 
 def _layout(
-    op: Op, shape: tuple[int, ...], a: tuple[int, ...], b: tuple[int, ...], adapter: Adapter, where: str, name: str
+    op: Op, shape: tuple[int, ...], a: tuple[int, ...], b: tuple[int, ...], *, adapter: Adapter, where: str, name: str
 ) -> Layout:
     """linear (W is [out, in]), conv1d (GPT-2, W is [in, out]) or embedding (W is [vocab, dim])."""
     product = (b[0], a[1])  # B @ A is [out, in]

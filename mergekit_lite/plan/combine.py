@@ -64,7 +64,7 @@ def plan_combine(
     uses = _lora_uses(adapters, tensors)
     modules = []
     for layer in layers:
-        modules.append(_module(method, effective, layer, uses.pop(layer["module"], None), adapters, rank))
+        modules.append(_module(method, effective, layer, uses.pop(layer["module"], None), adapters=adapters, rank=rank))
     if uses:
         module, found = next(iter(uses.items()))
         raise PlanError(
@@ -209,6 +209,7 @@ def _module(
     effective: str,
     layer: dict[str, Any],
     found: list[tuple[str, Any]] | None,
+    *,
     adapters: list[Adapter],
     rank: int,
 ) -> CombinedModule:

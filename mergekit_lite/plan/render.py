@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
+from mergekit_lite.io.format import TORCH_NAMES
 from mergekit_lite.plan.plan import Op, Plan
-
-_PEFT_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-
-
-def human_bytes(n: float) -> str:
-    """1234567 -> '1.23 MB' (decimal units, like the shard sizes)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
+from mergekit_lite.sizes import human_bytes
 
 
 def describe_op(op: Op) -> str:
@@ -44,7 +35,7 @@ def plan_table(plan: Plan, limit: int | None = None) -> str:
             f"adapter {plan.combine.index} = `{plan.combine.method}` of the adapters above ({params}), "
             "as PEFT's add_weighted_adapter"
         )
-    dtypes = sorted({_PEFT_NAMES.get(t.dtype, t.dtype) for t in plan.tensors})
+    dtypes = sorted({TORCH_NAMES.get(t.dtype, t.dtype) for t in plan.tensors})
     tie = (
         "tied"
         if plan.tied_out
@@ -62,7 +53,7 @@ def plan_table(plan: Plan, limit: int | None = None) -> str:
     shown = changed if limit is None else changed[:limit]
     for t in shown:
         rows.append(
-            (t.name, "x".join(map(str, t.shape)), _PEFT_NAMES.get(t.dtype, t.dtype), ", ".join(map(describe_op, t.ops)))
+            (t.name, "x".join(map(str, t.shape)), TORCH_NAMES.get(t.dtype, t.dtype), ", ".join(map(describe_op, t.ops)))
         )
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:

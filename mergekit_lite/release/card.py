@@ -20,10 +20,11 @@ def _combine_line(combine: dict[str, Any]) -> str:
 
 def model_card(
     name: str,
+    plan: Plan,
+    *,
     base: Path,
     base_id: str | None,
     adapters: list[dict[str, Any]],
-    plan: Plan,
     gate_markdown: str | None,
     skipped_because: str = "--no-verify",
     base_revision: str | None = None,

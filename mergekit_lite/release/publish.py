@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mergekit_lite.errors import OutputError
+from mergekit_lite.sizes import human_bytes
 
 
 def check_output(output: Path, inputs: list[Path], overwrite: bool, needed_bytes: int) -> None:
@@ -34,14 +35,9 @@ def check_output(output: Path, inputs: list[Path], overwrite: bool, needed_bytes
         raise OutputError(f"output `{output}`: cannot write in `{anchor}` ({why}); choose a writable output location")
     free = shutil.disk_usage(anchor).free
     if free < needed_bytes:
-        raise OutputError(f"output `{output}` needs {_size(needed_bytes)} but its disk has {_size(free)} free")
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} bytes"
+        raise OutputError(
+            f"output `{output}` needs {human_bytes(needed_bytes)} but its disk has {human_bytes(free)} free"
+        )
 
 
 @contextmanager
@@ -91,18 +87,14 @@ def publish(stage: Path, output: Path, overwrite: bool) -> None:
     """fsync the staged files and rename the folder into place, replacing an old release only now."""
     for path in stage.rglob("*"):
         if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(stage)
+            fsync_path(path)
+    fsync_path(stage)
     old = None
     if output.exists():
         if any(output.iterdir()) and not overwrite:
             raise OutputError(f"output `{output}` appeared while merging; not replacing it")
         if _exchange(stage, output):  # one atomic step: the output path always holds a whole release
-            _fsync_dir(output.parent)
+            fsync_path(output.parent)
             shutil.rmtree(stage, ignore_errors=True)  # the previous release, now under the staging name
             return
         old = output.parent / f".{output.name}.{secrets.token_hex(4)}.old"
@@ -113,7 +105,7 @@ def publish(stage: Path, output: Path, overwrite: bool) -> None:
         if old is not None:
             os.rename(old, output)
         raise
-    _fsync_dir(output.parent)
+    fsync_path(output.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -140,7 +132,8 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's entries: names created or renamed in it) by its path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -51,6 +51,7 @@ def write_receipt(
     inputs: list[dict[str, Any]],
     plan: Plan,
     verification: dict[str, Any],
+    *,
     known: dict[str, str] | None = None,
     sources: list[dict[str, str]] | None = None,
 ) -> dict[str, str]:

@@ -14,6 +14,7 @@ from typing import Any
 
 from mergekit_lite.errors import AdapterError
 from mergekit_lite.io.format import FLOAT_DTYPES, TensorEntry, read_header
+from mergekit_lite.io.reader import TensorReader
 from mergekit_lite.sources.checkpoint import read_json
 from mergekit_lite.vocabulary import KeyKind
 
@@ -115,6 +116,10 @@ class Adapter:
     keys: list[AdapterKey]
     label: str
     weights_file: Path | None = None  # the file the factors came from (adapter_model.safetensors or .bin)
+
+    def reader(self) -> TensorReader:
+        """A reader of this adapter's tensors by key (nothing stays open between reads)."""
+        return TensorReader({k.key: k.entry for k in self.keys})
 
     def rank_alpha(self, module: str) -> tuple[int, float]:
         """(r, alpha) for a module, honouring rank_pattern and alpha_pattern like PEFT."""

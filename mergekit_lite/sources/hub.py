@@ -51,14 +51,14 @@ def resolve_hub_sources(loaded: LoadedManifest) -> LoadedManifest:
         return loaded
     cache = cache_folder(loaded.resolve(m.cache_dir) if m.cache_dir is not None else None)
     pins = [
-        fetch(where, spec.id, spec.revision, cache, f"{loaded.at(*loc)}: `{where}.id`", allow_pickle=pickle)
+        fetch(where, spec.id, spec.revision, cache=cache, label=f"{loaded.at(*loc)}: `{where}.id`", allow_pickle=pickle)
         for where, loc, spec, pickle in wanted
     ]
     return loaded.with_pins(pins)
 
 
 def fetch(
-    where: str, repo_id: str, revision: str | None, cache: Path, label: str, allow_pickle: bool = False
+    where: str, repo_id: str, revision: str | None, *, cache: Path, label: str, allow_pickle: bool = False
 ) -> HubPin:
     """Resolve one repository at one revision to its snapshot folder, fetching what a merge reads.
 
@@ -69,7 +69,7 @@ def fetch(
     """
     requested = revision or DEFAULT_REVISION
     offline = is_offline()
-    folder = _snapshot(repo_id, requested, cache, METADATA, offline, label)
+    folder = _snapshot(repo_id, requested, cache, METADATA, offline=offline, label=label)
     commit = folder.name
     if not COMMIT.fullmatch(commit):
         raise InputError(
@@ -77,7 +77,9 @@ def fetch(
             "named by a commit hash; the cache looks damaged: download the snapshot again"
         )
     weights = _base_weights(folder) if where == "base" else ADAPTER_WEIGHTS + (ADAPTER_PICKLE if allow_pickle else [])
-    folder = _snapshot(repo_id, commit, cache, weights, offline, label)  # by commit: a moving branch cannot mix two
+    folder = _snapshot(
+        repo_id, commit, cache, weights, offline=offline, label=label
+    )  # by commit: a moving branch cannot mix two
     if revision is None:
         log.warning(
             "%s `%s` gives no `revision`: using `%s`, which is commit %s now; pin `revision: %s` "
@@ -125,7 +127,7 @@ def _base_weights(folder: Path) -> list[str]:
     return names or ["*.safetensors"]
 
 
-def _snapshot(repo_id: str, revision: str, cache: Path, patterns: list[str], offline: bool, label: str) -> Path:
+def _snapshot(repo_id: str, revision: str, cache: Path, patterns: list[str], *, offline: bool, label: str) -> Path:
     """snapshot_download restricted to `patterns`, its errors turned into one-line input errors."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -151,7 +153,7 @@ def _snapshot(repo_id: str, revision: str, cache: Path, patterns: list[str], off
             f"{_download_hint(repo_id, revision, cache)}"
         ) from None
     except LocalEntryNotFoundError as exc:
-        raise _not_cached(repo_id, revision, cache, offline, label, exc) from None
+        raise _not_cached(repo_id, revision, cache, offline=offline, label=label, exc=exc) from None
     except RevisionNotFoundError:
         raise ManifestError(f"{what}: the Hub has no such revision; give an existing commit, tag or branch") from None
     except GatedRepoError:
@@ -178,7 +180,7 @@ def _storage(cache: Path, repo_id: str) -> Path:
 
 
 def _not_cached(
-    repo_id: str, revision: str, cache: Path, offline: bool, label: str, exc: LocalEntryNotFoundError
+    repo_id: str, revision: str, cache: Path, *, offline: bool, label: str, exc: LocalEntryNotFoundError
 ) -> InputError:
     """The error for a snapshot that is neither cached nor downloadable, saying which part is missing."""
     why = "HF_HUB_OFFLINE is set" if offline else f"the Hub cannot be reached ({_first_line(exc.__cause__ or exc)})"

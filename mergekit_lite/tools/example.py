@@ -58,12 +58,19 @@ def prepare(cache: Path, steps: int = 30) -> tuple[Path, Path]:
             base,
             adapter,
             steps,
-            QUESTIONS,
-            ANSWER,
-            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            questions=QUESTIONS,
+            answer=ANSWER,
+            targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         )
     if not (second / "adapter_config.json").is_file():
-        _train_adapter(base, second, steps, SECOND_QUESTIONS, SECOND_ANSWER, ["q_proj", "v_proj", "up_proj"])
+        _train_adapter(
+            base,
+            second,
+            steps,
+            questions=SECOND_QUESTIONS,
+            answer=SECOND_ANSWER,
+            targets=["q_proj", "v_proj", "up_proj"],
+        )
     return base, adapter
 
 
@@ -105,7 +112,8 @@ def chat_ids(tokenizer, question: str, answer: str | None = None):
     return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
 
-def _train_adapter(base: Path, out: Path, steps: int, questions: list[str], answer: str, targets: list[str]) -> None:
+def _train_adapter(base: Path, out: Path, steps: int, *, questions: list[str], answer: str, targets: list[str]) -> None:
+    """Train a LoRA on CPU to give `answer` to each of `questions`, on the modules `targets`; save it to `out`."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
