@@ -11,7 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 from mergekit_lite.gate import algebra
-from mergekit_lite.gate.algebra import RowPasses, _matmul, _matmul_and_ulp_scale
+from mergekit_lite.gate import rows as row_passes
+from mergekit_lite.gate.rows import RowPasses
+from mergekit_lite.gate.rows import matmul as _matmul
+from mergekit_lite.gate.rows import matmul_and_ulp_scale as _matmul_and_ulp_scale
 from mergekit_lite.io.format import read_header
 from mergekit_lite.io.reader import ALIGN, AlignedBuffer, TensorReader
 from mergekit_lite.plan.plan import PlannedTensor
@@ -21,7 +24,9 @@ from mergekit_lite.plan.plan import PlannedTensor
 def test_ulp_from_exponent_bits_equals_frexp_definition(dtype: torch.dtype) -> None:
     """The algebra check's ulp (exponent bits) against the textbook one (frexp), over normals,
     subnormals, zeros, powers of two and both signs."""
-    from mergekit_lite.gate.algebra import _MANTISSA, _ULP_SCALE, _exponent_squared
+    from mergekit_lite.gate.rows import MANTISSA as _MANTISSA
+    from mergekit_lite.gate.rows import ULP_SCALE as _ULP_SCALE
+    from mergekit_lite.gate.rows import exponent_squared as _exponent_squared
 
     def ulp_squared(block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return _exponent_squared(block, dtype) * _ULP_SCALE[dtype]
@@ -49,7 +54,7 @@ def test_ulp_from_exponent_bits_equals_frexp_definition(dtype: torch.dtype) -> N
 
 
 def test_algebra_redoes_underflowing_rows_in_float64() -> None:
-    from mergekit_lite.gate.algebra import _matmul_and_ulp_scale
+    from mergekit_lite.gate.rows import matmul_and_ulp_scale as _matmul_and_ulp_scale
 
     w = torch.randn(6, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     w[2] = (w[2].float() * 1e-25).to(torch.bfloat16)  # squares of its ulps underflow float32
@@ -75,7 +80,7 @@ def _weights(rows: int, cols: int, dtype: torch.dtype, seed: int = 0) -> torch.T
 def test_row_passes_on_threads_give_one_threads_figures(dtype: torch.dtype, monkeypatch) -> None:
     """Blocks shared among threads: W x and its ulp spread bitwise those of one thread, and right
     against a float64 computation from the textbook ulp."""
-    monkeypatch.setattr(algebra, "BLOCK_ELEMENTS", 3 * 70)  # 3 rows a block: many blocks, uneven parts
+    monkeypatch.setattr(row_passes, "BLOCK_ELEMENTS", 3 * 70)  # 3 rows a block: many blocks, uneven parts
     w = _weights(301, 70, dtype)
     x = torch.randn(70, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     serial = _matmul_and_ulp_scale(w, x, False)
@@ -86,7 +91,7 @@ def test_row_passes_on_threads_give_one_threads_figures(dtype: torch.dtype, monk
             assert torch.equal(_matmul(w, x, False, rows), serial[0])
     exact = w.double() @ x
     _, exponent = torch.frexp(w.double().abs().clamp_min(torch.finfo(dtype).tiny))
-    ulp2 = torch.pow(2.0, 2.0 * (exponent.double() - algebra._MANTISSA[dtype]))
+    ulp2 = torch.pow(2.0, 2.0 * (exponent.double() - row_passes.MANTISSA[dtype]))
     assert torch.allclose(serial[0], exact, rtol=1e-5, atol=1e-7)
     assert torch.allclose(serial[1], (ulp2 @ (x * x)).sqrt(), rtol=1e-5)
     other = w.clone()
@@ -98,7 +103,7 @@ def test_row_passes_on_threads_give_one_threads_figures(dtype: torch.dtype, monk
 
 def test_row_passes_transposed_sum_the_threads_parts(monkeypatch) -> None:
     """W^T x (GPT-2 DoRA's frame) is summed over rows: each thread's part, then the parts."""
-    monkeypatch.setattr(algebra, "BLOCK_ELEMENTS", 4 * 50)
+    monkeypatch.setattr(row_passes, "BLOCK_ELEMENTS", 4 * 50)
     w = _weights(97, 50, torch.bfloat16, seed=2)
     x = torch.randn(97, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     with RowPasses(3) as rows:

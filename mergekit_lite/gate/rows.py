@@ -1,0 +1,183 @@
+"""The gate's row passes: W x and the spread one-ulp errors in W would cause, a block of rows at a
+time, on several threads (gate/algebra.py uses them for W x, W0 x and DoRA's row norms).
+
+A row's figures do not depend on the number of threads or on BLOCK_ELEMENTS' value: whole blocks
+go to each thread, and each block is upcast exactly (a 16-bit weight is exact in float32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mergekit_lite.merge import mathops
+
+BLOCK_ELEMENTS = 2**18  # rows are upcast in blocks of about this many elements: each block's passes stay in cache
+MANTISSA = {torch.float32: 24, torch.float16: 11, torch.bfloat16: 8, torch.float64: 53}
+_INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}
+ULP_SCALE = {dtype: 2.0 ** (2 - 2 * bits) for dtype, bits in MANTISSA.items()}  # ulp^2 / (2^(e-1))^2
+_EXPONENT_MASK = {
+    torch.float32: 0x7F800000,
+    torch.float16: 0x7C00,
+    torch.bfloat16: 0x7F80,
+    torch.float64: 0x7FF0000000000000,
+}
+
+
+def work_dtype(w: torch.Tensor) -> torch.dtype:
+    """float32 for 16-bit weights, float64 otherwise.
+
+    A 16-bit W is exact in float32, and float32's rounding in W x (2^-24 relative, times the
+    square root of the row length) is 2^-16 of the 16-bit ulps the check measures in: far below
+    what it can see, at half float64's cost. float32 weights need float64.
+    """
+    return torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else torch.float64
+
+
+def matmul(w: torch.Tensor, x: torch.Tensor, transposed: bool, rows: RowPasses | None = None) -> torch.Tensor:
+    """W x (or W^T x) in float64, computed a block of rows at a time in work_dtype(W)."""
+    product, _ = (rows or RowPasses(1)).run(w, x, transposed, work_dtype(w), spread=False)
+    return product.to(torch.float64)
+
+
+def matmul_and_ulp_scale(
+    w: torch.Tensor, x: torch.Tensor, transposed: bool, work: torch.dtype | None = None, rows: RowPasses | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W x, sqrt(sum_j (ulp(W_ij) x_j)^2)) in float64, in one pass over W: the product, and the
+    spread of it that one-ulp errors in W would cause. A float tensor's ulp is a power of two
+    read off its exponent bits (see exponent_squared)."""
+    work = work or work_dtype(w)
+    product, spread = (rows or RowPasses(1)).run(w, x, transposed, work, spread=True)
+    assert spread is not None
+    if work != torch.float64 and not (
+        bool((spread > 0).all()) and mathops.all_finite(spread) and mathops.all_finite(product)
+    ):
+        # bfloat16 rows of values below 2^-63 (or above 2^63) have ulps whose squares under- (over-)
+        # flow float32: redo in float64
+        return matmul_and_ulp_scale(w, x, transposed, torch.float64, rows)
+    return product.to(torch.float64), spread.to(torch.float64).sqrt()
+
+
+class RowPasses:
+    """One pass over a weight's rows, a block at a time: W x and, if asked, sum_j ulp(W_ij)^2 x_j^2.
+
+    The blocks are shared among `threads` threads (mathops.BlockThreads), each with its own
+    scratch blocks, reused from tensor to tensor: the check's cost is passes over
+    cache-sized blocks (upcast, exponent mask, square, two thin products), which one team of
+    intra-op threads mostly spends waking up for, and fresh temporaries per block doubled (a
+    block of 2^18 elements: 1.7 against 3.5 ns an element on one thread, measured). Whole blocks
+    go to each thread, so a row's figures do not depend on the thread count (W^T x, summed over
+    rows, does, by float32 rounding).
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.threads = mathops.BlockThreads(threads, "mergekit-algebra")
+        self.scratch: list[dict[torch.dtype, torch.Tensor]] = [{} for _ in range(self.threads.threads)]
+
+    def close(self) -> None:
+        self.threads.close()
+
+    def __enter__(self) -> RowPasses:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(
+        self, w: torch.Tensor, x: torch.Tensor, transposed: bool, work: torch.dtype, spread: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W x or W^T x, and the ulp spread's square when `spread`) in `work`."""
+        xw = x.to(work)
+        x2 = (xw * xw).mul_(ULP_SCALE[w.dtype])
+        parts = mathops.split(mathops.row_blocks(w.shape[0], w.shape[1], BLOCK_ELEMENTS), len(self.scratch))
+        n = len(parts)
+        out_rows = w.shape[1] if transposed else w.shape[0]
+        outputs = [
+            (
+                torch.zeros(out_rows, x.shape[1], dtype=work),
+                torch.zeros(out_rows, x.shape[1], dtype=work) if spread else None,
+            )
+            for _ in range(n if transposed else 1)
+        ]
+        self.threads.map(
+            _row_pass,
+            [
+                (w, xw, x2, transposed, w.dtype, part, self.scratch[i], *outputs[i if transposed else 0])
+                for i, part in enumerate(parts)
+            ],
+        )
+        product, square = outputs[0]
+        for p, q in outputs[1:]:  # transposed: the threads' partial sums
+            product += p
+            if square is not None:
+                square += q
+        return product, square
+
+
+def _row_pass(
+    w: torch.Tensor,
+    xw: torch.Tensor,
+    x2: torch.Tensor,
+    transposed: bool,
+    dtype: torch.dtype,
+    blocks: list[tuple[int, int]],
+    scratch: dict[torch.dtype, torch.Tensor],
+    product: torch.Tensor,
+    square: torch.Tensor | None,
+) -> None:
+    """matmul's and matmul_and_ulp_scale's work on some row blocks of W, in scratch buffers.
+
+    Positional, as BlockThreads.map calls it with one tuple of arguments per part."""
+    work = xw.dtype
+    for start, stop in blocks:
+        block = _buffer(scratch, (stop - start, w.shape[1]), work)
+        block.copy_(w[start:stop])
+        if transposed:
+            product.addmm_(block.T, xw[start:stop])
+        else:
+            torch.mm(block, xw, out=product[start:stop])
+        if square is None:
+            continue
+        ulp2 = exponent_squared(block, dtype, out=block)  # in place: the block is done with; x2 carries ULP_SCALE
+        if transposed:
+            square.addmm_(ulp2.T, x2[start:stop])
+        else:
+            torch.mm(ulp2, x2, out=square[start:stop])
+
+
+def _buffer(scratch: dict[torch.dtype, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A reusable uninitialised buffer of `shape` from a thread's scratch, grown when too small."""
+    numel = math.prod(shape)
+    held = scratch.get(dtype)
+    if held is None or held.numel() < numel:
+        scratch[dtype] = held = torch.empty(numel, dtype=dtype)
+    return held[:numel].view(shape)
+
+
+def exponent_squared(block: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(2^(e-1))^2 for the `dtype` values W held exactly in `block` (float32 or float64), into `out`
+    when given: ulp(W_ij)^2 / ULP_SCALE[dtype], where ulp(v) = 2^(e - mantissa bits of dtype) for
+    |v| = m 2^e, m in [0.5, 1), and the smallest normal's ulp for zeros and subnormals. The row
+    passes fold ULP_SCALE, a power of two, into x^2: the same products, one pass fewer.
+
+    Clearing the sign and mantissa bits leaves 2^(e-1) exactly, for the cost of an integer AND;
+    frexp and pow over a float64 copy cost five times as much (the algebra check's largest cost).
+    Zeros and subnormals count as the smallest normal; where that one's square underflows the
+    block's dtype anyway (bfloat16 in float32), the clamp changes nothing and is skipped.
+    """
+    out = torch.empty_like(block) if out is None else out
+    integer = _INT[block.dtype]
+    mask = torch.tensor(_EXPONENT_MASK[block.dtype], dtype=integer)  # as a tensor: a faster kernel than a scalar's
+    torch.bitwise_and(block.view(integer), mask, out=out.view(integer))  # 2^(e-1)
+    tiny, work = torch.finfo(dtype).tiny, torch.finfo(block.dtype)
+    if tiny * tiny >= work.smallest_normal * work.eps:  # its square is representable (else it is 0 like a zero's)
+        out.clamp_min_(tiny)
+    return out.mul_(out)
+
+
+def blocks(w: torch.Tensor):
+    """(first row, the rows of W from there in float64), BLOCK_ELEMENTS elements at a time."""
+    rows = max(1, BLOCK_ELEMENTS // max(1, w.shape[1]))
+    for start in range(0, w.shape[0], rows):
+        yield start, w[start : start + rows].to(torch.float64)
