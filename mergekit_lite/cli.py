@@ -56,8 +56,8 @@ class _Warnings(logging.Handler):
 
 def _quiet_hub_progress_bars() -> None:
     """Turn off the loading bars of transformers and huggingface_hub (the gate's model loads would
-    interleave them with ours) without importing them: both read this variable at import, and
-    importing transformers costs 0.6 s that a merge with its architecture cached no longer pays."""
+    interleave them with ours) without importing them: both read this variable at import, and a
+    merge whose architecture is cached does not import transformers at all (docs/performance.md)."""
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     if "huggingface_hub" in sys.modules:  # already imported (a program calling main()): tell them directly
         sys.modules["huggingface_hub"].utils.disable_progress_bars()

@@ -125,9 +125,9 @@ def check_algebra(
 class ReadAhead:
     """Each tensor's candidate and base weights, in order, read on a thread of its own while the
     tensor before is checked, so that the disk and the CPU work at the same time: a release just
-    written with direct I/O is not in the page cache, and its bytes come back from disk (1.3-1.7
-    GB/s here). The candidate is read with direct I/O, the base through the page cache (it may be
-    there), into two pairs of reused buffers (TensorReader.load_into). Tensors larger than
+    written with direct I/O is not in the page cache, and its bytes come back from disk. The
+    candidate is read with direct I/O, the base through the page cache (it may be there), into
+    two pairs of reused buffers (TensorReader.load_into). Tensors larger than
     READ_AHEAD bytes (embeddings, mostly) are mapped instead when their turn comes, so that the
     buffers stay small and memory of the order of the largest tensor."""
 

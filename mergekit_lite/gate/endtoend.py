@@ -7,9 +7,8 @@ continuations compared token by token.
 
 Both run in float32, whatever the release's dtype: the base's stored weights upcast exactly, so
 the only difference left is the merge itself (its one rounding to the output dtype). Running both
-in bfloat16 instead would add bf16 inference noise larger than the merge's own error: on
-SmolLM2-135M, PEFT's unmerged model in bf16 is 3.15 logits from itself in fp32, while the
-merged bf16 weights computed in fp32 are 0.52 from it.
+in bfloat16 instead would add bf16 inference noise several times larger than the merge's own
+error (figures for SmolLM2-135M: docs/performance.md).
 """
 
 from __future__ import annotations

@@ -65,9 +65,8 @@ class RowPasses:
     The blocks are shared among `threads` threads (mathops.BlockThreads), each with its own
     scratch blocks, reused from tensor to tensor: the check's cost is passes over
     cache-sized blocks (upcast, exponent mask, square, two thin products), which one team of
-    intra-op threads mostly spends waking up for, and fresh temporaries per block doubled (a
-    block of 2^18 elements: 1.7 against 3.5 ns an element on one thread, measured). Whole blocks
-    go to each thread, so a row's figures do not depend on the thread count (W^T x, summed over
+    intra-op threads mostly spends waking up for, and fresh temporaries per block about double
+    (docs/performance.md). Whole blocks go to each thread, so a row's figures do not depend on the thread count (W^T x, summed over
     rows, does, by float32 rounding).
     """
 

@@ -1,8 +1,8 @@
 """SHA-256 of the files a release is made from and made of, computed once.
 
-Hashing costs about as much CPU as the merge itself (SHA-256 runs at ~1.1 GB/s on one core of the
-machines this was measured on), so each file is hashed at most once per run and inputs at most
-once per version of the file:
+Hashing costs about as much CPU as the merge itself (SHA-256 runs at about the speed of the
+writes, on one core: docs/performance.md), so each file is hashed at most once per run and inputs
+at most once per version of the file:
 
 - the shards are hashed by the writer as their bytes go out (see writer.ShardWriter);
 - inputs are hashed on a background thread while the merge runs (InputDigests), and remembered
@@ -186,7 +186,7 @@ class InputDigests:
 
     Started first, hashing overlaps the rest instead of following it: a merge starts it with the
     base's weight files as soon as their names are known (before transformers is imported to
-    name the embeddings, 2 s that the hashing then fills), and `add`s the other inputs once the
+    name the embeddings, seconds that the hashing then fills), and `add`s the other inputs once the
     plan is made. `close` stops the thread early when the run fails; `result` saves what was
     hashed to the cache when it succeeded.
     """

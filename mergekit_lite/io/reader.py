@@ -75,8 +75,8 @@ class TensorReader:
     """Reads one tensor at a time from safetensors files.
 
     Each read maps the file only for as long as it takes: a handle kept open across a shard lets
-    the touched file-backed pages pile up in RSS (1.25 GiB after reading a 1 GiB shard, measured),
-    while a short-lived mapping keeps the footprint at the size of the tensor in hand.
+    the touched file-backed pages pile up in RSS (more than the shard's size), while a short-lived
+    mapping keeps the footprint at the size of the tensor in hand (docs/performance.md).
     """
 
     def __init__(self, entries: dict[str, TensorEntry]) -> None:
@@ -96,8 +96,9 @@ class TensorReader:
         """The tensor `name`, read into memory with pread (no mapping, no header to parse).
 
         For small tensors read one after the other from a file with a large header, such as an
-        adapter's factors: safe_open parses the whole header on every call, which for a 64-layer
-        adapter cost 1.3 s of a 9 s merge (measured), against 0.1 s this way.
+        adapter's factors: safe_open parses the whole header on every call, which costs a large
+        adapter over a tenth of the merge's time (docs/performance.md). Raises OSError if the file is
+        shorter than its header says.
         """
         entry = self.entries[name]
         data = torch.empty(entry.nbytes, dtype=torch.uint8)
@@ -113,8 +114,8 @@ class TensorReader:
         """The tensor `name`, read into `buffer` (reused: the tensor is valid until the buffer's next
         use, and no fresh pages are faulted in for it), with `direct` I/O where the filesystem
         allows it: disk to memory with no page-cache copy. For reading back a file just written with
-        direct I/O, whose bytes are on disk only: 6 GB cost 9-10 s of system time with buffered
-        reads into new memory (measured), most of it page-cache work on these machines' two cores.
+        direct I/O, whose bytes are on disk only, where buffered reads into new memory spend most
+        of their time in the kernel's page-cache work (docs/performance.md).
         """
         entry = self.entries[name]
         start = entry.begin // ALIGN * ALIGN  # direct I/O reads whole blocks at block-aligned offsets

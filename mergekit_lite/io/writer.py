@@ -35,7 +35,7 @@ def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 _START_WRITEBACK = _sync_file_range()  # a libc function, looked up once; not state
-# SHA-256 runs at ~1.1 GB/s a core, about the speed of the direct writes: a thread of its own lets the
+# SHA-256 runs at about the speed of the direct writes on one core: a thread of its own lets the
 # two overlap (hashlib and pwrite both release the GIL). Shared by all writers; it holds no state.
 _HASHER = ThreadPoolExecutor(1, "mergekit-sha256")
 _SYNC_FILE_RANGE_WRITE = 2
@@ -47,9 +47,7 @@ class ShardWriter:
     Bytes are gathered in a block-aligned staging buffer and written with direct I/O where the
     filesystem allows it: they go from this buffer to the disk with no copy into the page cache
     and none of the kernel's per-page work, which on a 2-core machine costs as much CPU as the
-    merge math. Measured on such a machine: 2 GB of plain writes in 1.1 s with 0.05 s of system
-    time, against 1.8 s and 1.7 s for buffered writes started early, 4.2 s and 3.4 s for plain
-    buffered writes; a whole 6 GB merge in 6 s against 17 s. The price: the shards are not left
+    merge math (figures: docs/performance.md). The price: the shards are not left
     in the page cache, so a later reader of them (a checksum, the gate) reads them from disk.
     Elsewhere the writes are buffered and the kernel is asked to start writing them back at once
     (flush-behind), so that the fsync in `close` has little left to wait for.
@@ -156,8 +154,8 @@ class ShardWriter:
         """Write the staged bytes: all of them when `final`, else the whole blocks among them.
 
         With a digest, the bytes are hashed on the hashing thread while they are written, and go on
-        being hashed while the other staging buffer is filled: the hash, the longest of the three
-        (SHA-256 ~1.1 GB/s a core, direct writes ~1.5 GB/s, copies ~5 GB/s), never waits for a copy.
+        being hashed while the other staging buffer is filled: the hash, the slowest of the three
+        (hash, direct write, copy), never waits for a copy.
         """
         end = self.filled if final or not self.direct else self.filled // ALIGN * ALIGN
         if final and self.direct and end % ALIGN:

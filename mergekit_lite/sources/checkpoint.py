@@ -1,9 +1,9 @@
 """A base checkpoint folder: its tensors (from headers only), its config, its embeddings.
 
 The embeddings' names and whether they are tied come from transformers' own model class, built
-on the meta device. That costs ~2 s a run (importing transformers 0.8 s, AutoConfig 0.7 s, the
-modeling module 0.6 s; the model itself 0.05 s) of a ~12 s merge of a 6 GB model, and the answer
-depends only on config.json's bytes and the transformers version. So it is remembered under
+on the meta device. That costs a noticeable share of a merge (importing transformers, AutoConfig
+and the modeling module; the model itself is cheap: docs/performance.md), and the answer depends
+only on config.json's bytes and the transformers version. So it is remembered under
 those two in architectures.json, beside the digest cache (digests.cache_folder); a rerun on the
 same base does not import transformers at all. A failed build is not remembered.
 """

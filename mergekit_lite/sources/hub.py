@@ -1,7 +1,7 @@
 """Hub sources: a repository `id` and `revision` resolved to a local snapshot folder.
 
-The only module that imports huggingface_hub, and only for a manifest with hub sources (0.1 s of
-imports otherwise). pipeline.prepare calls `resolve_hub_sources` once;
+The only module that imports huggingface_hub, and only for a manifest with hub sources (a merge
+of local folders does not pay for its import). pipeline.prepare calls `resolve_hub_sources` once;
 every later stage sees plain local folders. Only the files a merge reads are fetched: configs,
 tokenizer files and chat templates, then the weight files (for a sharded base, exactly the shards
 its index names, so that a repository that also ships e.g. `consolidated.safetensors` does not
