@@ -97,19 +97,40 @@ BASE_CONFIGS: dict[str, Callable[[], object]] = {
 
 
 def build_base(kind: str, out: Path) -> Path:
-    """Build a tiny random model of ``kind`` and save it to ``out`` (float32 safetensors).
+    """Build a tiny random model of ``kind`` (llama, llama_tied, gpt2, qwen2) into ``out``."""
+    return save_base(BASE_CONFIGS[kind](), out)
+
+
+def save_base(
+    config,
+    out: Path,
+    *,
+    seed: int = SEED,
+    generation_config=None,
+    tokenizer=None,
+    max_shard_size: str | None = None,
+) -> Path:
+    """THE base builder of the tests: a random model of ``config`` from ``seed``, saved to ``out``
+    (float32 safetensors, sharded at ``max_shard_size``), with ``generation_config`` and
+    ``tokenizer`` when given.
 
     Biases and norm weights are randomised too (the defaults are all zeros / ones), so that a
-    bias that is replaced instead of added, or a copied tensor that is altered, shows up.
+    bias that is replaced instead of added, or a copied or perturbed tensor, shows up.
     """
-    torch.manual_seed(SEED)
-    model = AutoModelForCausalLM.from_config(BASE_CONFIGS[kind]())
-    gen = torch.Generator().manual_seed(SEED)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _name, param in model.named_parameters():
+        for param in model.parameters():
             if param.ndim == 1:
                 param.add_(0.1 * torch.randn(param.shape, generator=gen))
-    model.save_pretrained(out)
+    if generation_config is not None:
+        model.generation_config = generation_config
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
     return out
 
 

@@ -85,27 +85,40 @@ def _rel(path: Path, start: Path) -> str:
 def write_manifest(
     folder: Path,
     base: Path,
-    adapters: list[tuple[Path, float | None]],
+    adapters: list[Path | tuple[Path, float | None]],
     dtype: str,
     out_name: str = "out",
     max_shard_size: str | None = None,
+    *,
+    overwrite: bool | None = None,
+    absolute: bool = False,
+    name: str = "manifest.yaml",
+    **sections: object,
 ) -> Path:
-    """Write ``folder/manifest.yaml`` with paths relative to ``folder``.
+    """Write ``folder/name`` (manifest.yaml) and return its path: THE manifest writer of the tests.
 
-    An adapter whose weight is ``None`` is written in the short form (a bare path).
+    Input paths are relative to ``folder``, or absolute with ``absolute``. An adapter is a path
+    (written in the short form) or ``(path, weight)``; a weight of ``None`` is the short form too.
+    ``sections`` are further top-level keys (``verify``, ``combine``, ``executor``, ``tokenizer``,
+    ...) in the order given; a section given as ``None`` is left out.
     """
     folder.mkdir(parents=True, exist_ok=True)
+
+    def where(path: Path) -> str:
+        return str(path) if absolute else _rel(path, folder)
+
     entries: list[object] = []
-    for path, weight in adapters:
-        if weight is None:
-            entries.append(_rel(path, folder))
-        else:
-            entries.append({"path": _rel(path, folder), "weight": float(weight)})
+    for adapter in adapters:
+        path, weight = adapter if isinstance(adapter, tuple) else (adapter, None)
+        entries.append(where(path) if weight is None else {"path": where(path), "weight": float(weight)})
     output: dict[str, object] = {"path": f"./{out_name}"}
     if max_shard_size is not None:
         output["max_shard_size"] = max_shard_size
-    manifest = {"base": _rel(base, folder), "adapters": entries, "dtype": dtype, "output": output}
-    path = folder / "manifest.yaml"
+    if overwrite is not None:
+        output["overwrite"] = overwrite
+    manifest = {"base": where(base), "adapters": entries, "dtype": dtype, "output": output}
+    manifest.update({key: value for key, value in sections.items() if value is not None})
+    path = folder / name
     path.write_text(yaml.safe_dump(manifest, sort_keys=False))
     return path
 

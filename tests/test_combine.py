@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 from click.testing import CliRunner
 
 from mergekit_lite.cli import main
@@ -27,7 +26,7 @@ from mergekit_lite.merge.combine import CombinedFactors
 from mergekit_lite.pipeline import execute, prepare, verify_release
 
 from builders import _simple, load_base
-from helpers import DTYPES, attach_adapters, load_output, merged_state_dict, violations
+from helpers import DTYPES, attach_adapters, load_output, merged_state_dict, violations, write_manifest
 
 
 def _lora(name: str) -> bool:
@@ -187,20 +186,17 @@ def write_combine_manifest(
     verify: dict[str, Any] | None = None,
     **extra: Any,
 ) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    doc: dict[str, Any] = {
-        "base": str(base),
-        "adapters": [{"path": str(p), "weight": w} for p, w in adapters],
-        "dtype": dtype,
-        "output": "./out",
+    """A manifest of `adapters` combined by `combine` (inputs by absolute path; the gate off unless `verify`)."""
+    return write_manifest(
+        folder,
+        base,
+        adapters,
+        dtype,
+        absolute=True,
         **extra,
-    }
-    if combine is not None:
-        doc["combine"] = combine
-    doc["verify"] = verify if verify is not None else {"enabled": False}
-    path = folder / "manifest.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
+        combine=combine,
+        verify=verify if verify is not None else {"enabled": False},
+    )
 
 
 class Env:

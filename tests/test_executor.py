@@ -90,16 +90,16 @@ def _manifest(
     case = CASES_BY_ID["lora" if case_id == "lora_twice" else case_id]
     pairs = TWICE if case_id == "lora_twice" else case.adapters
     adapters = adapters or [(zoo.adapter(name), weight) for name, weight in pairs]
-    path = write_manifest(folder, zoo.base(case.base), adapters, dtype, max_shard_size=shard)
-    doc = yaml.safe_load(path.read_text())
-    if executor is not None:
-        doc["executor"] = executor
-    if verify is not None:
-        doc["verify"] = verify
-    if combine is not None:
-        doc["combine"] = combine
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
+    return write_manifest(
+        folder,
+        zoo.base(case.base),
+        adapters,
+        dtype,
+        max_shard_size=shard,
+        executor=executor,
+        verify=verify,
+        combine=combine,
+    )
 
 
 def _weights(folder: Path) -> dict[str, bytes]:

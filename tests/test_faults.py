@@ -25,11 +25,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from mergekit_lite.io.format import read_header
 from mergekit_lite.release.publish import output_lock
+
+from helpers import write_manifest
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
@@ -52,7 +53,7 @@ def tree(folder: Path) -> dict[str, str] | None:
     return {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def write_manifest(
+def rig_manifest(
     folder: Path,
     name: str,
     rig_inputs: dict[str, Path],
@@ -61,19 +62,19 @@ def write_manifest(
     max_shard_size: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    out: dict = {"path": f"./{output}", "overwrite": overwrite}
-    if max_shard_size:
-        out["max_shard_size"] = max_shard_size
-    doc = {
-        "base": str(rig_inputs["base"]),
-        "adapters": [str(rig_inputs["adapter"])],
-        "dtype": dtype,
-        "output": out,
-        "verify": {"logits": False},
-    }
-    path = folder / name
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
+    """The rig's manifest `folder/name`: its base and adapter by absolute path, the gate's fast checks only."""
+    return write_manifest(
+        folder,
+        rig_inputs["base"],
+        [rig_inputs["adapter"]],
+        dtype,
+        output,
+        max_shard_size or None,
+        overwrite=overwrite,
+        absolute=True,
+        name=name,
+        verify={"logits": False},
+    )
 
 
 def start(manifest: Path, **kwargs) -> subprocess.Popen:
@@ -124,9 +125,9 @@ class Rig:
         run = root / "run"
         run.mkdir()
         self.run = run
-        self.previous_manifest = write_manifest(run, "previous.yaml", self.inputs, "bfloat16", "out")
-        self.manifest = write_manifest(run, "merge.yaml", self.inputs, "float32", "out", "8KB", overwrite=True)
-        ref_manifest = write_manifest(run, "reference.yaml", self.inputs, "float32", "reference", "8KB")
+        self.previous_manifest = rig_manifest(run, "previous.yaml", self.inputs, "bfloat16", "out")
+        self.manifest = rig_manifest(run, "merge.yaml", self.inputs, "float32", "out", "8KB", overwrite=True)
+        ref_manifest = rig_manifest(run, "reference.yaml", self.inputs, "float32", "reference", "8KB")
         began = time.monotonic()
         code, _, err = finish(start(ref_manifest))
         first = time.monotonic() - began
@@ -322,7 +323,7 @@ def test_sigkill_inside_publish(rig: Rig, tmp_path: Path, moment: str) -> None:
     run = tmp_path
     shutil.copytree(rig.run / "out", run / "out")  # some complete release, to be replaced
     before = tree(run / "out")
-    manifest = write_manifest(run, "merge.yaml", rig.inputs, "float32", "out", "8KB", overwrite=True)
+    manifest = rig_manifest(run, "merge.yaml", rig.inputs, "float32", "out", "8KB", overwrite=True)
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, moment, str(manifest)],
         cwd=run,
@@ -353,7 +354,7 @@ def test_sigkill_inside_publish(rig: Rig, tmp_path: Path, moment: str) -> None:
 
 def test_disk_full_by_file_size_limit(rig: Rig, tmp_path: Path) -> None:
     """RLIMIT_FSIZE with SIGXFSZ ignored: the first write past the limit fails with EFBIG."""
-    manifest = write_manifest(tmp_path, "merge.yaml", rig.inputs, "float32", "out")  # one 100 KB file
+    manifest = rig_manifest(tmp_path, "merge.yaml", rig.inputs, "float32", "out")  # one 100 KB file
 
     def limit() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -392,7 +393,7 @@ def test_disk_full_on_a_small_tmpfs(rig: Rig, tmp_path: Path, mount_point) -> No
     """The free-space check passes (the plan's bytes fit) but the release does not: ENOSPC mid-write."""
     folder, mount = mount_point
     mount("-t", "tmpfs", "-o", "size=112k", "tmpfs", str(folder))
-    manifest = write_manifest(tmp_path, "merge.yaml", rig.inputs, "float32", "mnt/out", "8KB")
+    manifest = rig_manifest(tmp_path, "merge.yaml", rig.inputs, "float32", "mnt/out", "8KB")
     from mergekit_lite.cli import main
 
     result = CliRunner().invoke(main, ["merge", "-q", str(manifest)])
@@ -406,7 +407,7 @@ def test_disk_full_on_a_small_tmpfs(rig: Rig, tmp_path: Path, mount_point) -> No
 def test_disk_too_small_is_refused_before_writing(rig: Rig, tmp_path: Path, mount_point) -> None:
     folder, mount = mount_point
     mount("-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder))
-    manifest = write_manifest(tmp_path, "merge.yaml", rig.inputs, "float32", "mnt/out")
+    manifest = rig_manifest(tmp_path, "merge.yaml", rig.inputs, "float32", "mnt/out")
     from mergekit_lite.cli import main
 
     result = CliRunner().invoke(main, ["merge", "-q", str(manifest)])
@@ -429,7 +430,7 @@ def test_read_only_bind_mount(rig: Rig, tmp_path: Path, mount_point) -> None:
     from mergekit_lite.cli import main
 
     for output in ("mnt/out", "mnt/new/out"):
-        manifest = write_manifest(tmp_path, "merge.yaml", rig.inputs, "float32", output, overwrite=True)
+        manifest = rig_manifest(tmp_path, "merge.yaml", rig.inputs, "float32", output, overwrite=True)
         result = CliRunner().invoke(main, ["merge", "-q", str(manifest)])
         assert result.exit_code == 2, result.output
         line = one_error_line(result.stderr)
@@ -454,7 +455,7 @@ def test_unwritable_folder_without_root_privileges(rig: Rig, tmp_path: Path) -> 
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
-    manifest = write_manifest(tmp_path, "merge.yaml", rig.inputs, "float32", "locked/out")
+    manifest = rig_manifest(tmp_path, "merge.yaml", rig.inputs, "float32", "locked/out")
     try:
         proc = start(manifest, preexec_fn=_without_dac_override if os.geteuid() == 0 else None)
     except subprocess.SubprocessError as exc:  # prctl refused: no CAP_SETPCAP in this container
@@ -477,7 +478,7 @@ def test_unwritable_folder_without_root_privileges(rig: Rig, tmp_path: Path) -> 
 def test_two_runs_on_one_output(rig: Rig, tmp_path: Path) -> None:
     """The first run takes the lock and is frozen mid-run (SIGSTOP); the second fails fast naming it;
     the first, resumed, publishes a complete release."""
-    manifest = write_manifest(tmp_path, "merge.yaml", rig.inputs, "float32", "out", "8KB")
+    manifest = rig_manifest(tmp_path, "merge.yaml", rig.inputs, "float32", "out", "8KB")
     output = (tmp_path / "out").resolve()
     first = start(manifest)
     try:
@@ -508,7 +509,7 @@ def test_ctrl_c(rig: Rig, tmp_path: Path, moment: str) -> None:
     the previous release untouched."""
     shutil.copytree(rig.run / "out", tmp_path / "out")
     before = tree(tmp_path / "out")
-    manifest = write_manifest(tmp_path, "merge.yaml", rig.inputs, "float32", "out", "8KB", overwrite=True)
+    manifest = rig_manifest(tmp_path, "merge.yaml", rig.inputs, "float32", "out", "8KB", overwrite=True)
     proc = start(manifest)
     target = "model-00001-of-00013.safetensors" if moment == "shard" else "config.json"
     while True:

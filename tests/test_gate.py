@@ -19,12 +19,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from test_gate_helpers import (
+
+from mergekit_lite import run_merge
+from mergekit_lite.cli import main
+from mergekit_lite.gate.report import fmt
+from mergekit_lite.pipeline import GateFailed, verify_release
+
+from release_builders import (
     CORPUS,
     INDEX,
     adapter_tensors,
     build_adapter,
-    build_base,
+    build_chat_base,
     build_tokenizer,
     copy_release,
     lora_delta,
@@ -34,11 +40,6 @@ from test_gate_helpers import (
     write_manifest,
     write_sha256sums,
 )
-
-from mergekit_lite import run_merge
-from mergekit_lite.cli import main
-from mergekit_lite.gate.report import fmt
-from mergekit_lite.pipeline import GateFailed, verify_release
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SHARD = {"float32": "24KB", "bfloat16": None}  # float32 sharded (index exercised), bfloat16 one file
@@ -57,7 +58,7 @@ class Built:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("gate-inputs")
-    base = build_base(root / "base", build_tokenizer())
+    base = build_chat_base(root / "base", build_tokenizer())
     adapter = build_adapter(base, root / "adapter", seed=1, r=4, lora_alpha=8, target_modules="all-linear")
     return base, adapter
 

@@ -19,13 +19,14 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from safetensors import safe_open
-from test_gate_helpers import INDEX, build_adapter, build_base, build_tokenizer
 
 from mergekit_lite.cli import main
 from mergekit_lite.errors import ManifestError
 from mergekit_lite.manifest.load import load_manifest
 from mergekit_lite.pipeline import run_plan
 from mergekit_lite.sources import hub
+
+from release_builders import INDEX, build_adapter, build_chat_base, build_tokenizer
 
 BASE_ID = "acme/tiny-llama"
 LORA_ID = "acme/tiny-lora"
@@ -90,8 +91,8 @@ def hub_cache(tmp_path_factory) -> Hub:
     on all linear layers, stored as plain files."""
     root = tmp_path_factory.mktemp("hub")
     tokenizer = build_tokenizer()
-    base_new = build_base(root / "local" / "base-new", tokenizer, seed=0, max_shard_size="40KB")
-    base_old = build_base(root / "local" / "base-old", tokenizer, seed=1, max_shard_size="40KB")
+    base_new = build_chat_base(root / "local" / "base-new", tokenizer, seed=0, max_shard_size="40KB")
+    base_old = build_chat_base(root / "local" / "base-old", tokenizer, seed=1, max_shard_size="40KB")
     assert (base_new / INDEX).is_file(), "the base should be sharded"
     lora = build_adapter(base_new, root / "local" / "lora", seed=3, r=4, lora_alpha=8, target_modules="all-linear")
     cache = root / "cache"

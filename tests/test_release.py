@@ -17,23 +17,24 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_gate_helpers import (
-    EOS,
-    INDEX,
-    adapter_tensors,
-    build_adapter,
-    build_base,
-    build_tokenizer,
-    read_release,
-    sha256,
-    write_manifest,
-)
 
 from mergekit_lite import run_merge
 from mergekit_lite.gate.report import fmt
 from mergekit_lite.io.format import read_header
 from mergekit_lite.pipeline import GateFailed
 from mergekit_lite.release.publish import output_lock
+
+from release_builders import (
+    EOS,
+    INDEX,
+    adapter_tensors,
+    build_adapter,
+    build_chat_base,
+    build_tokenizer,
+    read_release,
+    sha256,
+    write_manifest,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = {"max_new_tokens": 4}
@@ -53,7 +54,7 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     tokenizer: the base's ships); an adapter that adds tokens (resized, modules_to_save embed_tokens
     and lm_head, the grown tokenizer saved in the adapter folder)."""
     root = tmp_path_factory.mktemp("release-inputs")
-    base = build_base(root / "base", build_tokenizer(), max_shard_size="40KB")
+    base = build_chat_base(root / "base", build_tokenizer(), max_shard_size="40KB")
     assert (base / INDEX).is_file(), "the base should be sharded"
     lora = build_adapter(base, root / "lora", seed=1, r=4, lora_alpha=8, target_modules="all-linear")
     grown = build_tokenizer(extra_tokens=ADDED)

@@ -1,12 +1,11 @@
-"""Shared builders for the gate and release tests: a tiny real tokenizer, a tiny Llama that
-matches it, PEFT adapters for it, and tools to seed defects into a copy of a release.
-
-No tests live here (pytest collects the module and finds none); test_gate.py and
-test_release.py import it.
+"""Builders for the gate, release and hub tests (no tests live here): a tiny real tokenizer, a
+tiny Llama that matches it, PEFT adapters for it, their manifests, and tools to seed defects into
+a copy of a release. test_gate.py, test_release.py and test_hub.py import it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -15,8 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
+
+import helpers
+from builders import save_base
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -63,11 +64,11 @@ def build_tokenizer(extra_tokens: list[str] | None = None):
     return tokenizer
 
 
-def build_base(out: Path, tokenizer, tied: bool = False, seed: int = 0, max_shard_size: str | None = None) -> Path:
+def build_chat_base(out: Path, tokenizer, tied: bool = False, seed: int = 0, max_shard_size: str | None = None) -> Path:
     """A tiny random Llama whose vocabulary is exactly len(tokenizer), with a generation_config
     (EOS 3, not the tokenizer's EOS) and the tokenizer saved beside it; sharded when
-    `max_shard_size` is given."""
-    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
+    `max_shard_size` is given (builders.save_base does the building)."""
+    from transformers import GenerationConfig, LlamaConfig
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -82,20 +83,10 @@ def build_base(out: Path, tokenizer, tied: bool = False, seed: int = 0, max_shar
         pad_token_id=1,
         tie_word_embeddings=tied,
     )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # non-trivial norms, so a perturbed norm weight is a real change
-        for _, param in model.named_parameters():
-            if param.ndim == 1:
-                param.add_(0.1 * torch.randn(param.shape, generator=gen))
-    model.generation_config = GenerationConfig(bos_token_id=2, eos_token_id=BASE_EOS_ID, pad_token_id=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    return out
+    generation = GenerationConfig(bos_token_id=2, eos_token_id=BASE_EOS_ID, pad_token_id=1)
+    return save_base(
+        config, out, seed=seed, generation_config=generation, tokenizer=tokenizer, max_shard_size=max_shard_size
+    )
 
 
 def build_adapter(
@@ -138,37 +129,8 @@ def build_adapter(
     return out
 
 
-def write_manifest(
-    folder: Path,
-    base: Path,
-    adapters: list[Path],
-    dtype: str,
-    out_name: str = "out",
-    max_shard_size: str | None = None,
-    overwrite: bool | None = None,
-    verify: dict | None = None,
-    tokenizer: str | None = None,
-) -> Path:
-    """manifest.yaml in `folder` (absolute input paths), with the optional sections these tests need."""
-    folder.mkdir(parents=True, exist_ok=True)
-    output: dict[str, object] = {"path": f"./{out_name}"}
-    if max_shard_size is not None:
-        output["max_shard_size"] = max_shard_size
-    if overwrite is not None:
-        output["overwrite"] = overwrite
-    doc: dict[str, object] = {
-        "base": str(base),
-        "adapters": [str(a) for a in adapters],
-        "dtype": dtype,
-        "output": output,
-    }
-    if tokenizer is not None:
-        doc["tokenizer"] = tokenizer
-    if verify is not None:
-        doc["verify"] = verify
-    path = folder / "manifest.yaml"
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return path
+# The gate and release tests name their inputs by absolute path (their manifests sit apart from them).
+write_manifest = functools.partial(helpers.write_manifest, absolute=True)
 
 
 # --------------------------------------------------------------------------- reading adapters
