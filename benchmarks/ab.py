@@ -35,19 +35,23 @@ def main() -> None:
     speed.clean(output)
     walls: dict[Path, list[float]] = {t: [] for t in args.trees}
     rss: dict[Path, list[float]] = {t: [] for t in args.trees}
+    cpu: dict[Path, list[float]] = {t: [] for t in args.trees}
     for i in range(args.repeat):
         for tree in args.trees:
             speed.warm(folder)
-            wall, peak = speed.measure(command, output, cache, cwd=tree.resolve())
+            wall, peak, used = speed.measure_usage(command, output, cache, cwd=tree.resolve())
             speed.clean(output)
             walls[tree].append(wall)
             rss[tree].append(peak)
-            print(f"run {i + 1} {tree}: {wall:.2f} s, {peak:.2f} GiB", flush=True)
-    a, b = (statistics.median(walls[t]) for t in args.trees)
+            cpu[tree].append(used)
+            print(f"run {i + 1} {tree}: {wall:.2f} s, CPU {used:.2f} s, {peak:.2f} GiB", flush=True)
     for tree in args.trees:
         print(f"{tree}: median {statistics.median(walls[tree]):.2f} s (range {min(walls[tree]):.2f}-"
-              f"{max(walls[tree]):.2f}), peak RSS {max(rss[tree]):.2f} GiB")
-    print(f"B / A = {b / a:.3f}")
+              f"{max(walls[tree]):.2f}), CPU median {statistics.median(cpu[tree]):.2f} s, "
+              f"peak RSS {max(rss[tree]):.2f} GiB")
+    a, b = (statistics.median(walls[t]) for t in args.trees)
+    ca, cb = (statistics.median(cpu[t]) for t in args.trees)
+    print(f"B / A = {b / a:.3f} (wall), {cb / ca:.3f} (CPU)")
 
 
 if __name__ == "__main__":

@@ -105,6 +105,14 @@ def warm(folder: Path) -> None:
 def measure(command: list[str], output: Path, cache: str = "off", cwd: Path = HERE.parent) -> tuple[float, float]:
     """(wall seconds, peak RSS in GiB) of `command` in a fresh process started in `cwd`, which must
     create `output`."""
+    wall, peak, _ = measure_usage(command, output, cache, cwd)
+    return wall, peak
+
+
+def measure_usage(command: list[str], output: Path, cache: str = "off", cwd: Path = HERE.parent
+                  ) -> tuple[float, float, float]:
+    """`measure`, and the CPU seconds (user + system) the process used: on a machine other work
+    shares, CPU time moves far less with the load than wall time does."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", MERGEKIT_LITE_CACHE=cache)
     with tempfile.TemporaryFile() as errors:  # progress bars and warnings, shown only on failure
         start = time.perf_counter()
@@ -115,7 +123,7 @@ def measure(command: list[str], output: Path, cache: str = "off", cwd: Path = HE
             errors.seek(0)
             sys.stderr.write(errors.read().decode(errors="replace")[-4000:])
             raise SystemExit(f"failed: {' '.join(command)}")
-    return wall, usage.ru_maxrss / 2**20  # KiB on Linux
+    return wall, usage.ru_maxrss / 2**20, usage.ru_utime + usage.ru_stime  # maxrss: KiB on Linux
 
 
 def clean(output: Path) -> None:
