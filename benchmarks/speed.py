@@ -109,8 +109,9 @@ def measure(command: list[str], output: Path, cache: str = "off", cwd: Path = HE
     return wall, peak
 
 
-def measure_usage(command: list[str], output: Path, cache: str = "off", cwd: Path = HERE.parent
-                  ) -> tuple[float, float, float]:
+def measure_usage(
+    command: list[str], output: Path, cache: str = "off", cwd: Path = HERE.parent
+) -> tuple[float, float, float]:
     """`measure`, and the CPU seconds (user + system) the process used: on a machine other work
     shares, CPU time moves far less with the load than wall time does."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", MERGEKIT_LITE_CACHE=cache)
