@@ -6,15 +6,18 @@ import errno
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from typing import Any
 
 import click
 
 from mergekit_lite._version import __version__
-from mergekit_lite.errors import MergekitError
+from mergekit_lite.errors import MergekitError, Terminated
 from mergekit_lite.manifest.load import manifest_json_schema
 from mergekit_lite.plan.render import plan_table
 from mergekit_lite.sizes import human_bytes
@@ -26,10 +29,14 @@ def _clean_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            with _sigterm_as_interrupt():
+                return func(*args, **kwargs)
         except MergekitError as exc:
             _error(str(exc))
             sys.exit(exc.exit_code)
+        except Terminated:
+            _error("terminated (SIGTERM); nothing was published")
+            sys.exit(Terminated.exit_code)
         except KeyboardInterrupt:
             _error("interrupted; nothing was published")
             sys.exit(130)
@@ -42,6 +49,24 @@ def _clean_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(1)
 
     return wrapper
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (what a CI runner sends to cancel a job) unwinds like Ctrl-C: staging folder and lock
+    removed, a previous release untouched; by default it would kill the process on the spot."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _error(message: str) -> None:

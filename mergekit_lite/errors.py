@@ -37,3 +37,9 @@ class OutputError(InputError):
 
 class MergeError(MergekitError):
     """The merge itself failed (for example a non-finite result). Exit code 1."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (a CI runner cancelling the job): unwound exactly as Ctrl-C is. Exit code 143."""
+
+    exit_code = 143

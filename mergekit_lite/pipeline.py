@@ -172,28 +172,38 @@ def execute(job: Job, progress: Progress | None = None, verify: bool = True, kee
             with _interrupts_deferred() as interrupted:
                 publish(stage, output, m.output.overwrite)
     if interrupted:
-        raise Interrupted(f"interrupted after publishing: the release at `{output}` is complete and verified")
+        what = "terminated (SIGTERM)" if signal.SIGTERM in interrupted else "interrupted"
+        raise Interrupted(
+            f"{what} after publishing: the release at `{output}` is complete and verified",
+            143 if signal.SIGTERM in interrupted else 130,
+        )
     return Result(output, report)
 
 
 class Interrupted(MergekitError):
-    """Ctrl-C arrived while the release was being renamed into place; it was let finish. Exit 130."""
+    """Ctrl-C (exit 130) or SIGTERM (exit 143) arrived while the release was being renamed into
+    place; it was let finish."""
 
-    exit_code = 130
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @contextmanager
-def _interrupts_deferred() -> Iterator[list[bool]]:
-    """Hold off SIGINT during the publish step, so that Ctrl-C cannot leave the swap half done."""
-    seen: list[bool] = []
+def _interrupts_deferred() -> Iterator[list[int]]:
+    """Hold off SIGINT and SIGTERM during the publish step, so that neither can leave the swap half
+    done; the signals that arrived are listed."""
+    seen: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield seen
         return
-    previous = signal.signal(signal.SIGINT, lambda *_: seen.append(True))
+    deferred = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, _: seen.append(signum)) for s in deferred}
     try:
         yield seen
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _describe(

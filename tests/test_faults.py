@@ -503,10 +503,18 @@ def test_two_runs_on_one_output(rig: Rig, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.yaml", "out"]
 
 
+INTERRUPTS = {
+    "SIGINT": (signal.SIGINT, 130, "error: interrupted; nothing was published"),
+    "SIGTERM": (signal.SIGTERM, 143, "error: terminated (SIGTERM); nothing was published"),  # a CI job cancelled
+}
+
+
 @pytest.mark.parametrize("moment", ["shard", "gate"])
-def test_ctrl_c(rig: Rig, tmp_path: Path, moment: str) -> None:
-    """SIGINT while merging or while the gate runs: exit 130, one line, staging and lock removed,
-    the previous release untouched."""
+@pytest.mark.parametrize("name", sorted(INTERRUPTS))
+def test_interrupted(rig: Rig, tmp_path: Path, moment: str, name: str) -> None:
+    """SIGINT (Ctrl-C) or SIGTERM while merging or while the gate runs: exit 130 / 143, one line,
+    staging and lock removed, the previous release untouched."""
+    signum, exit_code, line = INTERRUPTS[name]
     shutil.copytree(rig.run / "out", tmp_path / "out")
     before = tree(tmp_path / "out")
     manifest = rig_manifest(tmp_path, "merge.yaml", rig.inputs, "float32", "out", "8KB", overwrite=True)
@@ -518,10 +526,25 @@ def test_ctrl_c(rig: Rig, tmp_path: Path, moment: str) -> None:
         if stage is not None and (stage / target).exists():
             break
         time.sleep(0.0005)
-    proc.send_signal(signal.SIGINT)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")) == sorted([".out.lock", stage.name])
+    proc.send_signal(signum)
     code, _, err = finish(proc)
-    assert code == 130, err
-    assert one_error_line(err) == "error: interrupted; nothing was published"
+    assert code == exit_code, err
+    assert one_error_line(err) == line
     assert tree(tmp_path / "out") == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.yaml", "out"]
     assert rig.input_state() == rig.input_hashes
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_during_publish_is_deferred(signum: int) -> None:
+    """SIGINT or SIGTERM arriving while the release is renamed into place is held until the swap is
+    done (then the run exits 130 / 143, saying the release is complete); the handlers are restored."""
+    from mergekit_lite import pipeline
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pipeline._interrupts_deferred() as seen:
+        os.kill(os.getpid(), signum)
+        time.sleep(0.01)  # the handler runs between bytecodes of the main thread
+    assert seen == [signum]
+    assert {s: signal.getsignal(s) for s in before} == before
