@@ -188,7 +188,10 @@ def merge(manifest: str, no_verify: bool, keep_rejected: bool, quiet: bool) -> N
 def verify(manifest: str, against: str | None, report_path: str | None) -> None:
     """Run the verification gate on an existing release. Exit 0 pass, 1 fail, 2 invalid input.
 
-    Example: mergekit-lite verify manifests/smollm2-demo.yaml --against dist/smollm2-mergekit
+    MANIFEST is a manifest file, or a release folder (checked against the manifest.yaml it ships).
+    The release's files are checked against its SHA256SUMS and release.json first.
+
+    Example: mergekit-lite verify dist/smollm2-mergekit
     """
     from pathlib import Path
 
@@ -197,7 +200,8 @@ def verify(manifest: str, against: str | None, report_path: str | None) -> None:
     report = verify_release(manifest, against)
     if report_path:
         Path(report_path).write_text(report.to_json(), encoding="utf-8")
-    _show_report(report, Path(against or "release").name, quiet=False)
+    title = Path(against or (manifest if Path(manifest).is_dir() else "release")).name
+    _show_report(report, title, quiet=False)
     if not report.passed:
         first = report.failures[0]
         click.echo(f"error: verification failed: {first.group}: {first.name}; {first.detail}", err=True)

@@ -260,7 +260,17 @@ def _inputs(job: Job, source: Path | None) -> list[Path]:
 
 
 def verify_release(manifest_path: str | Path, against: str | Path | None = None) -> GateReport:
-    """Run the gate on an existing release (the manifest's output, or `against`)."""
+    """Run the gate on an existing release: its files against its SHA256SUMS and release.json first,
+    then every other check. `manifest_path` is a manifest (the release is its output, or `against`)
+    or a release folder, checked against the manifest.yaml it ships."""
+    manifest_path = Path(manifest_path)
+    if manifest_path.is_dir():
+        if not (manifest_path / "manifest.yaml").is_file():
+            raise InputError(
+                f"`{manifest_path}` is a folder without `manifest.yaml`; pass a release folder or a manifest file"
+            )
+        against = manifest_path if against is None else against
+        manifest_path = manifest_path / "manifest.yaml"
     job = prepare(manifest_path, for_output=False)
     loaded = job.manifest
     m = loaded.manifest
@@ -277,6 +287,7 @@ def verify_release(manifest_path: str | Path, against: str | Path | None = None)
         settings=settings,
         device_map=m.device_map,
         tokenizer_source=source,
+        integrity=True,
     )
 
 

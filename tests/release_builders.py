@@ -178,8 +178,8 @@ def rewrite_release(folder: Path, mutate: Mutation, fix_index: bool = True) -> N
     """Apply `mutate(tensors, where)` in place and rewrite the touched shards (metadata format=pt).
 
     `mutate` may change, add (with a `where` entry) or remove (from both dicts) tensors. The
-    index (weight_map and total_size) is rebuilt unless `fix_index` is false; SHA256SUMS is
-    regenerated so that a checksum alone cannot catch the defect.
+    index (weight_map and total_size) is rebuilt unless `fix_index` is false; release.json's outputs
+    and SHA256SUMS are regenerated so that the digests alone cannot catch the defect.
     """
     tensors, where = read_release(folder)
     before = {k: (where[k], _fingerprint(v)) for k, v in tensors.items()}
@@ -211,7 +211,17 @@ def sha256(path: Path) -> str:
 
 
 def write_sha256sums(folder: Path) -> None:
-    """SHA256SUMS over every file but itself, like the release writes it."""
+    """release.json's `outputs` and SHA256SUMS regenerated over the files as they are now, like the
+    release writes them: a seeded defect then passes the integrity checks and must be caught by the
+    check made for it."""
+    receipt = folder / "release.json"
+    if receipt.is_file():
+        doc = json.loads(receipt.read_text())
+        outputs = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in ("release.json", "SHA256SUMS"))
+        doc["outputs"] = [
+            {"path": str(p.relative_to(folder)), "size": p.stat().st_size, "sha256": sha256(p)} for p in outputs
+        ]
+        receipt.write_text(json.dumps(doc, indent=2) + "\n")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "SHA256SUMS")
     (folder / "SHA256SUMS").write_text("".join(f"{sha256(p)}  {p.relative_to(folder)}\n" for p in files))
 

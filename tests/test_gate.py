@@ -381,7 +381,7 @@ def test_gate_passes_controls(control: str, dtype: str, releases, tmp_path: Path
         )
     assert report.passed, f"false alarm on {control}:\n{_describe(report)}"
     assert report.skipped == {}
-    assert {c.group for c in report.checks} == {"structure", "algebra", "end_to_end", "packaging"}
+    assert {c.group for c in report.checks} == {"integrity", "structure", "algebra", "end_to_end", "packaging"}
 
 
 # --------------------------------------------------------------------------- the CLI
@@ -478,7 +478,7 @@ def test_verify_cli_report_on_a_clean_release(releases, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     report = json.loads(report_path.read_text())
     assert report["passed"] is True and report["dtype"] == "BF16"
-    assert {c["group"] for c in report["checks"]} == {"structure", "algebra", "end_to_end", "packaging"}
+    assert {c["group"] for c in report["checks"]} == {"integrity", "structure", "algebra", "end_to_end", "packaging"}
 
 
 IMPOSSIBLE = {**FAST, "thresholds": {"top1_agreement": 1.1}}

@@ -9,6 +9,7 @@ from typing import TypeVar
 
 from mergekit_lite.gate.algebra import check_algebra
 from mergekit_lite.gate.endtoend import DEFAULT_PROMPTS, EndToEnd, check_end_to_end, placement
+from mergekit_lite.gate.integrity import check_integrity
 from mergekit_lite.gate.packaging import check_packaging
 from mergekit_lite.gate.report import GateReport
 from mergekit_lite.gate.structure import check_structure
@@ -44,17 +45,22 @@ def run_gate(
     settings: VerifySpec,
     device_map: str,
     tokenizer_source: Path | None,
+    integrity: bool = False,
 ) -> GateReport:
     """Run every check on `candidate` (a release folder, staged or published) and return the report.
 
     `settings` is the manifest's `verify` section, `device_map` the merge's (the end-to-end models
     go there unless `verify.device_map` says otherwise), `tokenizer_source` the folder the release's
-    tokenizer was copied from. A check that cannot run fails its group; this raises only for bugs.
+    tokenizer was copied from. With `integrity` (a published release), its files are first checked
+    against its SHA256SUMS and release.json. A check that cannot run fails its group; this raises
+    only for bugs.
     """
     dtype = output_dtype(plan)
     limits = thresholds(dtype, settings.thresholds)
     report = GateReport(dtype=dtype)
     report.context["thresholds"] = limits
+    if integrity:
+        _guarded(report, "integrity", lambda: check_integrity(report, candidate))
     base_files = {p.name for p in checkpoint.path.iterdir()}
     tensors = _guarded(
         report, "structure", lambda: check_structure(report, plan, candidate, checkpoint.config, base_files)

@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-GROUPS = ("structure", "algebra", "end_to_end", "packaging")
+GROUPS = ("integrity", "structure", "algebra", "end_to_end", "packaging")
 
 
 @dataclass

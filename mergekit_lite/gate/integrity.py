@@ -1,0 +1,99 @@
+"""Gate check 0, integrity: the release's files are the ones its SHA256SUMS and release.json describe.
+
+Run first by `verify` on a published release (a merge's own candidate has neither file yet: its
+digests are computed from the bytes as they are written). Every file is read once, streamed in
+chunks (io/digests.sha256_file), and its SHA-256 and size compared with both records, so that a
+flipped bit, an edited card or receipt, a file added or removed fails here, naming the file,
+whatever the later checks would make of it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mergekit_lite.gate.report import GateReport
+from mergekit_lite.io.digests import sha256_file
+
+SUMS = "SHA256SUMS"
+RECEIPT = "release.json"
+
+
+def check_integrity(report: GateReport, folder: Path) -> None:
+    """Record `integrity: SHA256SUMS matches the files` and `integrity: release.json's outputs match`."""
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    listed, sums_problem = _read_sums(folder)
+    recorded, receipt_problem = _read_receipt(folder)
+    actual: dict[str, tuple[str, int]] = {}
+
+    def measured(name: str) -> tuple[str, int] | None:
+        if name not in actual:
+            path = folder / name
+            if not path.is_file():
+                return None
+            actual[name] = (sha256_file(path), path.stat().st_size)
+        return actual[name]
+
+    problems: list[str] = [sums_problem] if sums_problem else []
+    if listed is not None:
+        for name, digest in listed.items():
+            found = measured(name)
+            if found is None:
+                problems.append(f"`{name}` is listed but missing")
+            elif found[0] != digest:
+                problems.append(f"`{name}` does not match its SHA-256")
+        problems += [f"`{n}` is not listed" for n in files if n != SUMS and n not in listed]
+    report.add(
+        "integrity",
+        "SHA256SUMS matches the files",
+        not problems,
+        figure=len(problems),
+        threshold=0,
+        detail="; ".join(problems[:3]) + (f"; {len(problems) - 3} more" if len(problems) > 3 else ""),
+    )
+    problems = [receipt_problem] if receipt_problem else []
+    if recorded is not None:
+        for name, (digest, size) in recorded.items():
+            found = measured(name)
+            if found is None:
+                problems.append(f"`{name}` is recorded but missing")
+            elif found[1] != size:
+                problems.append(f"`{name}` is {found[1]} bytes, recorded {size}")
+            elif found[0] != digest:
+                problems.append(f"`{name}` does not match its recorded SHA-256")
+        problems += [f"`{n}` is not recorded" for n in files if n not in (SUMS, RECEIPT) and n not in recorded]
+    report.add(
+        "integrity",
+        "release.json's output digests and sizes match",
+        not problems,
+        figure=len(problems),
+        threshold=0,
+        detail="; ".join(problems[:3]) + (f"; {len(problems) - 3} more" if len(problems) > 3 else ""),
+    )
+
+
+def _read_sums(folder: Path) -> tuple[dict[str, str] | None, str]:
+    """SHA256SUMS as {path: digest} (sha256sum's text and binary forms), or None and why not."""
+    path = folder / SUMS
+    if not path.is_file():
+        return None, f"no `{SUMS}`"
+    listed: dict[str, str] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        digest, sep, name = line.partition(" ")
+        name = name[1:] if name[:1] in (" ", "*") else name
+        if not sep or len(digest) != 64 or not name:
+            return None, f"`{SUMS}` line {number} is not `<sha256>  <path>`"
+        listed[name] = digest.lower()
+    return listed, ""
+
+
+def _read_receipt(folder: Path) -> tuple[dict[str, tuple[str, int]] | None, str]:
+    """release.json's outputs as {path: (digest, size)}, or None and why not."""
+    path = folder / RECEIPT
+    if not path.is_file():
+        return None, f"no `{RECEIPT}`"
+    try:
+        outputs = json.loads(path.read_text(encoding="utf-8"))["outputs"]
+        return {o["path"]: (str(o["sha256"]).lower(), int(o["size"])) for o in outputs}, ""
+    except (ValueError, KeyError, TypeError) as exc:
+        return None, f"`{RECEIPT}` has no readable `outputs` ({type(exc).__name__}: {exc})"
