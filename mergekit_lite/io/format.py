@@ -41,8 +41,31 @@ ITEMSIZE: dict[str, int] = {k: torch.empty((), dtype=v).element_size() for k, v 
 
 
 @dataclass(frozen=True)
+class Quantized:
+    """How a quantized tensor's values are made from stored tensors (io/dequant.py does it).
+
+    `method` is one of io/dequant.METHODS; `parts` are the stored tensors by role (the packed
+    weight, its scales, ...), `params` the quantizer's settings (block size, code name, ...).
+    """
+
+    method: str
+    parts: tuple[tuple[str, TensorEntry], ...]
+    params: tuple[tuple[str, int | float | str], ...] = ()
+
+    def part(self, role: str) -> TensorEntry:
+        return dict(self.parts)[role]
+
+    def param(self, key: str) -> int | float | str:
+        return dict(self.params)[key]
+
+
+@dataclass(frozen=True)
 class TensorEntry:
-    """One tensor of a safetensors file: where its bytes are, what they mean."""
+    """One tensor of a safetensors file: where its bytes are, what they mean.
+
+    A dequantized tensor (`quant` set) is stored as several others: dtype and shape are those of
+    its values, nbytes their size, and file and begin those of its packed weight.
+    """
 
     name: str
     dtype: str
@@ -50,6 +73,7 @@ class TensorEntry:
     file: Path
     begin: int  # absolute offset in the file
     nbytes: int
+    quant: Quantized | None = None
 
     @property
     def numel(self) -> int:

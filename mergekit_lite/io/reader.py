@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 import torch
 from safetensors import safe_open
 
+from mergekit_lite.io.dequant import dequantize
 from mergekit_lite.io.format import DTYPES, TensorEntry
 
 ALIGN = 4096  # direct I/O moves whole blocks, at block-aligned offsets, from and to block-aligned memory
@@ -71,6 +72,19 @@ def aligned(nbytes: int) -> torch.Tensor:
     return memory[start : start + nbytes]
 
 
+def read_entry(entry: TensorEntry) -> torch.Tensor:
+    """The stored tensor `entry`, read into memory with pread. Raises OSError if the file is
+    shorter than its header says."""
+    data = torch.empty(entry.nbytes, dtype=torch.uint8)
+    fd = os.open(entry.file, os.O_RDONLY)
+    try:
+        ended = f"`{entry.file}` ended early while reading `{entry.name}`"
+        pread_fully(fd, memoryview(data.numpy()), entry.begin, entry.nbytes, ended=ended)
+    finally:
+        os.close(fd)
+    return data.view(DTYPES[entry.dtype]).view(entry.shape)
+
+
 class TensorReader:
     """Reads one tensor at a time from safetensors files.
 
@@ -89,6 +103,8 @@ class TensorReader:
         read when first touched and released with the tensor, and writing to it never reaches the file.
         """
         entry = self.entries[name]
+        if entry.quant is not None:
+            return dequantize(entry, read_entry)
         with safe_open(str(entry.file), framework="pt") as handle:
             return handle.get_tensor(name)
 
@@ -101,14 +117,7 @@ class TensorReader:
         shorter than its header says.
         """
         entry = self.entries[name]
-        data = torch.empty(entry.nbytes, dtype=torch.uint8)
-        fd = os.open(entry.file, os.O_RDONLY)
-        try:
-            ended = f"`{entry.file}` ended early while reading `{name}`"
-            pread_fully(fd, memoryview(data.numpy()), entry.begin, entry.nbytes, ended=ended)
-        finally:
-            os.close(fd)
-        return data.view(DTYPES[entry.dtype]).view(entry.shape)
+        return dequantize(entry, read_entry) if entry.quant is not None else read_entry(entry)
 
     def load_into(self, name: str, buffer: AlignedBuffer, direct: bool = False) -> torch.Tensor:
         """The tensor `name`, read into `buffer` (reused: the tensor is valid until the buffer's next
@@ -118,6 +127,8 @@ class TensorReader:
         of their time in the kernel's page-cache work (docs/performance.md).
         """
         entry = self.entries[name]
+        if entry.quant is not None:  # made from several stored tensors: not in the buffer
+            return dequantize(entry, read_entry)
         start = entry.begin // ALIGN * ALIGN  # direct I/O reads whole blocks at block-aligned offsets
         length = -(-(entry.begin + entry.nbytes - start) // ALIGN) * ALIGN
         view = buffer.view(length)
@@ -145,7 +156,8 @@ class TensorReader:
         return data.view(DTYPES[entry.dtype]).view(entry.shape)
 
     def locate(self, name: str) -> TensorEntry:
-        """Where the stored bytes of `name` are: file, offset and length (for a byte-for-byte copy)."""
+        """Where the stored bytes of `name` are: file, offset and length (for a byte-for-byte copy);
+        a dequantized tensor's entry gives its values' size, and its parts (entry.quant) its bytes."""
         return self.entries[name]
 
     def raw_chunks(self, name: str, chunk: int) -> Iterator[bytes]:

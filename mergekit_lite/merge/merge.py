@@ -103,7 +103,7 @@ class ShardMerger:
         writer = ShardWriter(self.folder / self.plan.shard_names[index], entries, {"format": "pt"}, digest=self.digest)
         self.writers.append(writer)
         for t in tensors:
-            if not t.ops and t.dtype == t.src_dtype:
+            if t.copied:
                 src = self.base.locate(t.source)
                 self.behind.submit(writer.copy_range, t.name, src.file, src.begin, src.nbytes)
             else:

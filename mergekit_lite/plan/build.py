@@ -196,7 +196,8 @@ def _planned(name: str, entry: TensorEntry, ops: list[Op], dtype: str) -> Planne
         out_dtype = _OUT_DTYPES[dtype]
     if ops and entry.dtype not in FLOAT_DTYPES:
         raise PlanError(f"`{name}` is stored as {entry.dtype}; LoRA changes to non-float tensors are not supported")
-    return PlannedTensor(name, entry.name, entry.dtype, out_dtype, entry.shape, ops)
+    quantized = entry.quant.method if entry.quant is not None else ""
+    return PlannedTensor(name, entry.name, entry.dtype, out_dtype, entry.shape, ops, quantized=quantized)
 
 
 def _op_order(op: Op) -> tuple[int, int]:

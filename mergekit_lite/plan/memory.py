@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from mergekit_lite.io.dequant import CHUNK as DEQUANT_CHUNK
 from mergekit_lite.io.format import ITEMSIZE
 from mergekit_lite.io.writer import STAGING
 from mergekit_lite.plan.plan import CombinePlan, PlannedTensor
@@ -37,10 +38,12 @@ def peak_bytes(tensors: list[PlannedTensor], adapters: list[Adapter], combined: 
         held = combined.held_bytes()
     worst = by_rows_out = by_rows_width = whole_out = 0
     for t in tensors:
-        if not t.ops and t.dtype == t.src_dtype:
+        if t.copied:
             continue  # copied file to file
         numel = math.prod(t.shape)
-        need = numel * ITEMSIZE[t.src_dtype]  # the source, as far as it is read
+        need = numel * ITEMSIZE[t.src_dtype]  # the source, as far as it is read (dequantized: its values)
+        if t.quantized:  # and its stored parts (at most a byte a value), and one chunk's codes and products
+            need += numel + DEQUANT_CHUNK * 12
         need += sum(factor_bytes[op.adapter, k] for op in t.ops for k in op.keys)
         if merges_by_rows(t):
             by_rows_out, by_rows_width = max(by_rows_out, t.nbytes), max(by_rows_width, t.shape[1])

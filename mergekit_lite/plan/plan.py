@@ -41,10 +41,16 @@ class PlannedTensor:
     shape: tuple[int, ...]
     ops: list[Op] = field(default_factory=list)
     shard: int = 0
+    quantized: str = ""  # the source's quantization method (io/dequant.METHODS), "" when stored dense
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * ITEMSIZE[self.dtype]
+
+    @property
+    def copied(self) -> bool:
+        """Whether the output is the source's stored bytes, copied file to file."""
+        return not self.ops and self.dtype == self.src_dtype and not self.quantized
 
     @property
     def changed(self) -> bool:

@@ -22,6 +22,7 @@ from typing import Any
 from mergekit_lite.errors import CheckpointError
 from mergekit_lite.io.digests import JsonStore, cache_folder
 from mergekit_lite.io.format import DuplicateKey, TensorEntry, no_duplicates, read_header
+from mergekit_lite.sources.quantized import dequantized_tensors, describe
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class Checkpoint:
     input_embedding: str | None
     output_embedding: str | None
     extra_files: list[Path] = field(default_factory=list)
+    quantization: str = ""  # how the base is quantized (sources/quantized.py), e.g. `bitsandbytes nf4`; "" if dense
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
@@ -58,6 +60,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"base `{path}` has no config.json; is it a transformers checkpoint folder?")
     config = read_json(config_file)
     files, tensors = read_tensors(path)
+    tensors = dequantized_tensors(path, config, tensors)
     tied, inp, out = _embeddings(path, config, tensors)
     for role, name in (("input", inp), ("output", out)):
         if name in tensors and len(tensors[name].shape) != 2:
@@ -65,7 +68,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
                 f"base `{path}`: the {role} embedding `{name}` has shape {list(tensors[name].shape)}; "
                 "an embedding is [vocab, hidden]"
             )
-    return Checkpoint(path, tensors, files, config, tied, inp, out)
+    return Checkpoint(path, tensors, files, config, tied, inp, out, quantization=describe(tensors))
 
 
 def read_tensors(path: Path) -> tuple[list[Path], dict[str, TensorEntry]]:
@@ -136,6 +139,12 @@ def weight_files(path: Path) -> list[Path]:
         raise CheckpointError(
             f"base `{path}` has only pickle weights (.bin); convert it to safetensors first, e.g. "
             "`AutoModelForCausalLM.from_pretrained(p).save_pretrained(p2)`"
+        )
+    if any(path.glob("*.gguf")):
+        raise CheckpointError(
+            f"base `{path}` holds only GGUF files (llama.cpp's quantized format), which mergekit-lite does not "
+            "dequantize; convert it to safetensors first, e.g. `AutoModelForCausalLM.from_pretrained(p, "
+            "gguf_file=...).save_pretrained(p2)`"
         )
     raise CheckpointError(f"base `{path}` has no model.safetensors or {INDEX}")
 

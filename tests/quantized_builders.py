@@ -1,0 +1,125 @@
+"""Tiny Llama bases quantized by bitsandbytes on CPU, saved by transformers in the real packed
+layout, and a way to damage them (tests/test_quantized.py).
+
+bitsandbytes prints a warning on import about a CPU kernel it cannot fetch; it is silenced here.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from builders import BASE_CONFIGS, save_base
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How a base is quantized: bitsandbytes 4-bit (`quant_type`) or 8-bit (`int8`)."""
+
+    quant_type: str = "nf4"
+    double: bool = False
+    storage: torch.dtype = torch.uint8
+    blocksize: int = 64  # not 64: re-quantized after saving (transformers always uses 64)
+    int8: bool = False
+
+
+VARIANTS = {
+    "nf4-dq": Variant("nf4", double=True),
+    "nf4": Variant("nf4"),
+    "fp4-dq": Variant("fp4", double=True),
+    "fp4": Variant("fp4"),
+    "nf4-dq-bf16-storage": Variant("nf4", double=True, storage=torch.bfloat16),
+    "nf4-dq-block128": Variant("nf4", double=True, blocksize=128),
+    "fp4-block32": Variant("fp4", blocksize=32),
+    "int8": Variant(int8=True),
+}
+
+
+class QuantZoo:
+    """A bfloat16 tiny Llama and its quantized versions, each built once."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._done: dict[str, Path] = {}
+
+    def dense(self) -> Path:
+        if "dense" not in self._done:
+            f32 = save_base(BASE_CONFIGS["llama"](), self.root / "dense-f32")
+            self._done["dense"] = _resave(f32, self.root / "dense", torch.bfloat16)
+        return self._done["dense"]
+
+    def quantized(self, name: str) -> Path:
+        if name not in self._done:
+            self._done[name] = quantize(self.dense(), self.root / name, VARIANTS[name])
+        return self._done[name]
+
+
+def _resave(src: Path, out: Path, dtype: torch.dtype) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        AutoModelForCausalLM.from_pretrained(src, dtype=dtype).save_pretrained(out)
+    return out
+
+
+def quantize(dense: Path, out: Path, v: Variant) -> Path:
+    """`dense` quantized by transformers + bitsandbytes on CPU and saved to `out`."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if v.int8:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=v.quant_type,
+            bnb_4bit_use_double_quant=v.double,
+            bnb_4bit_quant_storage=v.storage,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(
+            dense, quantization_config=config, dtype=torch.bfloat16, device_map="cpu"
+        )
+        model.save_pretrained(out)
+    if v.blocksize != 64:
+        _requantize(dense, out, v)
+    return out
+
+
+def _requantize(dense: Path, out: Path, v: Variant) -> None:
+    """Replace each 4-bit weight's parts by bitsandbytes' quantize_4bit at `v.blocksize`, serialized
+    as Params4bit does (QuantState.as_dict(packed=True))."""
+    import bitsandbytes.functional as F
+
+    original = load_file(dense / "model.safetensors")
+    tensors = load_file(out / "model.safetensors")
+    for name in [n for n in tensors if ".quant_state." in n]:
+        weight = name.split(".quant_state.")[0]
+        for key in [k for k in tensors if k == weight or k.startswith(weight + ".")]:
+            del tensors[key]
+        packed, state = F.quantize_4bit(
+            original[weight], blocksize=v.blocksize, quant_type=v.quant_type, compress_statistics=v.double
+        )
+        tensors[weight] = packed
+        for key, value in state.as_dict(packed=True).items():
+            tensors[f"{weight}.{key}"] = value
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+
+
+def damaged(src: Path, out: Path, change) -> Path:
+    """A copy of the checkpoint `src` at `out` whose tensors `change(tensors)` has edited in place."""
+    shutil.copytree(src, out)
+    tensors = load_file(out / "model.safetensors")
+    change(tensors)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
