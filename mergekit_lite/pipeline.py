@@ -153,7 +153,14 @@ def execute(job: Job, progress: Progress | None = None, verify: bool = True, kee
             write_index(stage, job.plan)
             if source is not None:
                 copy_tokenizer(source, stage)
-            write_configs(stage, job.checkpoint.path, job.checkpoint.config, job.plan, load_tokenizer(source))
+            write_configs(
+                stage,
+                job.checkpoint.path,
+                job.checkpoint.config,
+                job.plan,
+                load_tokenizer(source),
+                compat=m.output.compat,
+            )
             report = None
             if verify and m.verify.enabled:
                 report = run_gate(
@@ -164,6 +171,7 @@ def execute(job: Job, progress: Progress | None = None, verify: bool = True, kee
                     settings=m.verify,
                     device_map=m.device_map,
                     tokenizer_source=source,
+                    portable=m.output.compat,
                 )
                 if not report.passed:
                     kept = publish_module.keep_rejected(stage, output) if keep_rejected else None
@@ -288,6 +296,7 @@ def verify_release(manifest_path: str | Path, against: str | Path | None = None)
         device_map=m.device_map,
         tokenizer_source=source,
         integrity=True,
+        portable=m.output.compat,
     )
 
 

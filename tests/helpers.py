@@ -91,6 +91,7 @@ def write_manifest(
     max_shard_size: str | None = None,
     *,
     overwrite: bool | None = None,
+    compat: bool | None = None,
     absolute: bool = False,
     name: str = "manifest.yaml",
     **sections: object,
@@ -116,6 +117,8 @@ def write_manifest(
         output["max_shard_size"] = max_shard_size
     if overwrite is not None:
         output["overwrite"] = overwrite
+    if compat is not None:
+        output["compat"] = compat
     manifest = {"base": where(base), "adapters": entries, "dtype": dtype, "output": output}
     manifest.update({key: value for key, value in sections.items() if value is not None})
     path = folder / name

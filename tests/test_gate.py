@@ -214,6 +214,29 @@ def _rope_theta(built: Built, folder: Path) -> None:
     write_sha256sums(folder)
 
 
+def _rope_theta_one_layout(layout: str):
+    """A RoPE value changed in one layout of a portable config only: transformers 4 reads the top-level
+    `rope_theta`, transformers 5 `rope_parameters`; one of them would load the release silently wrong."""
+
+    def seed(built: Built, folder: Path) -> None:
+        def edit(doc):
+            assert doc["rope_theta"] == doc["rope_parameters"]["rope_theta"]  # the release is portable
+            if layout == "v4":
+                doc["rope_theta"] = 10.0
+            else:
+                doc["rope_parameters"] = {**doc["rope_parameters"], "rope_theta": 10.0}
+
+        _edit_json(folder / "config.json", edit)
+        write_sha256sums(folder)
+
+    return seed
+
+
+def _tokenizer_class_v5_only(built: Built, folder: Path) -> None:
+    _edit_json(folder / "tokenizer_config.json", lambda doc: doc.__setitem__("tokenizer_class", "TokenizersBackend"))
+    write_sha256sums(folder)
+
+
 @dataclass(frozen=True)
 class Defect:
     seed: Callable[[Built, Path], None]
@@ -291,6 +314,19 @@ EXTRA: dict[str, Defect] = {
     ),
     "tokenizer_json_corrupt": Defect(_tokenizer_corrupt, ("packaging", "tokenizer shipped"), "JSONDecodeError"),
     "tokenizer_eos_changed": Defect(_eos_token_changed, ("packaging", ""), also=("packaging",)),
+    # the portable layout (output.compat): the transformers 5 run cannot see a change in 4.x's keys alone
+    "rope_theta_changed_in_v4_layout_only": Defect(
+        _rope_theta_one_layout("v4"), ("packaging", "transformers 4 keys agree"), "rope.rope_theta"
+    ),
+    "rope_theta_changed_in_v5_layout_only": Defect(
+        _rope_theta_one_layout("v5"),
+        ("packaging", "transformers 4 keys agree"),
+        "rope.rope_theta",
+        also=("end_to_end",),
+    ),
+    "tokenizer_class_v5_only": Defect(
+        _tokenizer_class_v5_only, ("packaging", "readable by transformers 4"), "TokenizersBackend"
+    ),
     # a changed tensor's NaN/Inf is found through its product with the probes, an unchanged one's by a pass of its own
     "inf_in_changed_tensor": Defect(_set(Q0, _inf), ("structure", "no NaN or Inf"), Q0),
     "nan_in_unchanged_tensor": Defect(_set(NORM0, _nan_flat), ("structure", "no NaN or Inf"), NORM0),

@@ -11,6 +11,7 @@ from mergekit_lite.gate.algebra import check_algebra
 from mergekit_lite.gate.endtoend import DEFAULT_PROMPTS, EndToEnd, check_end_to_end, placement
 from mergekit_lite.gate.integrity import check_integrity
 from mergekit_lite.gate.packaging import check_packaging
+from mergekit_lite.gate.portable import check_portable
 from mergekit_lite.gate.report import GateReport
 from mergekit_lite.gate.structure import check_structure
 from mergekit_lite.gate.tolerances import thresholds
@@ -46,14 +47,16 @@ def run_gate(
     device_map: str,
     tokenizer_source: Path | None,
     integrity: bool = False,
+    portable: bool = True,
 ) -> GateReport:
     """Run every check on `candidate` (a release folder, staged or published) and return the report.
 
     `settings` is the manifest's `verify` section, `device_map` the merge's (the end-to-end models
     go there unless `verify.device_map` says otherwise), `tokenizer_source` the folder the release's
     tokenizer was copied from. With `integrity` (a published release), its files are first checked
-    against its SHA256SUMS and release.json. A check that cannot run fails its group; this raises
-    only for bugs.
+    against its SHA256SUMS and release.json. `portable` is the manifest's `output.compat` (the release
+    claims to be readable by transformers 4 too). A check that cannot run fails its group; this
+    raises only for bugs.
     """
     dtype = output_dtype(plan)
     limits = thresholds(dtype, settings.thresholds)
@@ -78,6 +81,12 @@ def run_gate(
         _guarded(report, "packaging", lambda: check_packaging(report, candidate, source, texts, plan.embedding_rows))
     else:
         report.skipped["packaging"] = "no tokenizer in the inputs"
+    if portable:
+        _guarded(report, "packaging", lambda: check_portable(report, candidate))
+    else:
+        report.skipped["packaging: transformers 4 layout"] = (
+            "`output.compat` is false: configs shipped as the source has them"
+        )
     if not settings.logits:
         report.skipped["end_to_end"] = "`verify.logits` is false"
     elif not report.passed:

@@ -98,6 +98,11 @@ class OutputSpec(Strict):
     path: str
     max_shard_size: str | int = "5GB"
     overwrite: bool = False
+    compat: bool = Field(
+        default=True,
+        description="Write config.json and tokenizer_config.json that transformers 4.4x reads as "
+        "transformers 5 does (legacy keys beside v5's); false ships them as the source has them.",
+    )
 
     @field_validator("max_shard_size")
     @classmethod

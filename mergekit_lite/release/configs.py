@@ -8,6 +8,7 @@ from typing import Any
 
 from mergekit_lite.plan.config import reconciled_config
 from mergekit_lite.plan.plan import Plan
+from mergekit_lite.release.compat import make_tokenizer_portable, portable_config
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -26,9 +27,18 @@ def write_index(folder: Path, plan: Plan) -> None:
     )
 
 
-def write_configs(folder: Path, base: Path, base_config: dict[str, Any], plan: Plan, tokenizer: Any = None) -> None:
-    """config.json reconciled with the output; generation_config.json carried over with the tokenizer's EOS."""
-    write_json(folder / "config.json", reconciled_config(base_config, plan))
+def write_configs(
+    folder: Path, base: Path, base_config: dict[str, Any], plan: Plan, tokenizer: Any = None, *, compat: bool = True
+) -> None:
+    """config.json reconciled with the output; generation_config.json carried over with the tokenizer's EOS.
+
+    With `compat` (`output.compat`, the default), config.json and the tokenizer_config.json already
+    copied into `folder` are made readable by transformers 4 as well (release/compat.py).
+    """
+    config = reconciled_config(base_config, plan)
+    write_json(folder / "config.json", portable_config(config) if compat else config)
+    if compat:
+        make_tokenizer_portable(folder)
     generation = generation_config(base, tokenizer)
     if generation is not None:
         write_json(folder / "generation_config.json", generation)
