@@ -16,6 +16,7 @@ from mergekit_lite.manifest.sections import CombineSpec
 from mergekit_lite.plan.combine import plan_combine
 from mergekit_lite.plan.memory import peak_bytes
 from mergekit_lite.plan.plan import CombinePlan, Op, Plan, PlannedTensor
+from mergekit_lite.plan.serving import serving_lint
 from mergekit_lite.sources.adapter import Adapter, AdapterKey
 from mergekit_lite.sources.checkpoint import Checkpoint
 from mergekit_lite.vocabulary import OP_ORDER, WHOLE_TENSOR, Layout
@@ -66,6 +67,7 @@ def build_plan(
         peak_bytes=peak_bytes(tensors, adapters, combined),
         accounted=accounted,
         combine=combined,
+        serving=serving_lint(adapters),
     )
 
 

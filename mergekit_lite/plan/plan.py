@@ -69,6 +69,7 @@ class Plan:
     peak_bytes: int
     accounted: list[str]  # adapter keys read but not applied (PEFT's copies of the original module)
     combine: CombinePlan | None = None  # several adapters combined into one (`combine:` other than sum)
+    serving: list[dict[str, Any]] = field(default_factory=list)  # could each adapter be served unmerged (serving.py)
 
     @property
     def total_bytes(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mergekit_lite.io.format import TORCH_NAMES
 from mergekit_lite.plan.plan import Op, Plan
+from mergekit_lite.plan.serving import lint_lines
 from mergekit_lite.sizes import human_bytes
 
 
@@ -47,6 +48,7 @@ def plan_table(plan: Plan, limit: int | None = None) -> str:
         f"embedding {tie}" + (f", {plan.embedding_rows} rows" if plan.embedding_rows else ""),
         f"memory    merge buffers up to {human_bytes(plan.peak_bytes)} (the tensor in hand, the reused row-block "
         "and output buffers, the writes in flight), on top of the process itself",
+        *lint_lines(plan.serving),
         "",
     ]
     rows = [("tensor", "shape", "dtype", "operations")]
