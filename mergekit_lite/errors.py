@@ -35,6 +35,12 @@ class OutputError(InputError):
     """The output location cannot be used (exists, is inside an input, no space)."""
 
 
+class OutputBusy(OutputError):
+    """Another run holds the output's lock. Exit code 75 (sysexits' EX_TEMPFAIL): retry later."""
+
+    exit_code = 75
+
+
 class MergeError(MergekitError):
     """The merge itself failed (for example a non-finite result). Exit code 1."""
 

@@ -25,7 +25,7 @@ from mergekit_lite.plan.plan import Plan
 from mergekit_lite.release import publish as publish_module
 from mergekit_lite.release.card import model_card
 from mergekit_lite.release.configs import write_configs, write_index, write_json
-from mergekit_lite.release.publish import check_output, new_parents, output_lock, publish, staging
+from mergekit_lite.release.publish import check_output, check_unlocked, new_parents, output_lock, publish, staging
 from mergekit_lite.release.receipt import resolved_manifest, write_checksums, write_receipt
 from mergekit_lite.sources.adapter import Adapter, read_adapter
 from mergekit_lite.sources.checkpoint import Checkpoint, read_checkpoint, weight_files
@@ -79,7 +79,10 @@ def prepare(manifest_path: str | Path, for_output: bool = True, hash_inputs: boo
     (a merge about to run), the base's weight files start being hashed for the receipt on a
     background thread as soon as their names are known (Job.inputs; execute adds the rest).
     """
-    loaded = resolve_hub_sources(load_manifest(manifest_path))  # hub ids -> local snapshot folders, once
+    loaded = load_manifest(manifest_path)
+    if for_output:
+        check_unlocked(loaded.output_path)  # a busy output is retryable (exit 75): said before any work
+    loaded = resolve_hub_sources(loaded)  # hub ids -> local snapshot folders, once
     m = loaded.manifest
     inputs = InputDigests(_base_files(loaded.base_path)) if hash_inputs else None
     try:

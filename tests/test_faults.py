@@ -489,7 +489,7 @@ def test_two_runs_on_one_output(rig: Rig, tmp_path: Path) -> None:
         began = time.monotonic()
         code, _, err = finish(start(manifest), timeout=120)
         waited = time.monotonic() - began
-        assert code == 2, err
+        assert code == 75, err
         expected = f"error: output `{output}` is being written by another run (pid {first.pid}); wait for it"
         assert one_error_line(err) == expected
         assert waited < rig.duration + 30, "the second run should not wait for the lock"

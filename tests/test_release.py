@@ -352,11 +352,12 @@ def test_second_concurrent_run_is_refused(inputs, tmp_path: Path) -> None:
             text=True,
             timeout=300,
         )
-        assert done.returncode == 2, done.stdout + done.stderr
+        assert done.returncode == 75, done.stdout + done.stderr  # busy: retryable, not bad input
         assert done.stderr.strip().splitlines()[-1] == (
             f"error: output `{output}` is being written by another run (pid {os.getpid()}); wait for it"
         )
         assert "Traceback" not in done.stderr
+        assert done.stdout == "", "nothing (no plan) is printed before the lock is known to be free"
         assert not output.exists()
         assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "manifest.yaml"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.yaml"]  # the lock goes with its holder

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mergekit_lite.errors import OutputError
+from mergekit_lite.errors import OutputBusy, OutputError
 from mergekit_lite.sizes import human_bytes
 
 
@@ -173,9 +173,7 @@ def _acquire(path: Path, output: Path) -> int:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise OutputError(
-                f"output `{output}` is being written by another run (pid {holder}); wait for it"
-            ) from None
+            raise _busy(output, holder) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -183,6 +181,30 @@ def _acquire(path: Path, output: Path) -> int:
         if same:
             return fd
         os.close(fd)
+
+
+def check_unlocked(output: Path) -> None:
+    """Refuse now, before any plan is printed or byte written, when another run holds the output's lock.
+
+    Opens the lock file only if it exists (creates nothing) and tests it with a shared flock, which
+    fails while a run holds it exclusively. The run still takes the lock itself later (output_lock).
+    """
+    import fcntl
+
+    try:
+        fd = os.open(output.parent / f".{output.name}.lock", os.O_RDONLY)
+    except OSError:  # no lock file (or no parent folder yet): nobody holds it
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _busy(output, os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown") from None
+    finally:
+        os.close(fd)  # closing releases the shared lock
+
+
+def _busy(output: Path, holder: str) -> OutputBusy:
+    return OutputBusy(f"output `{output}` is being written by another run (pid {holder}); wait for it")
 
 
 def recover_stale(output: Path) -> None:
