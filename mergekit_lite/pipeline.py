@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,7 @@ class Job:
     adapters: list[Adapter]
     plan: Plan
     inputs: InputDigests | None = None  # the inputs' digests, being computed (prepare's hash_inputs)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage: plan, merge, package, ...
 
 
 def prepare(manifest_path: str | Path, for_output: bool = True, hash_inputs: bool = False) -> Job:
@@ -79,6 +81,7 @@ def prepare(manifest_path: str | Path, for_output: bool = True, hash_inputs: boo
     (a merge about to run), the base's weight files start being hashed for the receipt on a
     background thread as soon as their names are known (Job.inputs; execute adds the rest).
     """
+    began = time.monotonic()
     loaded = load_manifest(manifest_path)
     if for_output:
         check_unlocked(loaded.output_path)  # a busy output is retryable (exit 75): said before any work
@@ -101,7 +104,7 @@ def prepare(manifest_path: str | Path, for_output: bool = True, hash_inputs: boo
         if inputs is not None:
             inputs.close()
         raise
-    return Job(loaded, checkpoint, adapters, plan, inputs)
+    return Job(loaded, checkpoint, adapters, plan, inputs, {"plan": time.monotonic() - began})
 
 
 def _base_files(base: Path) -> list[Path]:
@@ -136,6 +139,7 @@ def execute(job: Job, progress: Progress | None = None, verify: bool = True, kee
     loaded = job.manifest
     m = loaded.manifest
     output = loaded.output_path
+    lap = _stopwatch(job.timings)
     with job.inputs or InputDigests([]) as inputs:  # hashed on a background thread all along
         device = resolve_device(m.device_map)
         source = tokenizer_source(m.tokenizer, loaded.base_path, loaded.adapter_paths, loaded.resolve)
@@ -153,6 +157,7 @@ def execute(job: Job, progress: Progress | None = None, verify: bool = True, kee
                 progress=progress,
                 digests=digests,
             )
+            lap("merge")
             write_index(stage, job.plan)
             if source is not None:
                 copy_tokenizer(source, stage)
@@ -165,6 +170,7 @@ def execute(job: Job, progress: Progress | None = None, verify: bool = True, kee
                 compat=m.output.compat,
             )
             report = None
+            lap("package")
             if verify and m.verify.enabled:
                 report = run_gate(
                     job.plan,
@@ -176,12 +182,18 @@ def execute(job: Job, progress: Progress | None = None, verify: bool = True, kee
                     tokenizer_source=source,
                     portable=m.output.compat,
                 )
+                lap("verify")
                 if not report.passed:
-                    kept = publish_module.keep_rejected(stage, output) if keep_rejected else None
+                    kept = None
+                    if keep_rejected:  # the candidate goes with the report that rejected it
+                        write_json(stage / "verification.json", report.to_dict())
+                        kept = publish_module.keep_rejected(stage, output)
                     raise GateFailed(report, kept)
             _describe(job, stage, report, inputs.result(), digests)
+            lap("describe")
             with _interrupts_deferred() as interrupted:
                 publish(stage, output, m.output.overwrite)
+            lap("publish")
     if interrupted:
         what = "terminated (SIGTERM)" if signal.SIGTERM in interrupted else "interrupted"
         raise Interrupted(
@@ -189,6 +201,18 @@ def execute(job: Job, progress: Progress | None = None, verify: bool = True, kee
             143 if signal.SIGTERM in interrupted else 130,
         )
     return Result(output, report)
+
+
+def _stopwatch(timings: dict[str, float]) -> Callable[[str], None]:
+    """`lap(stage)` records the seconds since the previous lap (or since now) under `stage`."""
+    last = [time.monotonic()]
+
+    def lap(stage: str) -> None:
+        now = time.monotonic()
+        timings[stage] = timings.get(stage, 0.0) + now - last[0]
+        last[0] = now
+
+    return lap
 
 
 class Interrupted(MergekitError):

@@ -13,6 +13,7 @@ import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from mergekit_lite import run_merge
+from mergekit_lite import __version__, run_merge
 from mergekit_lite.cli import main
 from mergekit_lite.gate.report import fmt
 from mergekit_lite.pipeline import GateFailed, verify_release
@@ -565,7 +566,18 @@ def test_no_verify_publishes_marked_not_verified(inputs, tmp_path: Path) -> None
     assert "verification SKIPPED" in result.stdout
     out = tmp_path / "out"
     verification = json.loads((out / "verification.json").read_text())
-    assert verification == {"passed": None, "verified": False, "skipped": {"all": "--no-verify"}, "checks": []}
+    stamp = {k: verification.pop(k) for k in ("timestamp", "tool")}
+    assert verification == {
+        "schema": "mergekit-lite/verification/1",
+        "verdict": "skipped",
+        "passed": None,
+        "verified": False,
+        "failed": [],
+        "skipped": {"all": "--no-verify"},
+        "checks": [],
+    }
+    assert stamp["tool"] == {"name": "mergekit-lite", "version": __version__}
+    assert datetime.fromisoformat(stamp["timestamp"]).tzinfo is not None
     assert "NOT VERIFIED" in (out / "README.md").read_text()
     receipt = json.loads((out / "release.json").read_text())
     assert receipt["verification"] == {"passed": None, "verified": False}

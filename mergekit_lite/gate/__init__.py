@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -110,9 +111,12 @@ def run_gate(
 
 
 def _guarded(report: GateReport, group: str, check: Callable[[], T]) -> T | None:
-    """Run one group of checks; a candidate so broken that a check cannot run fails that group."""
+    """Run one group of checks, timed; a candidate so broken that a check cannot run fails that group."""
+    began = time.monotonic()
     try:
         return check()
     except Exception as exc:  # noqa: BLE001  the gate reports on bad candidates, it does not crash on them
         report.add(group, "checks could run", False, figure=type(exc).__name__, threshold="", detail=str(exc)[:300])
         return None
+    finally:
+        report.timings[group] = report.timings.get(group, 0.0) + time.monotonic() - began

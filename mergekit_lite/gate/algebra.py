@@ -119,6 +119,7 @@ def check_algebra(
             figure=value,
             threshold=limit,
             detail=f"worst: {worst.name}",
+            id=f"algebra.{metric}",
         )
 
 

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
+from mergekit_lite._version import __version__
+
 GROUPS = ("integrity", "structure", "algebra", "end_to_end", "packaging")
+SCHEMA = "mergekit-lite/verification/1"  # verification.json; bump on an incompatible change
 
 
 @dataclass
@@ -20,6 +25,48 @@ class Check:
     figure: Any = None
     threshold: Any = None
     detail: str = ""
+    id: str = ""  # stable across runs and models: `group.slug`; see check_id
+
+    def to_dict(self) -> dict[str, Any]:
+        """The check for JSON: `figure` and `threshold` are numbers or null; a non-numeric one
+        (a state such as "missing", a list, inf) is in `figure_text` / `threshold_text`."""
+        figure, figure_text = _number(self.figure)
+        threshold, threshold_text = _number(self.threshold)
+        return {
+            "id": self.id,
+            "group": self.group,
+            "name": self.name,
+            "passed": self.passed,
+            "figure": figure,
+            "threshold": threshold,
+            "figure_text": figure_text,
+            "threshold_text": threshold_text,
+            "detail": self.detail,
+        }
+
+
+def check_id(group: str, name: str) -> str:
+    """A check's stable id from its group and name: lower case, counts dropped, so that
+    "210 unchanged tensors equal the base" is `algebra.unchanged_tensors_equal_the_base` on
+    every model. A check whose name says nothing stable passes its own id to `GateReport.add`."""
+    words = re.sub(r"\s*\([^)]*\d[^)]*\)", " ", name)  # "(210 changed tensors)"
+    words = re.sub(r"(?<![\w.])\d+(\.\d+)?(?![\w.])", " ", words)  # a count standing alone
+    slug = re.sub(r"[^a-z0-9]+", "_", words.lower()).strip("_")
+    return f"{group}.{slug}"
+
+
+def _number(value: Any) -> tuple[float | int | None, str | None]:
+    if isinstance(value, bool):
+        return int(value), None
+    if isinstance(value, int | float) and math.isfinite(value):
+        return value, None
+    if value is None or value == "":
+        return None, None
+    return None, value if isinstance(value, str) else json.dumps(value)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -30,6 +77,8 @@ class GateReport:
     checks: list[Check] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     context: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per group, as run
+    timestamp: str = field(default_factory=_now)  # when the gate started (UTC)
 
     @property
     def passed(self) -> bool:
@@ -40,19 +89,40 @@ class GateReport:
         return [c for c in self.checks if not c.passed]
 
     def add(
-        self, group: str, name: str, passed: bool, *, figure: Any = None, threshold: Any = None, detail: str = ""
+        self,
+        group: str,
+        name: str,
+        passed: bool,
+        *,
+        figure: Any = None,
+        threshold: Any = None,
+        detail: str = "",
+        id: str | None = None,
     ) -> Check:
-        """Record one check: `figure` measured against `threshold`, `detail` the first problem found."""
-        check = Check(group, name, bool(passed), _plain(figure), _plain(threshold), detail)
+        """Record one check: `figure` measured against `threshold`, `detail` the first problem found.
+
+        `id` (default: check_id of group and name) must be unique in the report: a duplicate is a bug.
+        """
+        check_key = id or check_id(group, name)
+        if any(c.id == check_key for c in self.checks):
+            raise ValueError(f"two gate checks share the id `{check_key}`; pass `id=` to tell them apart")
+        check = Check(group, name, bool(passed), _plain(figure), _plain(threshold), detail, check_key)
         self.checks.append(check)
         return check
 
     def to_dict(self) -> dict[str, Any]:
+        """verification.json: the verdict, every check by id, numeric figures, when and by what."""
         return {
+            "schema": SCHEMA,
+            "tool": {"name": "mergekit-lite", "version": __version__},
+            "timestamp": self.timestamp,
+            "verdict": "passed" if self.passed else "failed",
             "passed": self.passed,
+            "failed": [c.id for c in self.failures],
             "dtype": self.dtype,
-            "checks": [asdict(c) for c in self.checks],
+            "checks": [c.to_dict() for c in self.checks],
             "skipped": self.skipped,
+            "timings": {group: round(seconds, 3) for group, seconds in self.timings.items()},
             "context": self.context,
         }
 
@@ -62,7 +132,17 @@ class GateReport:
 
 def skipped_report(reason: str) -> dict[str, Any]:
     """verification.json for a release published without the gate."""
-    return {"passed": None, "verified": False, "skipped": {"all": reason}, "checks": []}
+    return {
+        "schema": SCHEMA,
+        "tool": {"name": "mergekit-lite", "version": __version__},
+        "timestamp": _now(),
+        "verdict": "skipped",
+        "passed": None,
+        "verified": False,
+        "failed": [],
+        "checks": [],
+        "skipped": {"all": reason},
+    }
 
 
 def _plain(value: Any) -> Any:
@@ -84,22 +164,32 @@ def fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def table(report: GateReport) -> str:
-    """The report as an aligned text table for the terminal."""
+def ordered(report: GateReport) -> list[Check]:
+    """The checks failures first (in the order they ran), then the passing ones."""
+    return report.failures + [c for c in report.checks if c.passed]
+
+
+def verdict_line(report: GateReport, title: str) -> str:
+    """The one line that heads the report wherever it is shown, the same for merge and verify."""
+    verdict = "PASSED" if report.passed else f"FAILED ({len(report.failures)} of {len(report.checks)} checks)"
+    return f"{title}: verification {verdict}"
+
+
+def table(report: GateReport, title: str = "release", note: str = "") -> str:
+    """The report for the terminal: the verdict first (then `note`), failing checks first, aligned."""
     rows = [("", "check", "figure", "threshold", "detail")]
-    for c in report.checks:
+    for c in ordered(report):
         rows.append(("ok" if c.passed else "FAIL", f"{c.group}: {c.name}", fmt(c.figure), fmt(c.threshold), c.detail))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + ("  " + r[4] if r[4] else "") for r in rows]
+    lines = [verdict_line(report, title), *([note] if note else [])]
+    lines += ["  ".join(r[i].ljust(widths[i]) for i in range(4)) + ("  " + r[4] if r[4] else "") for r in rows]
     for group, reason in report.skipped.items():
         lines.append(f"skip  {group}: {reason}")
-    verdict = "PASSED" if report.passed else f"FAILED ({len(report.failures)} of {len(report.checks)} checks)"
-    lines.append(f"verification {verdict}")
     return "\n".join(lines)
 
 
 def markdown(report: GateReport, title: str) -> str:
-    """A Markdown summary (for the model card and $GITHUB_STEP_SUMMARY)."""
+    """A Markdown summary (for the model card and $GITHUB_STEP_SUMMARY), failing checks first."""
     verdict = "passed" if report.passed else "**FAILED**"
     lines = [
         f"### {title}: verification {verdict}",
@@ -107,7 +197,7 @@ def markdown(report: GateReport, title: str) -> str:
         "| | check | figure | threshold | detail |",
         "|---|---|---|---|---|",
     ]
-    for c in report.checks:
+    for c in ordered(report):
         mark = "✅" if c.passed else "❌"
         cells = [mark, f"{c.group}: {c.name}", fmt(c.figure), fmt(c.threshold), c.detail]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
