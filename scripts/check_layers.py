@@ -23,6 +23,7 @@ LAYERS = [
     ("merge",),
     ("gate",),
     ("release",),
+    ("outcome",),
     ("pipeline", "tools"),
     ("__init__", "cli", "__main__"),
 ]

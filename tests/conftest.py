@@ -12,6 +12,9 @@ import warnings
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# a suite run inside CI must not see CI's variables: tests that want them set them (test_ci.py)
+for _name in ("CI", "GITHUB_ACTIONS", "GITHUB_OUTPUT", "GITHUB_STEP_SUMMARY", "TQDM_DISABLE"):
+    os.environ.pop(_name, None)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the input-digest cache (mergekit_lite/io/digests.py) of this test session, never the user's
 os.environ["MERGEKIT_LITE_CACHE"] = __import__("tempfile").mkdtemp(prefix="mergekit-lite-digests-")
