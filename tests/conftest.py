@@ -193,6 +193,14 @@ def zoo(tmp_path_factory) -> Zoo:
 
 
 @pytest.fixture(scope="session")
+def qzoo(tmp_path_factory):
+    """Tiny Llamas quantized by bitsandbytes (tests/quantized_builders.py)."""
+    from quantized_builders import QuantZoo
+
+    return QuantZoo(tmp_path_factory.mktemp("quantized"))
+
+
+@pytest.fixture(scope="session")
 def merger(zoo, tmp_path_factory) -> Merger:
     return Merger(zoo, tmp_path_factory.mktemp("merges"))
 

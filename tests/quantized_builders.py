@@ -6,6 +6,7 @@ bitsandbytes prints a warning on import about a CPU kernel it cannot fetch; it i
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import warnings
@@ -18,6 +19,8 @@ from safetensors.torch import load_file, save_file
 from builders import BASE_CONFIGS, save_base
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+WEIGHT = "model.layers.0.self_attn.q_proj.weight"  # a quantized weight, which the damages below change
 
 
 @dataclass(frozen=True)
@@ -117,9 +120,57 @@ def _requantize(dense: Path, out: Path, v: Variant) -> None:
 
 
 def damaged(src: Path, out: Path, change) -> Path:
-    """A copy of the checkpoint `src` at `out` whose tensors `change(tensors)` has edited in place."""
+    """A copy of the checkpoint `src` at `out` whose tensors `change(tensors)` (if given) has edited in place."""
     shutil.copytree(src, out)
+    if change is None:
+        return out
     tensors = load_file(out / "model.safetensors")
     change(tensors)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     return out
+
+
+def bnb_dequantized(folder) -> dict[str, torch.Tensor]:
+    """transformers' load with bitsandbytes, then model.dequantize(): bitsandbytes' own
+    dequantize_4bit / int8_vectorwise_dequant on every quantized weight."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
+    model.dequantize()
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- damages
+
+
+def _state_name(tensors):
+    return next(k for k in tensors if k.startswith(WEIGHT + ".quant_state."))
+
+
+def truncated_state(tensors):
+    name = _state_name(tensors)
+    tensors[name] = tensors[name][: len(tensors[name]) // 2].clone()
+
+
+def short_absmax(tensors):
+    tensors[WEIGHT + ".absmax"] = tensors[WEIGHT + ".absmax"][:-1].clone()
+
+
+def unknown_quant_type(tensors):
+    name = _state_name(tensors)
+    state = json.loads(bytes(tensors[name].tolist()))
+    state["quant_type"] = "nf3"
+    tensors[name] = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+
+
+def other_table(tensors):
+    tensors[WEIGHT + ".quant_map"] = tensors[WEIGHT + ".quant_map"].flip(0).clone()
+
+
+def no_quant_state(tensors):
+    del tensors[_state_name(tensors)]
+
+
+def short_scb(tensors):
+    name = WEIGHT.replace(".weight", ".SCB")
+    tensors[name] = tensors[name][:-1].clone()

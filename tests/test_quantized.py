@@ -12,35 +12,30 @@ import torch
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
-from quantized_builders import VARIANTS, QuantZoo, damaged  # noqa: E402
+from quantized_builders import (  # noqa: E402
+    VARIANTS,
+    WEIGHT,
+    bnb_dequantized,
+    damaged,
+    no_quant_state,
+    other_table,
+    short_absmax,
+    short_scb,
+    truncated_state,
+    unknown_quant_type,
+)
 
 from mergekit_lite.errors import CheckpointError  # noqa: E402
 from mergekit_lite.io.dequant import code_table, dequantize_4bit, nested_absmax  # noqa: E402
 from mergekit_lite.io.reader import TensorReader  # noqa: E402
 from mergekit_lite.sources.checkpoint import read_checkpoint  # noqa: E402
 
-WEIGHT = "model.layers.0.self_attn.q_proj.weight"
 LINEARS = 2 * 7  # quantized Linear weights of the tiny Llama (lm_head stays dense)
-
-
-@pytest.fixture(scope="session")
-def qzoo(tmp_path_factory) -> QuantZoo:
-    return QuantZoo(tmp_path_factory.mktemp("quantized"))
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     """A float tensor's bit patterns, so that -0.0 and 0.0 (and NaN payloads) compare as stored."""
     return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
-def bnb_dequantized(folder) -> dict[str, torch.Tensor]:
-    """transformers' load with bitsandbytes, then model.dequantize(): bitsandbytes' own
-    dequantize_4bit / int8_vectorwise_dequant on every quantized weight."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
-    model.dequantize()
-    return {k: v.detach() for k, v in model.state_dict().items()}
 
 
 def ours(folder) -> dict[str, torch.Tensor]:
@@ -93,8 +88,9 @@ def _absmax(state, nested):
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("blocksize", [32, 128, 4096])
 @pytest.mark.parametrize("nested", [False, True])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("shape", [(48, 80), (33, 35)])
+@pytest.mark.parametrize(
+    ("dtype", "shape"), [(torch.bfloat16, (48, 80)), (torch.float16, (33, 35)), (torch.float32, (5, 3000))]
+)
 def test_dequantize_4bit_bit_for_bit(quant_type, blocksize, nested, dtype, shape):
     packed, state = _quantized(shape, dtype, quant_type, blocksize, nested)
     want = bnb_functional.dequantize_4bit(packed, state)
@@ -131,46 +127,13 @@ def test_code_tables_are_bitsandbytes(quant_type):
     assert not torch.equal(bits(code_table("fp4" if quant_type == "nf4" else "nf4")), bits(want))  # control
 
 
-def _state_name(tensors):
-    return next(k for k in tensors if k.startswith(WEIGHT + ".quant_state."))
-
-
-def _truncate_state(tensors):
-    name = _state_name(tensors)
-    tensors[name] = tensors[name][: len(tensors[name]) // 2].clone()
-
-
-def _short_absmax(tensors):
-    tensors[WEIGHT + ".absmax"] = tensors[WEIGHT + ".absmax"][:-1].clone()
-
-
-def _unknown_type(tensors):
-    name = _state_name(tensors)
-    state = json.loads(bytes(tensors[name].tolist()))
-    state["quant_type"] = "nf3"
-    tensors[name] = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
-
-
-def _other_table(tensors):
-    tensors[WEIGHT + ".quant_map"] = tensors[WEIGHT + ".quant_map"].flip(0).clone()
-
-
-def _no_state(tensors):
-    del tensors[_state_name(tensors)]
-
-
-def _short_scb(tensors):
-    name = WEIGHT.replace(".weight", ".SCB")
-    tensors[name] = tensors[name][:-1].clone()
-
-
 BAD = {  # damage -> (variant, words the one-line error must contain)
-    "truncated quant_state": (_truncate_state, "nf4-dq", ["quant_state", "not a complete"]),
-    "absmax length": (_short_absmax, "nf4", ["absmax", "[16]"]),
-    "unknown quant_type": (_unknown_type, "nf4-dq", ["quant_type", "'nf3'"]),
-    "foreign quant_map": (_other_table, "fp4", ["quant_map", "fp4 table"]),
-    "missing quant_state": (_no_state, "nf4-dq", ["absmax", "no quant_state"]),
-    "SCB length": (_short_scb, "int8", ["SCB", "[32]"]),
+    "truncated quant_state": (truncated_state, "nf4-dq", ["quant_state", "not a complete"]),
+    "absmax length": (short_absmax, "nf4", ["absmax", "[16]"]),
+    "unknown quant_type": (unknown_quant_type, "nf4-dq", ["quant_type", "'nf3'"]),
+    "foreign quant_map": (other_table, "fp4", ["quant_map", "fp4 table"]),
+    "missing quant_state": (no_quant_state, "nf4-dq", ["absmax", "no quant_state"]),
+    "SCB length": (short_scb, "int8", ["SCB", "[32]"]),
 }
 
 

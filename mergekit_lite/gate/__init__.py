@@ -105,6 +105,7 @@ def run_gate(
             embedding_rows=plan.embedding_rows,
             fixed=frozenset(settings.thresholds),
             combine=plan.combine,
+            dequantized=checkpoint.tensors if checkpoint.quantization else None,
         )
         _guarded(report, "end_to_end", lambda: check_end_to_end(report, check))
     return report

@@ -25,8 +25,10 @@ from typing import Any
 
 import torch
 
+from mergekit_lite.gate.dequantized import dequantized_base, dequantizer
 from mergekit_lite.gate.report import GateReport
 from mergekit_lite.gate.tolerances import within
+from mergekit_lite.io.format import TensorEntry
 from mergekit_lite.manifest.sections import AUTO_PLACEMENTS, VerifySpec
 from mergekit_lite.plan.combine import COMBINED
 from mergekit_lite.plan.plan import CombinePlan
@@ -72,17 +74,22 @@ def reference_model(
     *,
     embedding_rows: int | None = None,
     combine: CombinePlan | None = None,
+    dequantized: dict[str, TensorEntry] | None = None,
 ):
     """PEFT's base + adapters, unmerged, each adapter's scaling multiplied by its manifest weight;
     with `combine`, PEFT's add_weighted_adapter of them instead (see _add_combined).
 
     When the adapters resize the vocabulary, the base is resized first, as the training recipe did.
+    A base stored quantized (`dequantized`: its tensors) is first made dense (gate/dequantized.py).
     """
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **loading)
+    if dequantized is not None:
+        model, _ = dequantized_base(base, dequantized, dtype, loading)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **loading)
     if embedding_rows is not None and embedding_rows != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(embedding_rows)
     names = [f"adapter_{i}" for i in range(len(adapters))]
@@ -239,6 +246,7 @@ class EndToEnd:
     embedding_rows: int | None = None
     fixed: frozenset[str] = frozenset()
     combine: CombinePlan | None = None
+    dequantized: dict[str, TensorEntry] | None = None  # the base's tensors, when it is stored quantized
 
 
 def check_end_to_end(report: GateReport, check: EndToEnd) -> None:
@@ -260,8 +268,16 @@ def _run(report: GateReport, check: EndToEnd, dtype: torch.dtype, limits: dict[s
 
     with check.placement.loading() as (for_reference, for_release):
         reference = reference_model(
-            check.base, check.adapters, dtype, for_reference, embedding_rows=check.embedding_rows, combine=check.combine
+            check.base,
+            check.adapters,
+            dtype,
+            for_reference,
+            embedding_rows=check.embedding_rows,
+            combine=check.combine,
+            dequantized=check.dequantized,
         )
+        if check.dequantized is not None:
+            report.context["reference_base"] = f"dequantized by {dequantizer()}"
         merged = AutoModelForCausalLM.from_pretrained(check.candidate, dtype=dtype, **for_release).eval()
         report.context["placement"] = check.placement.describe(reference, merged)
         _measure(report, (reference, merged), dtype, check, limits)

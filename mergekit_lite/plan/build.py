@@ -68,6 +68,7 @@ def build_plan(
         accounted=accounted,
         combine=combined,
         serving=serving_lint(adapters),
+        base_quantization=ckpt.quantization,
     )
 
 

@@ -70,6 +70,7 @@ class Plan:
     accounted: list[str]  # adapter keys read but not applied (PEFT's copies of the original module)
     combine: CombinePlan | None = None  # several adapters combined into one (`combine:` other than sum)
     serving: list[dict[str, Any]] = field(default_factory=list)  # could each adapter be served unmerged (serving.py)
+    base_quantization: str = ""  # how the base is stored quantized (merged into its dequantized values); "" if dense
 
     @property
     def total_bytes(self) -> int:

@@ -25,6 +25,8 @@ def plan_table(plan: Plan, limit: int | None = None) -> str:
     """The plan as text: a summary, the adapters, and one row per changed tensor."""
     changed = [t for t in plan.tensors if t.changed]
     lines = [f"base      {plan.base}"]
+    if plan.base_quantization:
+        lines.append(f"          stored as {plan.base_quantization}: merged into its dequantized weights")
     for a in plan.adapters:
         lines.append(
             f"adapter {a['index']} {a['path']}  ({a['variant']}, r={a['r']}, alpha={a['lora_alpha']}, "

@@ -59,6 +59,11 @@ def model_card(
         f"- tensors: {summary['tensors']} ({summary['changed_tensors']} changed by the adapters), "
         f"{len(summary['shards'])} shard(s), {summary['total_size']} bytes",
         f"- tied embeddings: base {plan.tied_in}, release {plan.tied_out}",
+        *(
+            [f"- merged into: the base's dequantized weights (stored as {plan.base_quantization})"]
+            if plan.base_quantization
+            else []
+        ),
         f"- adapters combined: {_combine_line(summary['combine'])}",
         "",
         gate_markdown

@@ -1,0 +1,56 @@
+"""The end-to-end reference's base when the base is stored quantized: the dense model it stands for.
+
+PEFT's reference (gate/endtoend.py) wraps exactly the weights the release was merged into, the
+dequantized ones. Where bitsandbytes is installed they come from transformers' own quantized load
+followed by `model.dequantize()`, which runs bitsandbytes' kernels: a dequantizer independent of
+the merge's (io/dequant.py). Without it, the model class is filled with io/dequant.py's values,
+and the report says so: then the end-to-end check still tests the merge, not the dequantization.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergekit_lite.io.format import TensorEntry
+from mergekit_lite.io.reader import TensorReader
+
+BY_BITSANDBYTES = "bitsandbytes (transformers' quantized load, then model.dequantize())"
+BY_MERGEKIT = "mergekit-lite's own dequantizer (bitsandbytes is not installed)"
+
+
+def dequantizer() -> str:
+    """Who dequantizes the reference's base here."""
+    return BY_BITSANDBYTES if importlib.util.find_spec("bitsandbytes") is not None else BY_MERGEKIT
+
+
+def dequantized_base(base: Path, tensors: dict[str, TensorEntry], dtype: torch.dtype, loading: dict[str, Any]):
+    """(the base as a dense transformers model in `dtype`, who dequantized it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if dequantizer() == BY_BITSANDBYTES:
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its import warns about a CPU kernel
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(base, device_map=loading.get("device_map", "cpu"))
+            model.dequantize()
+        return model.to(dtype), BY_BITSANDBYTES
+    config = AutoConfig.from_pretrained(base)
+    config.quantization_config = None
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    reader = TensorReader(tensors)
+    state = {name: reader.get(name).to(dtype) for name in tensors}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {name for name, p in model.named_parameters(remove_duplicate=False)} - set(
+        name for name, _ in model.named_parameters()
+    )
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"the dequantized base does not fit its model class: {sorted(missing)} {sorted(unexpected)}")
+    model.tie_weights()
+    return model, BY_MERGEKIT
