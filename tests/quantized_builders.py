@@ -25,13 +25,15 @@ WEIGHT = "model.layers.0.self_attn.q_proj.weight"  # a quantized weight, which t
 
 @dataclass(frozen=True)
 class Variant:
-    """How a base is quantized: bitsandbytes 4-bit (`quant_type`) or 8-bit (`int8`)."""
+    """How a base is quantized: bitsandbytes 4-bit (`quant_type`) or 8-bit (`int8`), or FP8 in
+    blocks of `fp8_block` (rows, columns)."""
 
     quant_type: str = "nf4"
     double: bool = False
     storage: torch.dtype = torch.uint8
     blocksize: int = 64  # not 64: re-quantized after saving (transformers always uses 64)
     int8: bool = False
+    fp8_block: tuple[int, int] | None = None
 
 
 VARIANTS = {
@@ -43,6 +45,8 @@ VARIANTS = {
     "nf4-dq-block128": Variant("nf4", double=True, blocksize=128),
     "fp4-block32": Variant("fp4", blocksize=32),
     "int8": Variant(int8=True),
+    "fp8-16": Variant(fp8_block=(16, 16)),
+    "fp8-8x32": Variant(fp8_block=(8, 32)),
 }
 
 
@@ -75,9 +79,11 @@ def _resave(src: Path, out: Path, dtype: torch.dtype) -> Path:
 
 
 def quantize(dense: Path, out: Path, v: Variant) -> Path:
-    """`dense` quantized by transformers + bitsandbytes on CPU and saved to `out`."""
+    """`dense` quantized by transformers + bitsandbytes on CPU and saved to `out` (FP8: by fp8_blocks)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    if v.fp8_block is not None:
+        return fp8_blocks(dense, out, v.fp8_block)
     if v.int8:
         config = BitsAndBytesConfig(load_in_8bit=True)
     else:
@@ -119,6 +125,30 @@ def _requantize(dense: Path, out: Path, v: Variant) -> None:
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
 
 
+def fp8_blocks(dense: Path, out: Path, block: tuple[int, int]) -> Path:
+    """`dense` in transformers' FineGrainedFP8 layout, quantized as its FP8 quantizer does: every
+    Linear weight float8_e4m3fn, scaled per block by amax / 448 (stored as `weight_scale_inv`)."""
+    shutil.copytree(dense, out)
+    tensors = load_file(out / "model.safetensors")
+    bo, bi = block
+    for name in [n for n in tensors if n.endswith("proj.weight")]:
+        w = tensors[name].float()
+        rows, cols = w.shape
+        grid = w.reshape(rows // bo, bo, cols // bi, bi)
+        scale = grid.abs().amax(dim=(1, 3)) / torch.finfo(torch.float8_e4m3fn).max
+        tensors[name] = (grid / scale[:, None, :, None]).reshape(rows, cols).to(torch.float8_e4m3fn)
+        tensors[name + "_scale_inv"] = scale
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [bo, bi],
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
 def damaged(src: Path, out: Path, change) -> Path:
     """A copy of the checkpoint `src` at `out` whose tensors `change(tensors)` (if given) has edited in place."""
     shutil.copytree(src, out)
@@ -131,12 +161,20 @@ def damaged(src: Path, out: Path, change) -> Path:
 
 
 def bnb_dequantized(folder) -> dict[str, torch.Tensor]:
-    """transformers' load with bitsandbytes, then model.dequantize(): bitsandbytes' own
-    dequantize_4bit / int8_vectorwise_dequant on every quantized weight."""
-    from transformers import AutoModelForCausalLM
+    """The quantizer's own dequantization of every tensor: for bitsandbytes, transformers' load then
+    model.dequantize() (bitsandbytes' dequantize_4bit / int8_vectorwise_dequant); for FP8,
+    transformers' load with FineGrainedFP8Config(dequantize=True)."""
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
 
-    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
-    model.dequantize()
+    method = json.loads((Path(folder) / "config.json").read_text())["quantization_config"].get("quant_method")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if method == "fp8":
+            config = FineGrainedFP8Config(dequantize=True)
+            model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cpu")
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
+            model.dequantize()
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
@@ -174,3 +212,8 @@ def no_quant_state(tensors):
 def short_scb(tensors):
     name = WEIGHT.replace(".weight", ".SCB")
     tensors[name] = tensors[name][:-1].clone()
+
+
+def fp8_wrong_grid(tensors):
+    name = WEIGHT + "_scale_inv"
+    tensors[name] = tensors[name][:, :1].clone()

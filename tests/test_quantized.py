@@ -17,6 +17,7 @@ from quantized_builders import (  # noqa: E402
     WEIGHT,
     bnb_dequantized,
     damaged,
+    fp8_wrong_grid,
     no_quant_state,
     other_table,
     short_absmax,
@@ -49,7 +50,7 @@ def test_checkpoint_dequantized_as_bitsandbytes(qzoo, name):
     folder = qzoo.quantized(name)
     ckpt = read_checkpoint(folder)
     assert sum(e.quant is not None for e in ckpt.tensors.values()) == LINEARS
-    assert ckpt.quantization.startswith("bitsandbytes")
+    assert ckpt.quantization.startswith("FP8" if name.startswith("fp8") else "bitsandbytes")
     got, want = ours(folder), bnb_dequantized(folder)
     assert sorted(got) == sorted(want)
     for key, value in want.items():
@@ -59,7 +60,7 @@ def test_checkpoint_dequantized_as_bitsandbytes(qzoo, name):
     assert torch.equal(bits(loaded.load(WEIGHT)), bits(want[WEIGHT]))
 
 
-@pytest.mark.parametrize("name", ["nf4-dq", "int8"])
+@pytest.mark.parametrize("name", ["nf4-dq", "int8", "fp8-16"])
 def test_control_damaged_weight_is_seen(qzoo, tmp_path, name):
     """Negative control: one changed byte of one packed weight shows up in that tensor only."""
 
@@ -134,6 +135,7 @@ BAD = {  # damage -> (variant, words the one-line error must contain)
     "foreign quant_map": (other_table, "fp4", ["quant_map", "fp4 table"]),
     "missing quant_state": (no_quant_state, "nf4-dq", ["absmax", "no quant_state"]),
     "SCB length": (short_scb, "int8", ["SCB", "[32]"]),
+    "FP8 scale grid": (fp8_wrong_grid, "fp8-16", ["weight_scale_inv", "16x16 blocks needs F32 [2, 2]"]),
 }
 
 
@@ -148,7 +150,7 @@ def test_bad_quant_state_refused(qzoo, tmp_path, bad):
     assert all(w in message for w in words), message
 
 
-@pytest.mark.parametrize("variant", ["nf4-dq", "fp4", "int8"])
+@pytest.mark.parametrize("variant", ["nf4-dq", "fp4", "int8", "fp8-16"])
 def test_control_undamaged_copy_reads(qzoo, tmp_path, variant):
     """Negative control for the refusals: the same copy, unchanged, is read."""
     folder = damaged(qzoo.quantized(variant), tmp_path / "same", lambda tensors: None)

@@ -65,7 +65,9 @@ def merged(qzoo, zoo, tmp_path_factory):
     return build
 
 
-@pytest.mark.parametrize(("variant", "dtype"), [("nf4-dq", "bfloat16"), ("fp4", "float32"), ("int8", "bfloat16")])
+@pytest.mark.parametrize(
+    ("variant", "dtype"), [("nf4-dq", "bfloat16"), ("fp4", "float32"), ("int8", "bfloat16"), ("fp8-8x32", "bfloat16")]
+)
 def test_release_matches_peft_on_dequantized_base(qzoo, zoo, merged, variant, dtype):
     folder = qzoo.quantized(variant)
     release = load_output(merged(variant, dtype))

@@ -2,14 +2,16 @@
 
 PEFT's reference (gate/endtoend.py) wraps exactly the weights the release was merged into, the
 dequantized ones. Where bitsandbytes is installed they come from transformers' own quantized load
-followed by `model.dequantize()`, which runs bitsandbytes' kernels: a dequantizer independent of
-the merge's (io/dequant.py). Without it, the model class is filled with io/dequant.py's values,
+followed by `model.dequantize()`, which runs bitsandbytes' kernels; FP8 bases are loaded with
+transformers' FineGrainedFP8Config(dequantize=True): dequantizers independent of the merge's
+(io/dequant.py). Without it, the model class is filled with io/dequant.py's values,
 and the report says so: then the end-to-end check still tests the merge, not the dequantization.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -21,11 +23,15 @@ from mergekit_lite.io.format import TensorEntry
 from mergekit_lite.io.reader import TensorReader
 
 BY_BITSANDBYTES = "bitsandbytes (transformers' quantized load, then model.dequantize())"
+BY_TRANSFORMERS_FP8 = "transformers (FineGrainedFP8Config(dequantize=True))"
 BY_MERGEKIT = "mergekit-lite's own dequantizer (bitsandbytes is not installed)"
 
 
-def dequantizer() -> str:
-    """Who dequantizes the reference's base here."""
+def dequantizer(base: Path) -> str:
+    """Who dequantizes the reference's base here: the quantizer's own code where it is installed."""
+    method = json.loads((base / "config.json").read_text()).get("quantization_config", {}).get("quant_method")
+    if method == "fp8":
+        return BY_TRANSFORMERS_FP8
     return BY_BITSANDBYTES if importlib.util.find_spec("bitsandbytes") is not None else BY_MERGEKIT
 
 
@@ -33,13 +39,21 @@ def dequantized_base(base: Path, tensors: dict[str, TensorEntry], dtype: torch.d
     """(the base as a dense transformers model in `dtype`, who dequantized it)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if dequantizer() == BY_BITSANDBYTES:
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its import warns about a CPU kernel
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(base, device_map=loading.get("device_map", "cpu"))
+    by = dequantizer(base)
+    device_map = loading.get("device_map", "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if by == BY_BITSANDBYTES:
+            logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its import warns about a CPU kernel
+            model = AutoModelForCausalLM.from_pretrained(base, device_map=device_map)
             model.dequantize()
-        return model.to(dtype), BY_BITSANDBYTES
+            return model.to(dtype), by
+        if by == BY_TRANSFORMERS_FP8:
+            from transformers import FineGrainedFP8Config
+
+            config = FineGrainedFP8Config(dequantize=True)
+            model = AutoModelForCausalLM.from_pretrained(base, quantization_config=config, device_map=device_map)
+            return model.to(dtype), by
     config = AutoConfig.from_pretrained(base)
     config.quantization_config = None
     del config.quantization_config

@@ -277,7 +277,7 @@ def _run(report: GateReport, check: EndToEnd, dtype: torch.dtype, limits: dict[s
             dequantized=check.dequantized,
         )
         if check.dequantized is not None:
-            report.context["reference_base"] = f"dequantized by {dequantizer()}"
+            report.context["reference_base"] = f"dequantized by {dequantizer(check.base)}"
         merged = AutoModelForCausalLM.from_pretrained(check.candidate, dtype=dtype, **for_release).eval()
         report.context["placement"] = check.placement.describe(reference, merged)
         _measure(report, (reference, merged), dtype, check, limits)

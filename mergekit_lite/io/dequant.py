@@ -12,6 +12,11 @@ bitsandbytes 8-bit (LLM.int8): weight int8 [out, in], SCB float32 [out]: weight 
 float32, as bitsandbytes' int8_vectorwise_dequant computes it, then rounded to the entry's dtype
 (the model's, as transformers' `model.dequantize()` does).
 
+Fine-grained FP8 (DeepSeek-V3, Qwen3-FP8; transformers' FineGrainedFP8): weight float8_e4m3fn
+[out, in], weight_scale_inv float32 [ceil(out / bo), ceil(in / bi)] for blocks of bo x bi: each
+value is float32(weight) * scale of its block, in float32, rounded to the entry's dtype, as
+transformers' Fp8Dequantize computes it.
+
 Nothing here imports bitsandbytes; tests/test_quantized.py checks every function bit for bit
 against it.
 """
@@ -26,7 +31,7 @@ import torch
 
 from mergekit_lite.io.format import DTYPES, Quantized, TensorEntry
 
-METHODS = ("bnb4", "bnb8")
+METHODS = ("bnb4", "bnb8", "fp8")
 CHUNK = 2**20  # values dequantized at a time: the int32 codes and float32 values of one chunk
 
 # bitsandbytes.functional.get_4bit_type("nf4") and ("fp4"), as float32 bit patterns; fp4's code 8
@@ -96,6 +101,18 @@ def dequantize_int8(weight: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
     return weight * scb.view(-1, 1) * INT8_SCALE
 
 
+def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype) -> torch.Tensor:
+    """float32(weight) * scale_inv of its block (`block` = rows, columns), rounded to `dtype`; one
+    row of blocks at a time, so that the float32 copy held at once is one block row."""
+    rows, cols = weight.shape
+    bo, bi = block
+    out = torch.empty((rows, cols), dtype=dtype)
+    for i, start in enumerate(range(0, rows, bo)):
+        scales = scale_inv[i].float().repeat_interleave(bi)[:cols]
+        out[start : start + bo] = (weight[start : start + bo].float() * scales).to(dtype)
+    return out
+
+
 def dequantize(entry: TensorEntry, read: Callable[[TensorEntry], torch.Tensor]) -> torch.Tensor:
     """The values of a quantized tensor, from its parts (read with `read`), in entry.dtype and entry.shape."""
     q = entry.quant
@@ -112,6 +129,9 @@ def dequantize(entry: TensorEntry, read: Callable[[TensorEntry], torch.Tensor]) 
         )
     if q.method == "bnb8":
         return dequantize_int8(read(q.part("weight")), read(q.part("SCB"))).to(dtype)
+    if q.method == "fp8":
+        block = (int(q.param("block_rows")), int(q.param("block_cols")))
+        return dequantize_fp8_blocks(read(q.part("weight")), read(q.part("weight_scale_inv")), block, dtype)
     raise ValueError(f"internal error: unknown quantization method {q.method!r}")
 
 

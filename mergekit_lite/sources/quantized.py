@@ -2,6 +2,7 @@
 
 config.json's `quantization_config` says how the base was quantized. For bitsandbytes (4-bit nf4
 / fp4, with or without double quantization, any block size and quant_storage; 8-bit LLM.int8)
+and fine-grained FP8 (`quant_method: fp8`, block scales `weight_scale_inv`)
 each quantized weight's stored parts are gathered into one TensorEntry with `quant` set, whose
 dtype and shape are those of the dequantized values (io/dequant.py computes them); the parts
 themselves leave the tensor list. Everything the dequantization needs is checked here, from the
@@ -65,6 +66,8 @@ def dequantized_tensors(path: Path, config: dict[str, Any], tensors: dict[str, T
         return tensors
     if method == "bitsandbytes":
         return _bitsandbytes(path, tensors, _model_dtype(config))
+    if method == "fp8":
+        return _fp8(path, config["quantization_config"], tensors, _model_dtype(config))
     reason = REFUSED.get(method, "mergekit-lite does not know it")
     raise CheckpointError(
         f"base `{path}` is quantized with `{method}` ({reason}), which mergekit-lite cannot dequantize exactly; "
@@ -81,6 +84,8 @@ def describe(tensors: dict[str, TensorEntry]) -> str:
             continue
         if q.method == "bnb8":
             kind = "bitsandbytes int8"
+        elif q.method == "fp8":
+            kind = f"FP8 e4m3, {q.param('block_rows')}x{q.param('block_cols')} block scales"
         else:
             nested = " (double quant)" if "nested_absmax" in dict(q.parts) else ""
             kind = f"bitsandbytes {q.param('quant_type')}{nested}"
@@ -268,3 +273,49 @@ def _bnb8(
     size = packed.numel * ITEMSIZE[dtype]
     quant = Quantized("bnb8", (("weight", packed), ("SCB", scb)))
     return TensorEntry(weight, dtype, packed.shape, packed.file, packed.begin, size, quant), used
+
+
+def _fp8(path: Path, qc: dict[str, Any], tensors: dict[str, TensorEntry], dtype: str) -> dict[str, TensorEntry]:
+    """Fine-grained FP8: each `X.weight` float8_e4m3fn with its block scales `X.weight_scale_inv`."""
+    block = qc.get("weight_block_size")
+    if not (isinstance(block, list) and len(block) == 2 and all(type(b) is int and b > 0 for b in block)):
+        raise CheckpointError(
+            f"base `{path}`: FP8 `weight_block_size` is {block!r}; only block-scaled FP8 ([rows, columns]) is dequantized"
+        )
+    if qc.get("activation_scheme", "dynamic") != "dynamic":
+        raise CheckpointError(
+            f"base `{path}`: FP8 `activation_scheme` is {qc.get('activation_scheme')!r}; only `dynamic` is dequantized "
+            "(static activation scales have no dense equivalent)"
+        )
+    out: dict[str, TensorEntry] = {}
+    scales = {n for n in tensors if n.endswith(".weight_scale_inv")}
+    for name, entry in tensors.items():
+        if name in scales:
+            continue
+        scale = tensors.get(name + "_scale_inv")
+        if entry.dtype == "F8_E4M3" and scale is None:
+            raise CheckpointError(f"base `{path}`: `{name}` is FP8 with no `{name}_scale_inv` beside it")
+        if scale is None:
+            out[name] = entry
+            continue
+        if entry.dtype != "F8_E4M3" or len(entry.shape) != 2:
+            raise CheckpointError(
+                f"base `{path}`: `{name}` is {entry.dtype} {list(entry.shape)}; block-scaled FP8 is F8_E4M3 [out, in]"
+            )
+        grid = [-(-entry.shape[0] // block[0]), -(-entry.shape[1] // block[1])]
+        if scale.dtype not in ("F32", "BF16") or list(scale.shape) != grid:
+            raise CheckpointError(
+                f"base `{path}`: `{scale.name}` is {scale.dtype} {list(scale.shape)}, but {list(entry.shape)} in "
+                f"{block[0]}x{block[1]} blocks needs F32 {grid}"
+            )
+        quant = Quantized(
+            "fp8",
+            (("weight", entry), ("weight_scale_inv", scale)),
+            (("block_rows", block[0]), ("block_cols", block[1])),
+        )
+        size = entry.numel * ITEMSIZE[dtype]
+        out[name] = TensorEntry(name, dtype, entry.shape, entry.file, entry.begin, size, quant)
+    stray = sorted(n for n in scales if n[: -len("_scale_inv")] not in tensors)
+    if stray:
+        raise CheckpointError(f"base `{path}`: `{stray[0]}` has no weight beside it; the checkpoint is incomplete")
+    return out
