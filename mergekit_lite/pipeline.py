@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
@@ -210,6 +211,7 @@ def _stopwatch(timings: dict[str, float]) -> Callable[[str], None]:
     def lap(stage: str) -> None:
         now = time.monotonic()
         timings[stage] = timings.get(stage, 0.0) + now - last[0]
+        logging.getLogger("mergekit_lite.stages").info("%s done in %.2f s", stage, now - last[0])
         last[0] = now
 
     return lap

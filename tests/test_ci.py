@@ -207,7 +207,9 @@ def test_verify_json(published, tmp_path: Path) -> None:
     assert doc["verdict"] == "rejected" and doc["exit_code"] == 1 and doc["digest"] is None
     assert doc["gate"]["failed"] and all(ID.match(i) for i in doc["gate"]["failed"])
     # same heading for merge and verify of one release: "<name>: verification <VERDICT>"
-    assert bad.stderr.splitlines()[0].startswith("broken: verification FAILED")
+    lines = bad.stderr.splitlines()
+    heading = next(i for i, line in enumerate(lines) if ": verification " in line)
+    assert lines[heading].startswith("broken: verification FAILED") and lines[heading + 2].startswith("FAIL  ")
     same = cli("verify", str(m), "--against", str(release))
     assert same.stdout.splitlines()[0] == "out: verification PASSED"
     assert "out: verification PASSED" in published[1]["_stderr"]
@@ -296,6 +298,10 @@ def test_merge_progress_bar_only_when_asked(inputs, tmp_path: Path) -> None:
     logged = cli("merge", str(m), env={"CI": "true"})  # the CliRunner's stderr is no terminal either
     assert logged.exit_code == 0, logged.output
     assert "\r" not in logged.stderr and "merging: 100%" in logged.stderr
+    for line in ("merge done in ", "gate: algebra checks done in ", "verify done in ", "publish done in "):
+        assert line in logged.stderr, logged.stderr  # a line per stage: no long silent stretch
+    quiet = cli("merge", str(m), "-q", env={"CI": "true"})
+    assert quiet.exit_code == 0 and quiet.stderr == "", quiet.stderr  # control: -q prints none of it
     forced = cli("merge", str(m), "--progress", env={"CI": "true", "TQDM_DISABLE": "1"})
     assert forced.exit_code == 0, forced.output
     assert "\r" in forced.stderr and "merging: 100%|" in forced.stderr  # tqdm's bar, as asked
@@ -349,6 +355,8 @@ def test_actions_input_error_gets_a_summary_an_error_and_outputs(tmp_path: Path)
         "rejected": "",
         "report": "",
     }
+    schema = cli("schema", env=env)  # control: a command with nothing to summarise adds no summary
+    assert schema.exit_code == 0 and (tmp_path / "summary").read_text() == text
 
 
 def test_actions_unverified_publish_says_so_first(inputs, tmp_path: Path) -> None:

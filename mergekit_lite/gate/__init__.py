@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from mergekit_lite.sources.checkpoint import Checkpoint
 from mergekit_lite.sources.tokenizer import has_tokenizer, load_tokenizer
 
 __all__ = ["GateReport", "output_dtype", "run_gate"]
+
+_stages = logging.getLogger("mergekit_lite.stages")  # one INFO line per stage; the CLI shows them on stderr
 
 T = TypeVar("T")
 
@@ -121,3 +124,4 @@ def _guarded(report: GateReport, group: str, check: Callable[[], T]) -> T | None
         return None
     finally:
         report.timings[group] = report.timings.get(group, 0.0) + time.monotonic() - began
+        _stages.info("gate: %s checks done in %.2f s", group, time.monotonic() - began)

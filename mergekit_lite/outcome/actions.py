@@ -4,8 +4,8 @@ All three are written from the command's `Outcome`:
 - the annotations only under Actions (`GITHUB_ACTIONS=true`): one per failed check (its stable id
   in the title) or one for the error that ended the command;
 - the outputs and the summary whenever their files are named (Actions names them for every step):
-  `verdict`, `exit-code`, `release`, `digest`, `rejected`, `report`; and a Markdown summary
-  whose first line is the verdict, for every outcome, input errors included.
+  `verdict`, `exit-code`, `release`, `digest`, `rejected`, `report`; and, for merge, verify and
+  plan, a Markdown summary whose first line is the verdict, for every outcome, input errors included.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import TextIO
 
 from mergekit_lite.gate.report import fmt, markdown
 from mergekit_lite.outcome.document import VERDICTS, Outcome
+
+SUMMARISED = ("merge", "verify", "plan")  # the commands a step summary is written for
 
 # the verdict's mark and headline in the summary
 HEADLINES = {
@@ -125,6 +127,6 @@ def report_to_actions(outcome: Outcome, env: Mapping[str, str], stream: TextIO) 
             print(line, file=stream, flush=True)
     if env.get("GITHUB_OUTPUT"):
         append_outputs(Path(env["GITHUB_OUTPUT"]), outputs(outcome))
-    if env.get("GITHUB_STEP_SUMMARY"):
+    if env.get("GITHUB_STEP_SUMMARY") and outcome.command in SUMMARISED:
         with open(env["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as fh:
             fh.write(summary(outcome) + "\n")
