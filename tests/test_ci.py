@@ -322,6 +322,45 @@ def test_third_party_warnings_are_silenced(capsys) -> None:
     assert "our own warning" in err
 
 
+BNB_PROBE = """
+import importlib.abc, importlib.util, json, sys
+
+class AVX512BF16(importlib.abc.MetaPathFinder):
+    # bitsandbytes believes the CPU has AVX512-BF16, as on the machines that print the message
+    def find_spec(self, name, path, target=None):
+        if name != "bitsandbytes.functional":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+        def exec_module(module):
+            run(module)
+            module.has_avx512bf16 = lambda: True
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, AVX512BF16())
+from mergekit_lite.cli import main
+main(["schema"], standalone_mode=False)  # the CLI's start, as every command has it
+import bitsandbytes.backends.cpu.ops as ops
+print(json.dumps({"failed_branch_ran": getattr(ops, "gemm_4bit_forward_kernel", "absent") is None}))
+"""
+
+
+def test_bitsandbytes_import_message_is_silenced(tmp_path: Path) -> None:
+    """The real message: bitsandbytes' CPU backend, made to take its AVX512-BF16 branch, fails to load
+    the kernels-community kernel and logs; under the CLI nothing reaches stderr."""
+    pytest.importorskip("bitsandbytes")
+    probe = tmp_path / "probe.py"
+    probe.write_text(BNB_PROBE)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    # control: the branch that logs "Failed to load CPU gemm_4bit_forward from kernels-community" ran
+    assert json.loads(done.stdout.splitlines()[-1]) == {"failed_branch_ran": True}
+    assert "gemm_4bit_forward" not in done.stderr and "kernels" not in done.stderr, done.stderr
+
+
 # --------------------------------------------------------------------------- GitHub Actions
 
 
