@@ -135,6 +135,26 @@ def test_a_duplicate_check_id_is_refused() -> None:
         report.add("structure", "4 shapes as planned", True)
 
 
+def test_a_group_that_cannot_run_twice_fails_twice_with_two_ids() -> None:
+    from mergekit_lite.gate import _guarded
+
+    def broken() -> None:
+        raise OSError("unreadable")
+
+    report = GateReport(dtype="F32")
+    _guarded(report, "packaging", broken)
+    _guarded(report, "packaging", lambda: report.add("packaging", "fine", True))  # control: no failure added
+    _guarded(report, "packaging", broken)
+    assert [(c.id, c.passed) for c in report.checks] == [
+        ("packaging.checks_could_run", False),
+        ("packaging.fine", True),
+        ("packaging.checks_could_run_2", False),
+    ]
+    # a check that reuses an id is itself caught and fails its group: the gate never passes by accident
+    _guarded(report, "packaging", lambda: report.add("packaging", "fine", True))
+    assert report.checks[-1].id == "packaging.checks_could_run_3" and "share the id" in report.checks[-1].detail
+
+
 def test_every_command_takes_json() -> None:
     commands = [(name,) for name in main.commands if name != "example"] + [("example", "prepare")]
     for command in commands:

@@ -120,7 +120,16 @@ def _guarded(report: GateReport, group: str, check: Callable[[], T]) -> T | None
     try:
         return check()
     except Exception as exc:  # noqa: BLE001  the gate reports on bad candidates, it does not crash on them
-        report.add(group, "checks could run", False, figure=type(exc).__name__, threshold="", detail=str(exc)[:300])
+        taken = sum(1 for c in report.checks if c.id.startswith(f"{group}.checks_could_run"))
+        report.add(
+            group,
+            "checks could run",
+            False,
+            figure=type(exc).__name__,
+            threshold="",
+            detail=str(exc)[:300],
+            id=f"{group}.checks_could_run" + (f"_{taken + 1}" if taken else ""),  # a group run twice
+        )
         return None
     finally:
         report.timings[group] = report.timings.get(group, 0.0) + time.monotonic() - began
