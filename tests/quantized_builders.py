@@ -65,8 +65,47 @@ class QuantZoo:
 
     def quantized(self, name: str) -> Path:
         if name not in self._done:
-            self._done[name] = quantize(self.dense(), self.root / name, VARIANTS[name])
+            if name == "mxfp4":
+                self._done[name] = mxfp4(self.gpt_oss(), self.root / name)
+            else:
+                self._done[name] = quantize(self.dense(), self.root / name, VARIANTS[name])
         return self._done[name]
+
+    def gpt_oss(self) -> Path:
+        """A tiny bfloat16 gpt-oss (4 experts), the dense model its MXFP4 version stands for."""
+        if "gpt_oss" not in self._done:
+            from transformers import AutoModelForCausalLM, GptOssConfig
+
+            config = GptOssConfig(
+                vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                max_position_embeddings=64, layer_types=["sliding_attention", "full_attention"], sliding_window=16,
+            )  # fmt: skip
+            torch.manual_seed(5)
+            model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+            with torch.no_grad():
+                for param in model.parameters():
+                    param.normal_(0, 0.05)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model.save_pretrained(self.root / "gpt_oss")
+            self._done["gpt_oss"] = self.root / "gpt_oss"
+        return self._done["gpt_oss"]
+
+    def adapter(self, base: Path, targets: list[str]) -> Path:
+        """A PEFT LoRA on `base` (init_lora_weights=False, so that it changes the model)."""
+        out = self.root / f"lora-{base.name}"
+        if not out.exists():
+            from peft import LoraConfig, get_peft_model
+            from transformers import AutoModelForCausalLM
+
+            torch.manual_seed(11)
+            model = AutoModelForCausalLM.from_pretrained(base)
+            config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                get_peft_model(model, config).save_pretrained(out)
+        return out
 
 
 def _resave(src: Path, out: Path, dtype: torch.dtype) -> Path:
@@ -149,6 +188,39 @@ def fp8_blocks(dense: Path, out: Path, block: tuple[int, int]) -> Path:
     return out
 
 
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def mxfp4(dense: Path, out: Path) -> Path:
+    """`dense` gpt-oss with its experts in the MXFP4 layout gpt-oss ships: per group of 32 values
+    a shared exponent (ceil(log2(amax / 6)), biased by 127) and the nearest e2m1 code of each value,
+    two codes a byte, the first in the low nibble."""
+    shutil.copytree(dense, out)
+    tensors = load_file(out / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        w = tensors.pop(name).float().transpose(1, 2)  # [E, R, C], the packed rows
+        experts, rows, cols = w.shape
+        groups = w.reshape(experts, rows, cols // 32, 32)
+        exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp(min=1e-30) / 6.0)).to(torch.int32)
+        scaled = groups / torch.pow(2.0, exponent.float())[..., None]
+        codes = (scaled[..., None] - E2M1).abs().argmin(-1).to(torch.uint8)
+        tensors[name + "_blocks"] = (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
+        tensors[name + "_scales"] = (exponent + 127).to(torch.uint8)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
 def damaged(src: Path, out: Path, change) -> Path:
     """A copy of the checkpoint `src` at `out` whose tensors `change(tensors)` (if given) has edited in place."""
     shutil.copytree(src, out)
@@ -163,14 +235,14 @@ def damaged(src: Path, out: Path, change) -> Path:
 def bnb_dequantized(folder) -> dict[str, torch.Tensor]:
     """The quantizer's own dequantization of every tensor: for bitsandbytes, transformers' load then
     model.dequantize() (bitsandbytes' dequantize_4bit / int8_vectorwise_dequant); for FP8,
-    transformers' load with FineGrainedFP8Config(dequantize=True)."""
-    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+    transformers' load with FineGrainedFP8Config(dequantize=True); MXFP4 likewise with Mxfp4Config."""
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config, Mxfp4Config
 
     method = json.loads((Path(folder) / "config.json").read_text())["quantization_config"].get("quant_method")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if method == "fp8":
-            config = FineGrainedFP8Config(dequantize=True)
+        if method in ("fp8", "mxfp4"):
+            config = (FineGrainedFP8Config if method == "fp8" else Mxfp4Config)(dequantize=True)
             model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config, device_map="cpu")
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")

@@ -32,6 +32,7 @@ from mergekit_lite.io.reader import TensorReader  # noqa: E402
 from mergekit_lite.sources.checkpoint import read_checkpoint  # noqa: E402
 
 LINEARS = 2 * 7  # quantized Linear weights of the tiny Llama (lm_head stays dense)
+EXPERTS = "model.layers.0.mlp.experts.gate_up_proj"  # an MXFP4 tensor of the tiny gpt-oss
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -45,12 +46,12 @@ def ours(folder) -> dict[str, torch.Tensor]:
     return {name: reader.get(name) for name in ckpt.tensors}
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_checkpoint_dequantized_as_bitsandbytes(qzoo, name):
+@pytest.mark.parametrize("name", [*sorted(VARIANTS), "mxfp4"])
+def test_checkpoint_dequantized_as_its_quantizer_does(qzoo, name):
     folder = qzoo.quantized(name)
     ckpt = read_checkpoint(folder)
-    assert sum(e.quant is not None for e in ckpt.tensors.values()) == LINEARS
-    assert ckpt.quantization.startswith("FP8" if name.startswith("fp8") else "bitsandbytes")
+    assert sum(e.quant is not None for e in ckpt.tensors.values()) == (4 if name == "mxfp4" else LINEARS)
+    assert ckpt.quantization.startswith({"fp8": "FP8", "mxf": "MXFP4"}.get(name[:3], "bitsandbytes"))
     got, want = ours(folder), bnb_dequantized(folder)
     assert sorted(got) == sorted(want)
     for key, value in want.items():
@@ -60,17 +61,18 @@ def test_checkpoint_dequantized_as_bitsandbytes(qzoo, name):
     assert torch.equal(bits(loaded.load(WEIGHT)), bits(want[WEIGHT]))
 
 
-@pytest.mark.parametrize("name", ["nf4-dq", "int8", "fp8-16"])
+@pytest.mark.parametrize("name", ["nf4-dq", "int8", "fp8-16", "mxfp4"])
 def test_control_damaged_weight_is_seen(qzoo, tmp_path, name):
     """Negative control: one changed byte of one packed weight shows up in that tensor only."""
+    weight = EXPERTS if name == "mxfp4" else WEIGHT
 
     def flip(tensors):
-        tensors[WEIGHT].view(torch.uint8).view(-1)[3] ^= 0x11
+        tensors[weight + ("_blocks" if name == "mxfp4" else "")].view(torch.uint8).view(-1)[3] ^= 0x11
 
     folder = damaged(qzoo.quantized(name), tmp_path / "flipped", flip)
     got, want = ours(folder), bnb_dequantized(qzoo.quantized(name))
     differ = [k for k in want if not torch.equal(bits(got[k]), bits(want[k]))]
-    assert differ == [WEIGHT]
+    assert differ == [weight]
 
 
 def _quantized(shape, dtype, quant_type, blocksize, nested):

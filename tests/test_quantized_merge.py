@@ -147,3 +147,22 @@ def test_control_undamaged_quantized_base_merges_from_the_cli(qzoo, zoo, tmp_pat
     result = CliRunner().invoke(main, ["merge", str(manifest)])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_mxfp4_release_matches_peft_on_dequantized_base(qzoo, tmp_path):
+    """gpt-oss's MXFP4 experts dequantized (written bf16), a LoRA on its attention merged, against PEFT
+    on transformers' Mxfp4Config(dequantize=True) load; negative control: the dense original's release."""
+    folder = qzoo.quantized("mxfp4")
+    adapter = qzoo.adapter(qzoo.gpt_oss(), ["q_proj", "v_proj", "o_proj"])
+    ref = peft_on_dequantized(folder, adapter)
+    base = {k: v.float() for k, v in bnb_dequantized(folder).items()}
+    out = run_merge(write_manifest(tmp_path, folder, [(adapter, None)], "bfloat16", verify={"logits": False}))
+    release = load_output(out)
+    assert sorted(release) == sorted(ref) and not violations(release, ref, base, torch.bfloat16)
+    dense = run_merge(
+        write_manifest(tmp_path, qzoo.gpt_oss(), [(adapter, None)], "bfloat16", "dense", verify={"logits": False})
+    )
+    found = {v.name for v in violations(load_output(dense), ref, base, torch.bfloat16)}
+    assert {n for n in found if "experts" in n} == {
+        f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")
+    }

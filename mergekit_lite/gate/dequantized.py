@@ -2,8 +2,8 @@
 
 PEFT's reference (gate/endtoend.py) wraps exactly the weights the release was merged into, the
 dequantized ones. Where bitsandbytes is installed they come from transformers' own quantized load
-followed by `model.dequantize()`, which runs bitsandbytes' kernels; FP8 bases are loaded with
-transformers' FineGrainedFP8Config(dequantize=True): dequantizers independent of the merge's
+followed by `model.dequantize()`, which runs bitsandbytes' kernels; FP8 and MXFP4 bases are loaded
+with transformers' FineGrainedFP8Config / Mxfp4Config(dequantize=True): dequantizers independent of the merge's
 (io/dequant.py). Without it, the model class is filled with io/dequant.py's values,
 and the report says so: then the end-to-end check still tests the merge, not the dequantization.
 """
@@ -24,6 +24,7 @@ from mergekit_lite.io.reader import TensorReader
 
 BY_BITSANDBYTES = "bitsandbytes (transformers' quantized load, then model.dequantize())"
 BY_TRANSFORMERS_FP8 = "transformers (FineGrainedFP8Config(dequantize=True))"
+BY_TRANSFORMERS_MXFP4 = "transformers (Mxfp4Config(dequantize=True))"
 BY_MERGEKIT = "mergekit-lite's own dequantizer (bitsandbytes is not installed)"
 
 
@@ -32,6 +33,8 @@ def dequantizer(base: Path) -> str:
     method = json.loads((base / "config.json").read_text()).get("quantization_config", {}).get("quant_method")
     if method == "fp8":
         return BY_TRANSFORMERS_FP8
+    if method == "mxfp4":
+        return BY_TRANSFORMERS_MXFP4
     return BY_BITSANDBYTES if importlib.util.find_spec("bitsandbytes") is not None else BY_MERGEKIT
 
 
@@ -48,10 +51,10 @@ def dequantized_base(base: Path, tensors: dict[str, TensorEntry], dtype: torch.d
             model = AutoModelForCausalLM.from_pretrained(base, device_map=device_map)
             model.dequantize()
             return model.to(dtype), by
-        if by == BY_TRANSFORMERS_FP8:
-            from transformers import FineGrainedFP8Config
+        if by in (BY_TRANSFORMERS_FP8, BY_TRANSFORMERS_MXFP4):
+            from transformers import FineGrainedFP8Config, Mxfp4Config
 
-            config = FineGrainedFP8Config(dequantize=True)
+            config = (FineGrainedFP8Config if by == BY_TRANSFORMERS_FP8 else Mxfp4Config)(dequantize=True)
             model = AutoModelForCausalLM.from_pretrained(base, quantization_config=config, device_map=device_map)
             return model.to(dtype), by
     config = AutoConfig.from_pretrained(base)

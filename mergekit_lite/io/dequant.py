@@ -17,6 +17,11 @@ Fine-grained FP8 (DeepSeek-V3, Qwen3-FP8; transformers' FineGrainedFP8): weight 
 value is float32(weight) * scale of its block, in float32, rounded to the entry's dtype, as
 transformers' Fp8Dequantize computes it.
 
+MXFP4 (gpt-oss's experts): `X_blocks` uint8 [E, R, G, 16] holds two e2m1 codes a byte (the first
+in the low nibble) for groups of 32 values, `X_scales` uint8 [E, R, G] their exponents (bias 127):
+value = e2m1[code] * 2^(scale - 127) in the entry's dtype, laid out [E, G * 32, R], as
+transformers' convert_moe_packed_tensors computes it.
+
 Nothing here imports bitsandbytes; tests/test_quantized.py checks every function bit for bit
 against it.
 """
@@ -31,7 +36,8 @@ import torch
 
 from mergekit_lite.io.format import DTYPES, Quantized, TensorEntry
 
-METHODS = ("bnb4", "bnb8", "fp8")
+METHODS = ("bnb4", "bnb8", "fp8", "mxfp4")
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # MXFP4's values
 CHUNK = 2**20  # values dequantized at a time: the int32 codes and float32 values of one chunk
 
 # bitsandbytes.functional.get_4bit_type("nf4") and ("fp4"), as float32 bit patterns; fp4's code 8
@@ -113,6 +119,21 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: 
     return out
 
 
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype) -> torch.Tensor:
+    """MXFP4 blocks [E, R, G, 16] and scales [E, R, G] as values [E, G * 32, R] in `dtype`, one expert at a time."""
+    experts, rows, groups, width = blocks.shape
+    lut = torch.tensor(E2M1, dtype=dtype)
+    out = torch.empty((experts, groups * width * 2, rows), dtype=dtype)
+    for e in range(experts):
+        packed = blocks[e].reshape(rows * groups, width)
+        values = torch.empty((rows * groups, width * 2), dtype=dtype)
+        values[:, 0::2] = lut[(packed & 0x0F).to(torch.int)]
+        values[:, 1::2] = lut[(packed >> 4).to(torch.int)]
+        torch.ldexp(values, scales[e].reshape(-1, 1).to(torch.int32) - 127, out=values)
+        out[e] = values.view(rows, groups * width * 2).transpose(0, 1)
+    return out
+
+
 def dequantize(entry: TensorEntry, read: Callable[[TensorEntry], torch.Tensor]) -> torch.Tensor:
     """The values of a quantized tensor, from its parts (read with `read`), in entry.dtype and entry.shape."""
     q = entry.quant
@@ -132,6 +153,8 @@ def dequantize(entry: TensorEntry, read: Callable[[TensorEntry], torch.Tensor]) 
     if q.method == "fp8":
         block = (int(q.param("block_rows")), int(q.param("block_cols")))
         return dequantize_fp8_blocks(read(q.part("weight")), read(q.part("weight_scale_inv")), block, dtype)
+    if q.method == "mxfp4":
+        return dequantize_mxfp4(read(q.part("blocks")), read(q.part("scales")), dtype)
     raise ValueError(f"internal error: unknown quantization method {q.method!r}")
 
 

@@ -2,7 +2,8 @@
 
 config.json's `quantization_config` says how the base was quantized. For bitsandbytes (4-bit nf4
 / fp4, with or without double quantization, any block size and quant_storage; 8-bit LLM.int8)
-and fine-grained FP8 (`quant_method: fp8`, block scales `weight_scale_inv`)
+fine-grained FP8 (`quant_method: fp8`, block scales `weight_scale_inv`) and MXFP4 (gpt-oss's
+experts, `_blocks` and `_scales`)
 each quantized weight's stored parts are gathered into one TensorEntry with `quant` set, whose
 dtype and shape are those of the dequantized values (io/dequant.py computes them); the parts
 themselves leave the tensor list. Everything the dequantization needs is checked here, from the
@@ -68,6 +69,8 @@ def dequantized_tensors(path: Path, config: dict[str, Any], tensors: dict[str, T
         return _bitsandbytes(path, tensors, _model_dtype(config))
     if method == "fp8":
         return _fp8(path, config["quantization_config"], tensors, _model_dtype(config))
+    if method == "mxfp4":
+        return _mxfp4(path, tensors, _model_dtype(config))
     reason = REFUSED.get(method, "mergekit-lite does not know it")
     raise CheckpointError(
         f"base `{path}` is quantized with `{method}` ({reason}), which mergekit-lite cannot dequantize exactly; "
@@ -84,6 +87,8 @@ def describe(tensors: dict[str, TensorEntry]) -> str:
             continue
         if q.method == "bnb8":
             kind = "bitsandbytes int8"
+        elif q.method == "mxfp4":
+            kind = "MXFP4"
         elif q.method == "fp8":
             kind = f"FP8 e4m3, {q.param('block_rows')}x{q.param('block_cols')} block scales"
         else:
@@ -318,4 +323,33 @@ def _fp8(path: Path, qc: dict[str, Any], tensors: dict[str, TensorEntry], dtype:
     stray = sorted(n for n in scales if n[: -len("_scale_inv")] not in tensors)
     if stray:
         raise CheckpointError(f"base `{path}`: `{stray[0]}` has no weight beside it; the checkpoint is incomplete")
+    return out
+
+
+def _mxfp4(path: Path, tensors: dict[str, TensorEntry], dtype: str) -> dict[str, TensorEntry]:
+    """MXFP4: each `X_blocks` U8 [E, R, G, 16] with `X_scales` U8 [E, R, G] becomes `X` [E, G * 32, R]."""
+    out: dict[str, TensorEntry] = {}
+    for name, entry in tensors.items():
+        if name.endswith("_scales") and name[: -len("_scales")] + "_blocks" in tensors:
+            continue
+        if not name.endswith("_blocks"):
+            out[name] = entry
+            continue
+        target = name[: -len("_blocks")]
+        scales = tensors.get(target + "_scales")
+        if scales is None:
+            raise CheckpointError(f"base `{path}`: `{name}` has no `{target}_scales` beside it")
+        if entry.dtype != "U8" or len(entry.shape) != 4 or scales.dtype != "U8" or scales.shape != entry.shape[:3]:
+            raise CheckpointError(
+                f"base `{path}`: `{name}` is {entry.dtype} {list(entry.shape)} and `{scales.name}` {scales.dtype} "
+                f"{list(scales.shape)}; MXFP4 stores U8 [E, R, G, 16] blocks and U8 [E, R, G] scales"
+            )
+        if target in tensors:
+            raise CheckpointError(f"base `{path}` holds both `{target}` and its MXFP4 blocks")
+        experts, rows, groups, width = entry.shape
+        shape = (experts, groups * width * 2, rows)
+        quant = Quantized("mxfp4", (("blocks", entry), ("scales", scales)))
+        out[target] = TensorEntry(
+            target, dtype, shape, entry.file, entry.begin, math.prod(shape) * ITEMSIZE[dtype], quant
+        )
     return out
