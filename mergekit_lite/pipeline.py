@@ -90,7 +90,7 @@ def prepare(manifest_path: str | Path, for_output: bool = True, hash_inputs: boo
     m = loaded.manifest
     inputs = InputDigests(_base_files(loaded.base_path)) if hash_inputs else None
     try:
-        checkpoint = read_checkpoint(loaded.base_path)
+        checkpoint = read_checkpoint(loaded.base_path, dequantize=m.base.dequantize)
         adapters = [
             read_adapter(p, i, spec.weight, allow_pickle=spec.allow_pickle)
             for i, (p, spec) in enumerate(zip(loaded.adapter_paths, m.adapters))

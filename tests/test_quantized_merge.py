@@ -166,3 +166,43 @@ def test_mxfp4_release_matches_peft_on_dequantized_base(qzoo, tmp_path):
     assert {n for n in found if "experts" in n} == {
         f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")
     }
+
+
+def _qlora_manifest(folder, base, adapter, quant_type="nf4", **sections):
+    """A manifest whose base is `{path: base, dequantize: quant_type}`."""
+    import yaml
+
+    path = write_manifest(folder, base, [(adapter, None)], "bfloat16", **sections)
+    doc = yaml.safe_load(path.read_text())
+    doc["base"] = {"path": doc["base"], "dequantize": quant_type}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def test_qlora_choice_is_the_prequantized_base_bit_for_bit(qzoo, zoo, merged, tmp_path):
+    """`dequantize: nf4` on the 16-bit base merges into exactly the weights of the nf4 (double quant)
+    checkpoint transformers + bitsandbytes save from it; negative control: the 16-bit merge is not."""
+    out = run_merge(_qlora_manifest(tmp_path, qzoo.dense(), zoo.adapter(ADAPTER), verify={"logits": False}))
+    release, prequantized = load_output(out), load_output(merged("nf4-dq", "bfloat16"))
+    assert sorted(release) == sorted(prequantized)
+    assert all(torch.equal(release[k].view(torch.int16), prequantized[k].view(torch.int16)) for k in release)
+    dense = load_output(merged("nf4-dq", "bfloat16", "dense"))
+    assert sum(not torch.equal(release[k], dense[k]) for k in release) >= 14
+    assert "quantized here as QLoRA does: bitsandbytes nf4 (double quant)" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("base", "quant_type", "needle"),
+    [
+        ("nf4-dq", "nf4", "stored quantized already"),
+        ("dense", "nf5", "dequantize"),
+    ],
+)
+def test_qlora_choice_refusals(qzoo, zoo, tmp_path, base, quant_type, needle):
+    folder = qzoo.dense() if base == "dense" else qzoo.quantized(base)
+    manifest = _qlora_manifest(tmp_path, folder, zoo.adapter(ADAPTER), quant_type)
+    result = CliRunner().invoke(main, ["merge", str(manifest)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()

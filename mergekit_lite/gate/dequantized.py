@@ -23,6 +23,9 @@ from mergekit_lite.io.format import TensorEntry
 from mergekit_lite.io.reader import TensorReader
 
 BY_BITSANDBYTES = "bitsandbytes (transformers' quantized load, then model.dequantize())"
+BY_BITSANDBYTES_QLORA = (
+    "bitsandbytes (transformers' load with BitsAndBytesConfig(load_in_4bit=True), then model.dequantize())"
+)
 BY_TRANSFORMERS_FP8 = "transformers (FineGrainedFP8Config(dequantize=True))"
 BY_TRANSFORMERS_MXFP4 = "transformers (Mxfp4Config(dequantize=True))"
 BY_MERGEKIT = "mergekit-lite's own dequantizer (bitsandbytes is not installed)"
@@ -31,6 +34,8 @@ BY_MERGEKIT = "mergekit-lite's own dequantizer (bitsandbytes is not installed)"
 def dequantizer(base: Path) -> str:
     """Who dequantizes the reference's base here: the quantizer's own code where it is installed."""
     method = json.loads((base / "config.json").read_text()).get("quantization_config", {}).get("quant_method")
+    if method is None:  # a 16-bit base quantized as QLoRA does (`dequantize: nf4`)
+        return BY_BITSANDBYTES_QLORA
     if method == "fp8":
         return BY_TRANSFORMERS_FP8
     if method == "mxfp4":
@@ -46,9 +51,9 @@ def dequantized_base(base: Path, tensors: dict[str, TensorEntry], dtype: torch.d
     device_map = loading.get("device_map", "cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if by == BY_BITSANDBYTES:
+        if by in (BY_BITSANDBYTES, BY_BITSANDBYTES_QLORA):
             logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its import warns about a CPU kernel
-            model = AutoModelForCausalLM.from_pretrained(base, device_map=device_map)
+            model = AutoModelForCausalLM.from_pretrained(base, device_map=device_map, **_qlora(tensors))
             model.dequantize()
             return model.to(dtype), by
         if by in (BY_TRANSFORMERS_FP8, BY_TRANSFORMERS_MXFP4):
@@ -71,3 +76,20 @@ def dequantized_base(base: Path, tensors: dict[str, TensorEntry], dtype: torch.d
         raise RuntimeError(f"the dequantized base does not fit its model class: {sorted(missing)} {sorted(unexpected)}")
     model.tie_weights()
     return model, BY_MERGEKIT
+
+
+def _qlora(tensors: dict[str, TensorEntry]) -> dict[str, Any]:
+    """from_pretrained's quantization_config for a 16-bit base read as QLoRA's weights, else nothing."""
+    kinds = {
+        e.quant.param("quant_type") for e in tensors.values() if e.quant is not None and e.quant.method == "qlora4"
+    }
+    if not kinds:
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    (quant_type,) = kinds
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=True
+        )
+    }

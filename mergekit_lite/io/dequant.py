@@ -22,12 +22,17 @@ in the low nibble) for groups of 32 values, `X_scales` uint8 [E, R, G] their exp
 value = e2m1[code] * 2^(scale - 127) in the entry's dtype, laid out [E, G * 32, R], as
 transformers' convert_moe_packed_tensors computes it.
 
-Nothing here imports bitsandbytes; tests/test_quantized.py checks every function bit for bit
+QLoRA's weights on a 16-bit base (`qlora4`, the manifest's `base: {dequantize: nf4}`): the weight
+quantized by bitsandbytes' quantize_4bit as Params4bit does (blocksize 64, double quant), then
+dequantized as above. Only this one imports bitsandbytes (the quantizer itself is the reference).
+
+Nothing else here imports bitsandbytes; tests/test_quantized.py checks every function bit for bit
 against it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import struct
 from collections.abc import Callable
@@ -36,7 +41,7 @@ import torch
 
 from mergekit_lite.io.format import DTYPES, Quantized, TensorEntry
 
-METHODS = ("bnb4", "bnb8", "fp8", "mxfp4")
+METHODS = ("bnb4", "bnb8", "fp8", "mxfp4", "qlora4")
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # MXFP4's values
 CHUNK = 2**20  # values dequantized at a time: the int32 codes and float32 values of one chunk
 
@@ -134,6 +139,22 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype) -> torch
     return out
 
 
+QLORA_BLOCKSIZE = 64  # transformers' BitsAndBytesConfig gives bitsandbytes no other
+
+
+def simulate_4bit(weight: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """`weight` as QLoRA trains against it: bitsandbytes' quantize_4bit (double quant), dequantized."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its import warns about a CPU kernel
+    import bitsandbytes.functional as bnb
+
+    packed, state = bnb.quantize_4bit(
+        weight.contiguous(), blocksize=QLORA_BLOCKSIZE, compress_statistics=True, quant_type=quant_type
+    )
+    s2 = state.state2
+    absmax = nested_absmax(state.absmax, s2.absmax, s2.code, s2.blocksize, float(state.offset))
+    return dequantize_4bit(packed, absmax, quant_type, QLORA_BLOCKSIZE, tuple(weight.shape), weight.dtype)
+
+
 def dequantize(entry: TensorEntry, read: Callable[[TensorEntry], torch.Tensor]) -> torch.Tensor:
     """The values of a quantized tensor, from its parts (read with `read`), in entry.dtype and entry.shape."""
     q = entry.quant
@@ -153,6 +174,8 @@ def dequantize(entry: TensorEntry, read: Callable[[TensorEntry], torch.Tensor]) 
     if q.method == "fp8":
         block = (int(q.param("block_rows")), int(q.param("block_cols")))
         return dequantize_fp8_blocks(read(q.part("weight")), read(q.part("weight_scale_inv")), block, dtype)
+    if q.method == "qlora4":
+        return simulate_4bit(read(q.part("weight")), str(q.param("quant_type")))
     if q.method == "mxfp4":
         return dequantize_mxfp4(read(q.part("blocks")), read(q.part("scales")), dtype)
     raise ValueError(f"internal error: unknown quantization method {q.method!r}")

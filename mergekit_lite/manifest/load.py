@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from mergekit_lite.errors import ManifestError
 from mergekit_lite.manifest.sections import (
     AdapterField,
+    BaseField,
     CombineField,
     CombineSpec,
     DType,
@@ -23,7 +24,6 @@ from mergekit_lite.manifest.sections import (
     ExecutorSpec,
     Located,
     OutputField,
-    SourceField,
     Strict,
     VerifySpec,
     check_device_map,
@@ -38,7 +38,7 @@ class Manifest(Strict):
     """mergekit-lite manifest, version 1."""
 
     version: Literal[1] = 1
-    base: SourceField
+    base: BaseField
     adapters: list[AdapterField] = Field(min_length=1)
     combine: CombineField = Field(default_factory=CombineSpec)
     dtype: DType = "auto"

@@ -76,6 +76,15 @@ class Source(Located):
     """A local folder (`path`) or a hub repository (`id` with a pinned `revision`)."""
 
 
+class BaseSource(Source):
+    """The base model. With `dequantize: nf4` (or `fp4`) on a 16-bit base, the adapters are merged
+    into the weights a QLoRA run trained against: each Linear weight quantized by bitsandbytes, as
+    transformers' BitsAndBytesConfig(load_in_4bit=True, double quant) does, and dequantized
+    (needs bitsandbytes). A base stored quantized is always merged into its dequantized weights."""
+
+    dequantize: Literal["nf4", "fp4"] | None = None
+
+
 class AdapterSpec(Located):
     """One PEFT LoRA adapter (a local folder `path`, or a hub `id` and `revision`) and the weight
     its delta is multiplied by.
@@ -266,6 +275,7 @@ class CombineSpec(Strict):
 
 
 SourceField = Annotated[Source, BeforeValidator(_short_form("path"), json_schema_input_type=str | Source)]
+BaseField = Annotated[BaseSource, BeforeValidator(_short_form("path"), json_schema_input_type=str | BaseSource)]
 AdapterField = Annotated[AdapterSpec, BeforeValidator(_short_form("path"), json_schema_input_type=str | AdapterSpec)]
 OutputField = Annotated[OutputSpec, BeforeValidator(_short_form("path"), json_schema_input_type=str | OutputSpec)]
 ExecutorField = Annotated[ExecutorSpec, BeforeValidator(_short_form("kind"), json_schema_input_type=str | ExecutorSpec)]

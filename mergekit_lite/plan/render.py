@@ -26,7 +26,7 @@ def plan_table(plan: Plan, limit: int | None = None) -> str:
     changed = [t for t in plan.tensors if t.changed]
     lines = [f"base      {plan.base}"]
     if plan.base_quantization:
-        lines.append(f"          stored as {plan.base_quantization}: merged into its dequantized weights")
+        lines.append(f"          {plan.base_quantization}: merged into the dequantized weights")
     for a in plan.adapters:
         lines.append(
             f"adapter {a['index']} {a['path']}  ({a['variant']}, r={a['r']}, alpha={a['lora_alpha']}, "

@@ -60,7 +60,7 @@ def model_card(
         f"{len(summary['shards'])} shard(s), {summary['total_size']} bytes",
         f"- tied embeddings: base {plan.tied_in}, release {plan.tied_out}",
         *(
-            [f"- merged into: the base's dequantized weights (stored as {plan.base_quantization})"]
+            [f"- merged into: the base's dequantized weights ({plan.base_quantization})"]
             if plan.base_quantization
             else []
         ),

@@ -22,7 +22,7 @@ from typing import Any
 from mergekit_lite.errors import CheckpointError
 from mergekit_lite.io.digests import JsonStore, cache_folder
 from mergekit_lite.io.format import DuplicateKey, TensorEntry, no_duplicates, read_header
-from mergekit_lite.sources.quantized import dequantized_tensors, describe
+from mergekit_lite.sources.quantized import dequantized_tensors, describe, simulated
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,9 @@ class Checkpoint:
     quantization: str = ""  # how the base is quantized (sources/quantized.py), e.g. `bitsandbytes nf4`; "" if dense
 
 
-def read_checkpoint(path: Path) -> Checkpoint:
-    """Read a safetensors checkpoint folder's headers, index and config.json."""
+def read_checkpoint(path: Path, dequantize: str | None = None) -> Checkpoint:
+    """Read a safetensors checkpoint folder's headers, index and config.json; with `dequantize`
+    (nf4, fp4), its Linear weights are read as QLoRA's (sources/quantized.simulated)."""
     if not path.exists():
         raise CheckpointError(f"base `{path}` does not exist")
     if not path.is_dir():
@@ -68,6 +69,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
                 f"base `{path}`: the {role} embedding `{name}` has shape {list(tensors[name].shape)}; "
                 "an embedding is [vocab, hidden]"
             )
+    if dequantize is not None:
+        tensors = simulated(path, tensors, dequantize, (inp, out))
     return Checkpoint(path, tensors, files, config, tied, inp, out, quantization=describe(tensors))
 
 

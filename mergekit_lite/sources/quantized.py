@@ -13,6 +13,7 @@ fails before anything is written. Other quantization methods are refused with wh
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -78,6 +79,31 @@ def dequantized_tensors(path: Path, config: dict[str, Any], tensors: dict[str, T
     )
 
 
+def simulated(
+    path: Path, tensors: dict[str, TensorEntry], quant_type: str, embeddings: tuple[str | None, str | None]
+) -> dict[str, TensorEntry]:
+    """The tensors of a 16-bit base with every Linear weight (2-D, not an embedding, as transformers'
+    bitsandbytes quantizer picks them) to be read as QLoRA's quantized-then-dequantized weights."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise CheckpointError(
+            f"`base: {{dequantize: {quant_type}}}` quantizes the base as QLoRA does, with bitsandbytes, which "
+            "is not installed: `pip install bitsandbytes`, or drop `dequantize` to merge into the 16-bit weights"
+        )
+    if any(e.quant is not None for e in tensors.values()):
+        raise CheckpointError(
+            f"base `{path}` is stored quantized already and is merged into its dequantized weights; "
+            "`dequantize` is for a 16-bit base"
+        )
+    out = {}
+    for name, entry in tensors.items():
+        linear = len(entry.shape) == 2 and name.endswith(".weight") and name not in embeddings
+        if linear and entry.dtype in QS_DTYPES.values():
+            quant = Quantized("qlora4", (("weight", entry),), (("quant_type", quant_type),))
+            entry = TensorEntry(name, entry.dtype, entry.shape, entry.file, entry.begin, entry.nbytes, quant)
+        out[name] = entry
+    return out
+
+
 def describe(tensors: dict[str, TensorEntry]) -> str:
     """How the dequantized tensors were stored, e.g. `bitsandbytes nf4 (double quant)`; "" if none are."""
     kinds = []
@@ -85,15 +111,17 @@ def describe(tensors: dict[str, TensorEntry]) -> str:
         q = entry.quant
         if q is None:
             continue
-        if q.method == "bnb8":
-            kind = "bitsandbytes int8"
+        if q.method == "qlora4":
+            kind = f"quantized here as QLoRA does: bitsandbytes {q.param('quant_type')} (double quant)"
+        elif q.method == "bnb8":
+            kind = "stored as bitsandbytes int8"
         elif q.method == "mxfp4":
-            kind = "MXFP4"
+            kind = "stored as MXFP4"
         elif q.method == "fp8":
-            kind = f"FP8 e4m3, {q.param('block_rows')}x{q.param('block_cols')} block scales"
+            kind = f"stored as FP8 e4m3, {q.param('block_rows')}x{q.param('block_cols')} block scales"
         else:
             nested = " (double quant)" if "nested_absmax" in dict(q.parts) else ""
-            kind = f"bitsandbytes {q.param('quant_type')}{nested}"
+            kind = f"stored as bitsandbytes {q.param('quant_type')}{nested}"
         if kind not in kinds:
             kinds.append(kind)
     return ", ".join(kinds)
