@@ -51,7 +51,7 @@ def test_checkpoint_dequantized_as_its_quantizer_does(qzoo, name):
     folder = qzoo.quantized(name)
     ckpt = read_checkpoint(folder)
     assert sum(e.quant is not None for e in ckpt.tensors.values()) == (4 if name == "mxfp4" else LINEARS)
-    assert ckpt.quantization.startswith({"fp8": "FP8", "mxf": "MXFP4"}.get(name[:3], "bitsandbytes"))
+    assert ckpt.quantization.startswith("stored as " + {"fp8": "FP8", "mxf": "MXFP4"}.get(name[:3], "bitsandbytes"))
     got, want = ours(folder), bnb_dequantized(folder)
     assert sorted(got) == sorted(want)
     for key, value in want.items():
