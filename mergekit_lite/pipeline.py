@@ -17,6 +17,7 @@ import torch
 from mergekit_lite.errors import InputError, MergekitError
 from mergekit_lite.gate import GateReport, run_gate
 from mergekit_lite.gate.report import fmt, markdown, skipped_report
+from mergekit_lite.gate.runtimes import check_runtimes_available
 from mergekit_lite.io.digests import InputDigests
 from mergekit_lite.manifest.load import LoadedManifest, load_manifest
 from mergekit_lite.merge.executor import check_available, run_shards
@@ -97,6 +98,8 @@ def prepare(manifest_path: str | Path, for_output: bool = True, hash_inputs: boo
         ]
         plan = build_plan(checkpoint, adapters, m.dtype, loaded.max_shard_bytes, combine=m.combine)
         resolve_device(m.device_map)
+        if m.verify.runtimes and m.verify.enabled:
+            check_runtimes_available(m.verify.runtimes)  # a runtime not installed is refused before any write
         if for_output:
             check_available(m.executor)  # Ray, when asked for, must be installed: refused before anything is written
             check_output(loaded.output_path, loaded.input_folders, m.output.overwrite, plan.total_bytes)

@@ -15,6 +15,7 @@ from mergekit_lite.gate.integrity import check_integrity
 from mergekit_lite.gate.packaging import check_packaging
 from mergekit_lite.gate.portable import check_portable
 from mergekit_lite.gate.report import GateReport
+from mergekit_lite.gate.runtimes import check_transformers4
 from mergekit_lite.gate.structure import check_structure
 from mergekit_lite.gate.tolerances import thresholds
 from mergekit_lite.io.format import FLOAT_DTYPES
@@ -111,7 +112,19 @@ def run_gate(
             dequantized=checkpoint.tensors if checkpoint.quantization else None,
         )
         _guarded(report, "end_to_end", lambda: check_end_to_end(report, check))
+    if settings.runtimes:  # run whatever failed above: a runtime may be the only one to see a defect
+        new = settings.max_new_tokens
+        _guarded(report, "runtimes", lambda: check_transformers4(report, candidate, _packaged(candidate), prompts, new))
     return report
+
+
+def _packaged(candidate: Path):
+    """The release's own tokenizer as transformers 5 loads it; None when it ships none or it is broken
+    (the packaging checks report that)."""
+    try:
+        return load_tokenizer(candidate) if has_tokenizer(candidate) else None
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _guarded(report: GateReport, group: str, check: Callable[[], T]) -> T | None:

@@ -46,6 +46,9 @@ TOLERANCES: dict[str, dict[str, float]] = {
         "greedy_match": 0.75,
     },
 }
+# verify.runtimes: the same float32 weights in another runtime (gate/runtimes.py). Only kernels differ,
+# so the logits agree far closer than any merge's rounding (transformers 4.57 vs 5: docs/performance.md).
+RUNTIME_TOLERANCES: dict[str, float] = {"max_abs_logit_diff": 1e-3, "greedy_match": 1.0}
 HIGHER_IS_BETTER = {"top1_agreement", "greedy_match"}
 
 

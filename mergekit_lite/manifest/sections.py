@@ -128,6 +128,11 @@ class VerifySpec(Strict):
     logits: bool = True
     max_new_tokens: int = Field(default=16, ge=0)
     thresholds: dict[Literal[METRICS], float] = Field(default_factory=dict)  # type: ignore[valid-type]
+    runtimes: list[Literal["transformers4"]] = Field(
+        default_factory=list,
+        description="Also load the release in these runtimes and compare with transformers 5 in float32: "
+        "transformers4 (a Python with transformers 4: `make runtimes`, or $MERGEKIT_LITE_TRANSFORMERS4).",
+    )
     # placement of the end-to-end check's two models (PEFT's reference and the release), with accelerate
     device_map: str | None = Field(
         default=None,

@@ -1,0 +1,169 @@
+"""Gate check 5, runtimes (optional, `verify.runtimes`): the release in the runtime it is deployed to.
+
+`transformers4`: the release loaded by transformers 4 in a Python of its own (a separate virtual
+environment: transformers 4 and 5 cannot share one), as its users load it, against transformers 5
+in this process, both in float32: the prompts encode alike, max |logit diff| on the gate's
+encoding, and greedy continuations (a divergence at a near-tie of transformers 5 counts as
+agreement, as in the end-to-end check). This is what catches a config that transformers 4 reads
+differently (a RoPE value in one layout only) or a tokenizer it cannot load.
+
+The Python is $MERGEKIT_LITE_TRANSFORMERS4 or, by default, `.cache/runtimes/transformers4/bin/python`
+in the working folder (what `make runtimes` builds: torch==2.13.0 CPU and transformers 4.57).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergekit_lite.errors import InputError
+from mergekit_lite.gate.endtoend import DEFAULT_PROMPTS, _agrees, _forward, _generate, prompt_ids
+from mergekit_lite.gate.report import GateReport
+from mergekit_lite.gate.tolerances import RUNTIME_TOLERANCES
+
+ENV = "MERGEKIT_LITE_TRANSFORMERS4"
+DEFAULT_PYTHON = Path(".cache/runtimes/transformers4/bin/python")
+WORKER = Path(__file__).with_name("transformers4_worker.py")
+HOW_TO_INSTALL = (
+    "make one with `make runtimes` (.cache/runtimes/transformers4: `pip install torch==2.13.0 "
+    "'transformers>=4.45,<5'` in a new virtual environment), or set MERGEKIT_LITE_TRANSFORMERS4 to "
+    "the python of an environment that has transformers 4 (it cannot share one with transformers 5)"
+)
+TIMEOUT_S = 1800
+
+
+def transformers4_python() -> Path:
+    """The Python that runs transformers 4 (not checked)."""
+    return Path(os.environ.get(ENV) or DEFAULT_PYTHON).absolute()
+
+
+def check_runtimes_available(runtimes: list[str]) -> dict[str, str]:
+    """Refuse, before anything is written, a runtime that is not installed; its version otherwise."""
+    found = {}
+    for runtime in runtimes:
+        python = transformers4_python()
+        if not python.is_file():
+            raise InputError(f"`verify.runtimes: [{runtime}]`: no Python at `{python}`; {HOW_TO_INSTALL}")
+        probe = subprocess.run(
+            [str(python), "-I", "-c", "import transformers, torch; print(transformers.__version__)"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        version = probe.stdout.strip()
+        if probe.returncode != 0 or not version.startswith("4."):
+            got = f"transformers {version}" if probe.returncode == 0 else "no transformers and torch"
+            raise InputError(f"`verify.runtimes: [{runtime}]`: `{python}` has {got}; {HOW_TO_INSTALL}")
+        found[runtime] = version
+    return found
+
+
+def check_transformers4(
+    report: GateReport, candidate: Path, tokenizer: Any, prompts: list[str] | None, new_tokens: int
+) -> None:
+    """Record the transformers 4 check of `candidate` (its packaged `tokenizer`, or None)."""
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(candidate, dtype=torch.float32).eval()
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids, how = prompt_ids(tokenizer, prompts, vocab)
+    texts = None if tokenizer is None else list(prompts or DEFAULT_PROMPTS)
+    theirs, versions = _run_worker(candidate, texts, bool(getattr(tokenizer, "chat_template", None)), ids, new_tokens)
+    report.context["runtimes"] = {"transformers4": {**versions, "prompts": how}}
+    name = "transformers4"
+    if texts is not None:
+        differ = [i for i, seq in enumerate(ids) if theirs[f"encoded.{i}"].tolist() != seq.tolist()]
+        report.add(
+            "runtimes",
+            f"{name}: prompts encode as with transformers 5",
+            not differ,
+            figure=len(differ),
+            threshold=0,
+            detail=f"first: prompt {differ[0]}" if differ else "",
+        )
+    limit = RUNTIME_TOLERANCES["max_abs_logit_diff"]
+    ours = [_forward(model, seq) for seq in ids]
+    diffs = [float((a - theirs[f"logits.{i}"].double()).abs().max()) for i, a in enumerate(ours)]
+    worst = max(range(len(diffs)), key=diffs.__getitem__)
+    report.add(
+        "runtimes",
+        f"{name}: max_abs_logit_diff",
+        diffs[worst] <= limit,
+        figure=diffs[worst],
+        threshold=limit,
+        detail=f"worst: prompt {worst}; float32 both",
+    )
+    share, first = _greedy_share(model, ids, theirs, new_tokens, tie=2 * limit)
+    report.add(
+        "runtimes",
+        f"{name}: greedy_match",
+        share >= RUNTIME_TOLERANCES["greedy_match"],
+        figure=share,
+        threshold=RUNTIME_TOLERANCES["greedy_match"],
+        detail=first or f"share of prompts whose {new_tokens} greedy tokens agree (up to a tie)",
+    )
+
+
+def _run_worker(
+    candidate: Path, texts: list[str] | None, chat: bool, ids: list[torch.Tensor], new_tokens: int
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The worker's tensors and the versions it ran with; a failed run raises (the group fails)."""
+    from safetensors import safe_open
+
+    request = {
+        "release": str(candidate),
+        "texts": texts,
+        "chat": chat,
+        "ids": [seq.tolist() for seq in ids],
+        "new_tokens": new_tokens,
+    }
+    with tempfile.TemporaryDirectory(prefix="mergekit-t4-") as tmp:
+        (Path(tmp) / "request.json").write_text(json.dumps(request), encoding="utf-8")
+        out = Path(tmp) / "out.safetensors"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        # -I: neither PYTHONPATH nor the script's folder (gate/packaging.py would shadow `packaging`) on its path
+        run = subprocess.run(
+            [str(transformers4_python()), "-I", str(WORKER), str(Path(tmp) / "request.json"), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+            env=env,
+        )
+        if run.returncode != 0:
+            last = (run.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"transformers 4 could not run the release: {last}")
+        with safe_open(str(out), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def _greedy_share(
+    model, ids: list[torch.Tensor], theirs: dict[str, torch.Tensor], n: int, tie: float
+) -> tuple[float, str]:
+    """Share of prompts whose n greedy tokens agree with transformers 5's (a first divergence at a
+    near-tie of transformers 5 counts as agreement); the first real divergence, described."""
+    if n == 0:
+        return 1.0, "no tokens requested"
+    same, first = 0, ""
+    for i, seq in enumerate(ids):
+        a, b = _generate(model, seq, n), theirs[f"greedy.{i}"].tolist()
+        k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if k is None and len(a) == len(b):
+            same += 1
+            continue
+        k = k if k is not None else min(len(a), len(b))
+        if k < len(b):
+            prefix = torch.cat([seq, torch.tensor(a[:k], dtype=seq.dtype)])
+            if bool(_agrees(_forward(model, prefix)[-1], torch.tensor(b[k]), tie)):
+                same += 1
+                continue
+        first = first or f"prompt {i} differs at token {k}"
+    return same / len(ids), first
