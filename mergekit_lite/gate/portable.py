@@ -20,8 +20,14 @@ from mergekit_lite.plan.config import V5_ONLY_TOKENIZER_CLASSES, V5_ONLY_TOKENIZ
 
 def check_portable(report: GateReport, candidate: Path) -> None:
     """Record whether config.json's and tokenizer_config.json's two layouts agree."""
-    config = json.loads((candidate / "config.json").read_text(encoding="utf-8"))
-    problems, compared = config_disagreements(config)
+    try:
+        config = json.loads((candidate / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # structure's config check reports it too
+        config, unreadable = {}, f"config.json unreadable: {exc}"
+    else:
+        unreadable = ""
+    problems, compared = config_disagreements(config) if isinstance(config, dict) else (["not an object"], [])
+    problems = [unreadable] if unreadable else problems
     report.add(
         "packaging",
         "config.json: transformers 4 keys agree with v5's",
@@ -33,9 +39,14 @@ def check_portable(report: GateReport, candidate: Path) -> None:
     path = candidate / "tokenizer_config.json"
     if not path.is_file():
         return
-    doc = json.loads(path.read_text(encoding="utf-8"))
     template = candidate / "chat_template.jinja"
-    problems = tokenizer_config_problems(doc, template.read_text(encoding="utf-8") if template.is_file() else None)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        chat = template.read_text(encoding="utf-8") if template.is_file() else None
+    except (OSError, ValueError) as exc:
+        problems = [f"unreadable: {exc}"]
+    else:
+        problems = tokenizer_config_problems(doc, chat) if isinstance(doc, dict) else ["not an object"]
     report.add(
         "packaging",
         "tokenizer_config.json readable by transformers 4",
