@@ -15,7 +15,7 @@ import pytest
 
 from mergekit_lite import run_merge
 from mergekit_lite.gate.portable import config_disagreements, tokenizer_config_problems
-from mergekit_lite.release.compat import portable_config, portable_tokenizer_config
+from mergekit_lite.plan.compat import portable_config, portable_tokenizer_config
 
 from release_builders import build_adapter, build_chat_base, build_tokenizer, sha256, write_manifest
 

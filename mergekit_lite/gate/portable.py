@@ -5,7 +5,7 @@ reads the transformers 4 layout the way transformers 4 does (top-level `rope_the
 `partial_rotary_factor`, `rope_scaling`, `torch_dtype`) and the transformers 5 layout the way
 transformers 5 does (`rope_parameters`, `dtype`), and fails on any difference: a value changed in
 one layout only would otherwise load silently wrong on one of the two. It is written from the
-readers' side, not from the release's writer (release/compat.py): it does not share its code.
+readers' side, not from the release's writer (plan/compat.py): it does not share its code.
 """
 
 from __future__ import annotations

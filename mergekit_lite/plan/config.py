@@ -8,7 +8,7 @@ from mergekit_lite.io.format import TORCH_NAMES
 from mergekit_lite.plan.plan import Plan
 
 # transformers 4's names for what transformers 5 keeps in `rope_parameters` and `dtype`: a portable
-# release (release/compat.py) writes them beside v5's; the gate proves both layouts agree.
+# release (plan/compat.py) writes them beside v5's; the gate proves both layouts agree.
 LEGACY_CONFIG_KEYS = ("rope_theta", "rope_scaling", "partial_rotary_factor", "torch_dtype")
 # tokenizer_config.json: what transformers 5 writes that transformers 4 cannot read or does not use
 V5_ONLY_TOKENIZER_CLASSES = ("TokenizersBackend",)

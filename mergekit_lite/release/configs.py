@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mergekit_lite.plan.compat import portable_config
 from mergekit_lite.plan.config import reconciled_config
 from mergekit_lite.plan.plan import Plan
-from mergekit_lite.release.compat import make_tokenizer_portable, portable_config
+from mergekit_lite.release.compat import make_tokenizer_portable
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -33,7 +34,7 @@ def write_configs(
     """config.json reconciled with the output; generation_config.json carried over with the tokenizer's EOS.
 
     With `compat` (`output.compat`, the default), config.json and the tokenizer_config.json already
-    copied into `folder` are made readable by transformers 4 as well (release/compat.py).
+    copied into `folder` are made readable by transformers 4 as well (plan/compat.py).
     """
     config = reconciled_config(base_config, plan)
     write_json(folder / "config.json", portable_config(config) if compat else config)
