@@ -206,3 +206,21 @@ def test_qlora_choice_refusals(qzoo, zoo, tmp_path, base, quant_type, needle):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_plan_counts_dequantized_sizes(qzoo, zoo, merged, tmp_path):
+    """The plan's output size (checked against free disk) and memory are those of the dequantized
+    weights: as for the 16-bit original, and as written; negative control: the packed 4-bit weights
+    are smaller, so counting them would show."""
+    from mergekit_lite.pipeline import prepare
+    from mergekit_lite.sources.checkpoint import read_checkpoint
+
+    adapter = [(zoo.adapter(ADAPTER), None)]
+    quantized = prepare(write_manifest(tmp_path / "q", qzoo.quantized("nf4-dq"), adapter, "bfloat16"), False).plan
+    dense = prepare(write_manifest(tmp_path / "d", qzoo.dense(), adapter, "bfloat16"), False).plan
+    written = sum(p.stat().st_size for p in merged("nf4-dq", "bfloat16").glob("*.safetensors"))
+    assert quantized.total_bytes == dense.total_bytes and 0 < written - quantized.total_bytes < 4096  # the header
+    assert quantized.peak_bytes > dense.peak_bytes  # and the stored parts, dequantized one tensor at a time
+    packed = read_checkpoint(qzoo.quantized("nf4-dq")).tensors.values()
+    as_stored = sum(e.quant.part("weight").nbytes if e.quant else e.nbytes for e in packed)
+    assert as_stored < 0.8 * quantized.total_bytes
