@@ -224,3 +224,19 @@ def test_plan_counts_dequantized_sizes(qzoo, zoo, merged, tmp_path):
     packed = read_checkpoint(qzoo.quantized("nf4-dq")).tensors.values()
     as_stored = sum(e.quant.part("weight").nbytes if e.quant else e.nbytes for e in packed)
     assert as_stored < 0.8 * quantized.total_bytes
+
+
+def test_reference_base_without_bitsandbytes_is_the_same(qzoo, monkeypatch):
+    """Where bitsandbytes is missing, the gate's reference base comes from mergekit-lite's own
+    dequantizer: the same values as bitsandbytes'; control: the 16-bit original's are not."""
+    from mergekit_lite.gate import dequantized
+    from mergekit_lite.sources.checkpoint import read_checkpoint
+
+    folder = qzoo.quantized("nf4-dq")
+    monkeypatch.setattr(dequantized, "dequantizer", lambda base: dequantized.BY_MERGEKIT)
+    model, by = dequantized.dequantized_base(folder, read_checkpoint(folder).tensors, torch.float32, {})
+    assert by == dequantized.BY_MERGEKIT
+    got, want = model.state_dict(), bnb_dequantized(folder)
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k].float()) for k in want)
+    dense = load_output(qzoo.dense())
+    assert sum(not torch.equal(got[k], dense[k].float()) for k in dense) >= 14
