@@ -30,7 +30,7 @@ from mergekit_lite.release.card import model_card
 from mergekit_lite.release.configs import write_configs, write_index, write_json
 from mergekit_lite.release.publish import check_output, check_unlocked, new_parents, output_lock, publish, staging
 from mergekit_lite.release.receipt import resolved_manifest, write_checksums, write_receipt
-from mergekit_lite.sources.adapter import Adapter, read_adapter
+from mergekit_lite.sources.adapter import Adapter, read_adapter, task_type
 from mergekit_lite.sources.checkpoint import Checkpoint, read_checkpoint, weight_files
 from mergekit_lite.sources.hub import resolve_hub_sources
 from mergekit_lite.sources.tokenizer import copy_tokenizer, load_tokenizer, tokenizer_files, tokenizer_source
@@ -91,11 +91,11 @@ def prepare(manifest_path: str | Path, for_output: bool = True, hash_inputs: boo
     m = loaded.manifest
     inputs = InputDigests(_base_files(loaded.base_path)) if hash_inputs else None
     try:
-        checkpoint = read_checkpoint(loaded.base_path, dequantize=m.base.dequantize)
         adapters = [
             read_adapter(p, i, spec.weight, allow_pickle=spec.allow_pickle)
             for i, (p, spec) in enumerate(zip(loaded.adapter_paths, m.adapters))
         ]
+        checkpoint = read_checkpoint(loaded.base_path, task_type=task_type(adapters), dequantize=m.base.dequantize)
         plan = build_plan(checkpoint, adapters, m.dtype, loaded.max_shard_bytes, combine=m.combine)
         resolve_device(m.device_map)
         if m.verify.runtimes and m.verify.enabled:

@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForCausalLM
 
-from mergekit_lite.sources import checkpoint
+from mergekit_lite.sources import architecture, checkpoint
 from mergekit_lite.sources.checkpoint import ARCH_FILE, read_checkpoint
 
 EXPECTED = {  # kind -> (tied, input_embedding, output_embedding)
@@ -39,19 +38,19 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 class Builds:
-    """Counts the meta models built (AutoModelForCausalLM.from_config); with `fail`, each one raises."""
+    """Counts the meta models built (architecture.meta_model); with `fail`, each one raises."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, fail: bool = False) -> None:
         self.count = 0
-        original = AutoModelForCausalLM.from_config
+        original = architecture.meta_model
 
-        def from_config(*args, **kwargs):
+        def meta_model(*args, **kwargs):
             self.count += 1
             if fail:
                 raise RuntimeError("the meta model must not be built")
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(AutoModelForCausalLM, "from_config", from_config)
+        monkeypatch.setattr(architecture, "meta_model", meta_model)
 
 
 def embeddings(path: Path) -> tuple[bool, str | None, str | None]:
@@ -148,13 +147,15 @@ def test_another_transformers_version_misses_the_cache(zoo, cache: Path, monkeyp
 def test_a_corrupt_cache_is_ignored_and_rewritten(zoo, cache: Path, content: str, monkeypatch) -> None:
     base = zoo.base("gpt2")
     if content == "right key, wrong value":
-        content = json.dumps({checkpoint._architecture_key(base): [True, "model.embed_tokens.weight"]})
+        names = list(checkpoint.read_tensors(base)[1])
+        content = json.dumps({checkpoint._architecture_key(base, names, None): [True, "model.embed_tokens.weight"]})
     cache.mkdir()
     (cache / ARCH_FILE).write_text(content)
     builds = Builds(monkeypatch)
     assert embeddings(base) == EXPECTED["gpt2"]
     assert builds.count == 1  # the corrupt file gave nothing
-    assert list(entries(cache).values()) == [[True, "transformer.wte.weight", "lm_head.weight"]]
+    cached = [(v["tied"], v["input_embedding"], v["output_embedding"]) for v in entries(cache).values()]
+    assert cached == [(True, "transformer.wte.weight", "lm_head.weight")]
     assert embeddings(base) == EXPECTED["gpt2"]
     assert builds.count == 1  # control: the rewritten file is a hit
 

@@ -182,7 +182,7 @@ def test_a_merge_that_fails_after_hashing_started_stops_the_hashing(tmp_path: Pa
         started.append(real(paths))
         return started[-1]
 
-    def refuse(path, dequantize=None):
+    def refuse(path, **options):
         raise InputError("no base here")
 
     monkeypatch.setattr(pipeline, "InputDigests", spy)

@@ -73,21 +73,41 @@ def build_plan(
 
 
 class _Resolver:
-    """Adapter module names -> base tensor names (checkpoints may drop the top-level prefix)."""
+    """Adapter module names (as PEFT saw the loaded model) -> the base's on-disk tensor names.
+
+    Through the checkpoint's key mapping (transformers' own load-time renaming, sources/architecture.py);
+    without one (an architecture transformers cannot build), a checkpoint may drop the top-level prefix.
+    """
 
     def __init__(self, ckpt: Checkpoint) -> None:
         self.ckpt = ckpt
         self.virtual = {ckpt.output_embedding} if ckpt.tied and ckpt.output_embedding not in ckpt.tensors else set()
+        arch = ckpt.architecture
+        self.to_disk = {module: disk for disk, module in arch.renames.items()}
+        if arch.output_embedding and ckpt.output_embedding:
+            self.to_disk.setdefault(arch.output_embedding, ckpt.output_embedding)
+        if arch.input_embedding and ckpt.input_embedding:
+            self.to_disk.setdefault(arch.input_embedding, ckpt.input_embedding)
+        self.fused = arch.fused
 
     def __call__(self, target: str, key: AdapterKey, adapter: Adapter) -> str:
-        if target in self.ckpt.tensors or target in self.virtual:
-            return target
+        disk = self.to_disk.get(target, target)
+        if disk in self.ckpt.tensors or disk in self.virtual:
+            return disk
+        if target in self.fused:
+            sources = self.fused[target]
+            raise PlanError(
+                f"{adapter.label}: `{key.key}` changes `{target}`, which transformers builds from "
+                f"{len(sources)} checkpoint tensors (`{sources[0]}`, ...) of this "
+                f"{self.ckpt.architecture.model_class or 'model'}; LoRA on fused tensors is not supported"
+            )
         short = target.split(".", 1)[1] if "." in target else target
-        if short in self.ckpt.tensors:
+        if short in self.ckpt.tensors and self.ckpt.architecture.model_class is None:
             return short
+        loads_as = self.ckpt.architecture.model_class
         raise PlanError(
             f"{adapter.label}: `{key.key}` changes `{target}`, which the base model does not have "
-            "(is the adapter made for another base?)"
+            "(is the adapter made for another base?)" + (f"; the base loads as {loads_as}" if loads_as else "")
         )
 
 

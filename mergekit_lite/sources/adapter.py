@@ -140,6 +140,18 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
+def task_type(adapters: list[Adapter]) -> str | None:
+    """The adapters' PEFT `task_type` (which model class they were trained on); they must agree."""
+    kinds = {a.config["task_type"]: a for a in adapters if isinstance(a.config.get("task_type"), str)}
+    if len(kinds) > 1:
+        (one, a), (other, b) = list(kinds.items())[:2]
+        raise AdapterError(
+            f"{a.label} has `task_type` {one!r} but {b.label} has {other!r}: adapters trained on different "
+            "model classes cannot be merged into one model"
+        )
+    return next(iter(kinds), None)
+
+
 def read_adapter(path: Path, index: int, weight: float, allow_pickle: bool = False) -> Adapter:
     """Read and vet an adapter folder; refuse what cannot be merged, saying why.
 

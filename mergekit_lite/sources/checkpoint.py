@@ -1,11 +1,13 @@
 """A base checkpoint folder: its tensors (from headers only), its config, its embeddings.
 
-The embeddings' names and whether they are tied come from transformers' own model class, built
-on the meta device. That costs a noticeable share of a merge (importing transformers, AutoConfig
-and the modeling module; the model itself is cheap: docs/performance.md), and the answer depends
-only on config.json's bytes and the transformers version. So it is remembered under
-those two in architectures.json, beside the digest cache (digests.cache_folder); a rerun on the
-same base does not import transformers at all. A failed build is not remembered.
+The model class, the embeddings' names, whether they are tied, and how the on-disk names load as
+module names come from transformers' own model class, built on the meta device
+(sources/architecture.py). That costs a noticeable share of a merge (importing transformers,
+AutoConfig and the modeling module; the model itself is cheap: docs/performance.md), and the
+answer depends only on config.json's bytes, the tensor names, the adapters' task type and the
+transformers version. So it is remembered under those in architectures.json, beside the digest
+cache (digests.cache_folder); a rerun on the same base does not import transformers at all. A
+failed build is not remembered.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 from mergekit_lite.errors import CheckpointError
 from mergekit_lite.io.digests import JsonStore, cache_folder
 from mergekit_lite.io.format import DuplicateKey, TensorEntry, no_duplicates, read_header
+from mergekit_lite.sources.architecture import Architecture
+from mergekit_lite.sources.architecture import describe as describe_architecture
 from mergekit_lite.sources.quantized import dequantized_tensors, describe, simulated
 
 log = logging.getLogger(__name__)
@@ -31,7 +34,7 @@ INDEX = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt")
 MAX_JSON_BYTES = 64 * 2**20  # the index of a 400B-parameter model is a few MB
 ARCH_FILE = "architectures.json"
-ARCH_LIMIT = 1_000  # configs remembered; the oldest go first
+ARCH_LIMIT = 200  # checkpoints remembered; the oldest go first
 
 
 @dataclass
@@ -47,11 +50,16 @@ class Checkpoint:
     output_embedding: str | None
     extra_files: list[Path] = field(default_factory=list)
     quantization: str = ""  # how the base is quantized (sources/quantized.py), e.g. `bitsandbytes nf4`; "" if dense
+    architecture: Architecture = field(default_factory=lambda: Architecture(None, False, None, None))
 
 
-def read_checkpoint(path: Path, dequantize: str | None = None) -> Checkpoint:
+def read_checkpoint(path: Path, task_type: str | None = None, dequantize: str | None = None) -> Checkpoint:
     """Read a safetensors checkpoint folder's headers, index and config.json; with `dequantize`
-    (nf4, fp4), its Linear weights are read as QLoRA's (sources/quantized.simulated)."""
+    (nf4, fp4), its Linear weights are read as QLoRA's (sources/quantized.simulated).
+
+    `task_type` is the adapters' PEFT task type: with the base's `architectures` it picks the model
+    class (architecture.model_class_name) whose embeddings and module names count.
+    """
     if not path.exists():
         raise CheckpointError(f"base `{path}` does not exist")
     if not path.is_dir():
@@ -62,7 +70,8 @@ def read_checkpoint(path: Path, dequantize: str | None = None) -> Checkpoint:
     config = read_json(config_file)
     files, tensors = read_tensors(path)
     tensors = dequantized_tensors(path, config, tensors)
-    tied, inp, out = _embeddings(path, config, tensors)
+    arch = _architecture(path, config, tensors, task_type)
+    inp, out = _embeddings(arch, tensors)
     for role, name in (("input", inp), ("output", out)):
         if name in tensors and len(tensors[name].shape) != 2:
             raise CheckpointError(
@@ -71,7 +80,8 @@ def read_checkpoint(path: Path, dequantize: str | None = None) -> Checkpoint:
             )
     if dequantize is not None:
         tensors = simulated(path, tensors, dequantize, (inp, out))
-    return Checkpoint(path, tensors, files, config, tied, inp, out, quantization=describe(tensors))
+    quantization = describe(tensors)
+    return Checkpoint(path, tensors, files, config, arch.tied, inp, out, quantization=quantization, architecture=arch)
 
 
 def read_tensors(path: Path) -> tuple[list[Path], dict[str, TensorEntry]]:
@@ -168,51 +178,37 @@ def _check_index(path: Path, tensors: dict[str, TensorEntry]) -> None:
             raise CheckpointError(f"`{entry.file.name}` holds `{name}`, which `{index.name}` does not list")
 
 
-def _embeddings(
-    path: Path, config: dict[str, Any], tensors: dict[str, TensorEntry]
-) -> tuple[bool, str | None, str | None]:
-    """Whether input and output embeddings are tied, and their tensor names, from the config alone."""
+def _architecture(
+    path: Path, config: dict[str, Any], tensors: dict[str, TensorEntry], task_type: str | None
+) -> Architecture:
+    """The base's model class, embeddings and key mapping (architecture.describe), cached."""
     folder = cache_folder()
-    key = _architecture_key(path) if folder is not None else None
+    key = _architecture_key(path, list(tensors), task_type) if folder is not None else None
     store = JsonStore(folder if key else None, ARCH_FILE, ARCH_LIMIT, _is_architecture)
-    cached = store.get(key) if key else None
+    cached = Architecture.from_json(store.get(key)) if key else None
     if cached is not None:
-        tied, inp, out = cached
-    else:
-        tied, inp, out, built = _build_embeddings(path, config)
-        if built and key and key == _architecture_key(path):  # config.json unchanged while it was built
-            store.put(key, [tied, inp, out])
-            store.save()
-    inp = _match(inp, tensors) or next((n for n in tensors if n.endswith(("embed_tokens.weight", "wte.weight"))), None)
-    out = _match(out, tensors, allow_missing=True) or (
-        "lm_head.weight" if "lm_head.weight" in tensors or tied else None
-    )
-    return tied, inp, out
-
-
-def _build_embeddings(path: Path, config: dict[str, Any]) -> tuple[bool, str | None, str | None, bool]:
-    """tied and the module-derived embedding names, from the model built on the meta device, and
-    whether it could be built (if not: tied as far as the config tells, and no names)."""
-    inp = out = None
-    tied = bool(config.get("tie_word_embeddings", False))
+        return cached
     try:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            cfg = AutoConfig.from_pretrained(path)
-            tied = bool(getattr(cfg, "tie_word_embeddings", tied))
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(cfg)
-        names = {id(m): n for n, m in model.named_modules()}
-        in_mod, out_mod = model.get_input_embeddings(), model.get_output_embeddings()
-        inp = f"{names[id(in_mod)]}.weight" if in_mod is not None and id(in_mod) in names else None
-        out = f"{names[id(out_mod)]}.weight" if out_mod is not None and id(out_mod) in names else None
+        arch = describe_architecture(path, list(tensors), task_type)
     except Exception as exc:  # an architecture transformers does not know: fall back on names
         log.warning("cannot build %s's architecture on the meta device (%s); guessing embedding names", path, exc)
-        return tied, inp, out, False
-    return tied, inp, out, True
+        return Architecture(None, bool(config.get("tie_word_embeddings", False)), None, None)
+    if key and key == _architecture_key(path, list(tensors), task_type):  # config.json unchanged meanwhile
+        store.put(key, arch.to_json())
+        store.save()
+    return arch
+
+
+def _embeddings(arch: Architecture, tensors: dict[str, TensorEntry]) -> tuple[str | None, str | None]:
+    """The input and output embeddings' on-disk names (the output's may be one not stored, when tied)."""
+    to_disk = {module: disk for disk, module in arch.renames.items()}
+    inp = _match(to_disk.get(arch.input_embedding or "", arch.input_embedding), tensors)
+    inp = inp or next((n for n in tensors if n.endswith(("embed_tokens.weight", "wte.weight"))), None)
+    out_name = to_disk.get(arch.output_embedding or "") or arch.output_on_disk or arch.output_embedding
+    out = _match(out_name, tensors, allow_missing=True) or (
+        "lm_head.weight" if "lm_head.weight" in tensors or arch.tied else None
+    )
+    return inp, out
 
 
 def _transformers_version() -> str | None:
@@ -223,8 +219,9 @@ def _transformers_version() -> str | None:
         return None
 
 
-def _architecture_key(path: Path) -> str | None:
-    """What _build_embeddings' answer depends on: config.json's bytes and the transformers version."""
+def _architecture_key(path: Path, tensor_names: list[str], task_type: str | None) -> str | None:
+    """What describe's answer depends on: config.json's bytes, the tensor names, the adapter's task
+    type and the transformers version."""
     version = _transformers_version()
     if version is None:
         return None
@@ -232,17 +229,13 @@ def _architecture_key(path: Path) -> str | None:
         digest = hashlib.sha256((path / "config.json").read_bytes()).hexdigest()
     except OSError:
         return None
-    return f"{digest}|transformers=={version}"
+    names = hashlib.sha256("\0".join(sorted(tensor_names)).encode()).hexdigest()[:32]
+    return f"{digest}|{names}|{task_type or ''}|transformers=={version}"
 
 
 def _is_architecture(value: Any) -> bool:
-    """A cached [tied, input name or None, output name or None]."""
-    return (
-        isinstance(value, list)
-        and len(value) == 3
-        and isinstance(value[0], bool)
-        and all(v is None or isinstance(v, str) for v in value[1:])
-    )
+    """A cached Architecture (its to_json form)."""
+    return Architecture.from_json(value) is not None
 
 
 def _match(name: str | None, tensors: dict[str, TensorEntry], allow_missing: bool = False) -> str | None:
