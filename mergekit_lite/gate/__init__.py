@@ -110,6 +110,7 @@ def run_gate(
             fixed=frozenset(settings.thresholds),
             combine=plan.combine,
             dequantized=checkpoint.tensors if checkpoint.quantization else None,
+            model_class=checkpoint.architecture.model_class,
         )
         _guarded(report, "end_to_end", lambda: check_end_to_end(report, check))
     if settings.runtimes:  # run whatever failed above: a runtime may be the only one to see a defect

@@ -43,11 +43,20 @@ DEFAULT_PROMPTS = [
 SYNTHETIC_PROMPTS = 4
 
 
-def prompt_ids(tokenizer: Any, prompts: list[str] | None, vocab: int) -> tuple[list[torch.Tensor], str]:
-    """Token ids for the prompts (chat-formatted when a chat template exists), and how they were made."""
+def prompt_ids(
+    tokenizer: Any, prompts: list[str] | None, vocab: int, avoid: frozenset[int] = frozenset()
+) -> tuple[list[torch.Tensor], str]:
+    """Token ids for the prompts (chat-formatted when a chat template exists), and how they were made.
+
+    Synthetic sequences leave out the ids in `avoid` (a multimodal model's image and video
+    placeholders, which a text-only input must not hold).
+    """
     if tokenizer is None:
         gen = torch.Generator().manual_seed(0)
         ids = [torch.randint(0, min(vocab, 1000), (12,), generator=gen) for _ in range(SYNTHETIC_PROMPTS)]
+        if avoid:
+            allowed = torch.tensor([i for i in range(min(vocab, 1000)) if i not in avoid])
+            ids = [allowed[seq % len(allowed)] for seq in ids]
         return ids, f"{SYNTHETIC_PROMPTS} synthetic token sequences (no tokenizer to encode text prompts)"
     texts = prompts or DEFAULT_PROMPTS
     out = []
@@ -75,6 +84,7 @@ def reference_model(
     embedding_rows: int | None = None,
     combine: CombinePlan | None = None,
     dequantized: dict[str, TensorEntry] | None = None,
+    model_class: str | None = None,
 ):
     """PEFT's base + adapters, unmerged, each adapter's scaling multiplied by its manifest weight;
     with `combine`, PEFT's add_weighted_adapter of them instead (see _add_combined).
@@ -84,12 +94,11 @@ def reference_model(
     """
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
-    from transformers import AutoModelForCausalLM
 
     if dequantized is not None:
         model, _ = dequantized_base(base, dequantized, dtype, loading)
     else:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **loading)
+        model = model_loader(model_class).from_pretrained(base, dtype=dtype, **loading)
     if embedding_rows is not None and embedding_rows != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(embedding_rows)
     names = [f"adapter_{i}" for i in range(len(adapters))]
@@ -156,6 +165,14 @@ def _move_factors(module, names: list[str], which, to: torch.device | str) -> to
 
 
 COMPUTE_DTYPE = torch.float32
+
+
+def model_loader(model_class: str | None) -> Any:
+    """The transformers class both models are loaded with (the base's, sources/architecture.py);
+    a causal LM when the base's architecture could not be built."""
+    import transformers
+
+    return getattr(transformers, model_class or "AutoModelForCausalLM")
 
 
 @dataclass(frozen=True)
@@ -247,6 +264,7 @@ class EndToEnd:
     fixed: frozenset[str] = frozenset()
     combine: CombinePlan | None = None
     dequantized: dict[str, TensorEntry] | None = None  # the base's tensors, when it is stored quantized
+    model_class: str | None = None
 
 
 def check_end_to_end(report: GateReport, check: EndToEnd) -> None:
@@ -264,8 +282,6 @@ def check_end_to_end(report: GateReport, check: EndToEnd) -> None:
 
 
 def _run(report: GateReport, check: EndToEnd, dtype: torch.dtype, limits: dict[str, float]) -> None:
-    from transformers import AutoModelForCausalLM
-
     with check.placement.loading() as (for_reference, for_release):
         reference = reference_model(
             check.base,
@@ -275,10 +291,12 @@ def _run(report: GateReport, check: EndToEnd, dtype: torch.dtype, limits: dict[s
             embedding_rows=check.embedding_rows,
             combine=check.combine,
             dequantized=check.dequantized,
+            model_class=check.model_class,
         )
         if check.dequantized is not None:
             report.context["reference_base"] = f"dequantized by {dequantizer(check.base)}"
-        merged = AutoModelForCausalLM.from_pretrained(check.candidate, dtype=dtype, **for_release).eval()
+        loader = model_loader(check.model_class)
+        merged = loader.from_pretrained(check.candidate, dtype=dtype, **for_release).eval()
         report.context["placement"] = check.placement.describe(reference, merged)
         _measure(report, (reference, merged), dtype, check, limits)
 
@@ -290,16 +308,26 @@ def _measure(
     reference, merged = models
     tokenizer, new_tokens = check.tokenizer, check.new_tokens
     vocab = merged.get_input_embeddings().weight.shape[0]
-    ids, how = prompt_ids(tokenizer, check.prompts, vocab)
-    ref_logits = [_forward(reference, seq) for seq in ids]
+    ids, how = prompt_ids(tokenizer, check.prompts, vocab, placeholder_ids(merged.config))
+    with _modules_run(reference) as reached:
+        ref_logits = [_forward(reference, seq) for seq in ids]
     out_logits = [_forward(merged, seq) for seq in ids]
     with reference.disable_adapter():
         base_logits = [_forward(reference, seq) for seq in ids]
     effect = max(float((r - b).abs().max()) for r, b in zip(ref_logits, base_logits))
     threshold_note = ""
-    if "max_abs_logit_diff" not in check.fixed and EFFECT_SHARE * effect < limits["max_abs_logit_diff"]:
+    unreached = sorted(_changed_modules(reference) - reached)
+    if unreached:
+        report.context["modules_not_reached"] = unreached
+        threshold_note = (
+            f"; {len(unreached)} changed module(s) never ran on these prompts ({', '.join(unreached[:3])}"
+            f"{', ...' if len(unreached) > 3 else ''}): only the per-tensor algebra check covers them"
+        )
+    if effect == 0:  # nothing to scale by: the comparison covers only what the adapters left unchanged
+        threshold_note += "; the adapters change none of these logits"
+    elif "max_abs_logit_diff" not in check.fixed and EFFECT_SHARE * effect < limits["max_abs_logit_diff"]:
         limits["max_abs_logit_diff"] = EFFECT_SHARE * effect
-        threshold_note = f" (threshold: {EFFECT_SHARE:g} x the adapters' effect)"
+        threshold_note = f" (threshold: {EFFECT_SHARE:g} x the adapters' effect)" + threshold_note
     tie = 2 * limits["max_abs_logit_diff"]
     figures = _compare(ref_logits, out_logits, tie)
     report.context.update(
@@ -308,8 +336,11 @@ def _measure(
             "compute_dtype": str(dtype).removeprefix("torch."),
             "adapter_effect_max_abs_logit_diff": effect,
             "tie_margin": tie,
+            "model_class": type(merged).__name__,
         }
     )
+    if not merged.can_generate():  # a classification head: its class logits are compared above
+        new_tokens = 0
     greedy, first_diff = _greedy(reference, merged, ids, new_tokens, tokenizer=tokenizer, tie=tie)
     figures["greedy_match"] = greedy
     detail = {
@@ -325,16 +356,84 @@ def _measure(
         )
 
 
+_PLACEHOLDERS = ("image_token", "video_token", "audio_token", "vision_start", "vision_end", "boi_token", "eoi_token")
+
+
+def placeholder_ids(config: Any) -> frozenset[int]:
+    """The token ids a multimodal config reserves for images, video or audio (`image_token_id`, ...)."""
+    found = set()
+    for key, value in config.to_dict().items():
+        if key.startswith(_PLACEHOLDERS) and key.endswith(("_id", "_index")) and type(value) is int:
+            found.add(value)
+    return frozenset(found)
+
+
 def _input_device(model) -> torch.device:
     """Where inputs go: the embedding's device; the CPU when it is offloaded (accelerate's hooks move them on)."""
     device = model.get_input_embeddings().weight.device
     return torch.device("cpu") if device.type == "meta" else device
 
 
-def _forward(model, ids: torch.Tensor) -> torch.Tensor:
+def _is_seq2seq(model) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def _decoder_start(model) -> int:
+    start = getattr(model.config, "decoder_start_token_id", None)
+    return int(start if start is not None else getattr(model.config, "pad_token_id", None) or 0)
+
+
+def _forward(model, ids: torch.Tensor, continuation: list[int] | None = None) -> torch.Tensor:
+    """Logits [positions, classes] in float64 on the CPU.
+
+    A decoder-only model reads the prompt (then the continuation); an encoder-decoder reads the
+    prompt in its encoder and, in its decoder, the start token followed by the continuation, or by
+    the prompt itself without its last token when none is given (so every decoder position runs
+    cross-attention over the encoded prompt). A classification head gives one row per sequence
+    (or per token).
+    """
     device = _input_device(model)
+    inputs: dict[str, torch.Tensor]
+    if _is_seq2seq(model):
+        tail = continuation if continuation is not None else ids[:-1].tolist()
+        decoder = torch.tensor([_decoder_start(model), *tail], dtype=ids.dtype)
+        inputs = {"input_ids": ids.unsqueeze(0), "decoder_input_ids": decoder.unsqueeze(0)}
+    else:
+        seq = ids if continuation is None else torch.cat([ids, torch.tensor(continuation, dtype=ids.dtype)])
+        inputs = {"input_ids": seq.unsqueeze(0)}
     with torch.no_grad():
-        return model(input_ids=ids.unsqueeze(0).to(device)).logits[0].to("cpu", torch.float64)
+        logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits
+    return logits.reshape(-1, logits.shape[-1]).to("cpu", torch.float64)
+
+
+@contextmanager
+def _modules_run(peft_model) -> Iterator[set[str]]:
+    """The names (as in the adapter) of the changed modules whose forward ran inside the block."""
+    reached: set[str] = set()
+    handles = []
+    for name, module in _changed(peft_model):
+        handles.append(module.register_forward_hook(lambda *_, name=name: reached.add(name)))
+    try:
+        yield reached
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _changed(peft_model) -> list[tuple[str, torch.nn.Module]]:
+    """PEFT's LoRA layers and modules_to_save wrappers, by module name without PEFT's prefix."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    found = []
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer | ModulesToSaveWrapper):
+            found.append((name.removeprefix("base_model.model."), module))
+    return found
+
+
+def _changed_modules(peft_model) -> set[str]:
+    return {name for name, _ in _changed(peft_model)}
 
 
 def _compare(reference: list[torch.Tensor], merged: list[torch.Tensor], tie: float) -> dict[str, Any]:
@@ -375,8 +474,7 @@ def _greedy(reference, merged, ids: list[torch.Tensor], n: int, *, tokenizer: An
         if k is None:
             same += 1
             continue
-        prefix = torch.cat([seq, torch.tensor(a[:k], dtype=seq.dtype)])
-        ref_logits = _forward(reference, prefix)[-1]
+        ref_logits = _forward(reference, seq, a[:k])[-1]
         if bool(_agrees(ref_logits, torch.tensor(b[k]), tie)):
             same += 1
         elif not first:
@@ -394,4 +492,5 @@ def _generate(model, seq: torch.Tensor, n: int) -> list[int]:
     config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    return out[0, ids.shape[1] :].tolist()
+    # an encoder-decoder's output is its decoder's: the start token, then the new tokens
+    return out[0, 1:].tolist() if _is_seq2seq(model) else out[0, ids.shape[1] :].tolist()
