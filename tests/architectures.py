@@ -1,0 +1,303 @@
+"""The architectures the tests merge: tiny random models of transformers' own classes, and the
+PEFT adapters trained on them (tests/test_architectures.py).
+
+This list is the one source of README.md's "Supported architectures" table:
+`python tests/architectures.py` prints it, `python tests/architectures.py --write` rewrites it
+in README.md, and test_architectures.py checks the README matches.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+HIDDEN = 32
+VOCAB = 96
+SEED = 1234
+# ids a prompt may use: clear of the special tokens of the multimodal configs below (93-95)
+PROMPT_IDS = (3, 90)
+
+
+def _decoder(**extra: Any) -> dict[str, Any]:
+    config = {
+        "vocab_size": VOCAB,
+        "hidden_size": HIDDEN,
+        "intermediate_size": 2 * HIDDEN,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
+    config.update(extra)
+    return config
+
+
+_VISION = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+_VISION.update({"image_size": 32, "patch_size": 8})
+
+
+def _llava() -> dict[str, Any]:
+    return {
+        "text_config": _decoder(model_type="llama"),
+        "vision_config": dict(_VISION, model_type="clip_vision_model"),
+        "image_token_index": 95,
+        "vision_feature_layer": -1,
+    }
+
+
+def _gemma3() -> dict[str, Any]:
+    return {
+        "text_config": _decoder(head_dim=8, model_type="gemma3_text"),
+        "vision_config": dict(_VISION, model_type="siglip_vision_model"),
+        "mm_tokens_per_image": 4,
+        "image_token_index": 95,
+        "boi_token_index": 93,
+        "eoi_token_index": 94,
+    }
+
+
+def _qwen2_5_vl() -> dict[str, Any]:
+    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": HIDDEN}
+    vision.update({"patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 8})
+    return {
+        "text_config": _decoder(rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+        "vision_config": dict(vision, fullatt_block_indexes=[0]),
+        "image_token_id": 95,
+        "video_token_id": 94,
+        "vision_start_token_id": 93,
+    }
+
+
+_T5 = {"vocab_size": VOCAB, "d_model": HIDDEN, "d_kv": 8, "d_ff": 2 * HIDDEN, "num_layers": 2, "num_heads": 4}
+_T5.update({"decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1})
+_BART = {"vocab_size": VOCAB, "d_model": HIDDEN, "encoder_layers": 2, "decoder_layers": 2}
+_BART.update({"encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64})
+_BART.update({"max_position_embeddings": 64, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2})
+_BART.update({"decoder_start_token_id": 2})
+_GPT2 = {"vocab_size": VOCAB, "n_embd": HIDDEN, "n_layer": 2, "n_head": 4, "n_positions": 64}
+_GPT2.update({"bos_token_id": 1, "eos_token_id": 2})
+_MOE = {"num_experts_per_tok": 2}
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One base: a transformers class and the config of a tiny random model of it."""
+
+    model_class: str
+    config: Callable[[], dict[str, Any]]
+    task: str = "causal LM"
+    # False: merged with `output.compat: false`. Qwen2.5-VL: transformers 5 saves its M-RoPE as
+    # rope_parameters {rope_type: default, type: mrope, mrope_section}, for which release/compat.py
+    # writes no transformers 4 `rope_scaling`, and the portable-layout check (rightly) fails that.
+    portable: bool = True
+
+
+ARCHES: dict[str, Arch] = {
+    "llama": Arch("LlamaForCausalLM", lambda: _decoder()),
+    "llama_tied": Arch("LlamaForCausalLM", lambda: _decoder(tie_word_embeddings=True)),
+    "mistral": Arch("MistralForCausalLM", lambda: _decoder()),
+    "qwen2": Arch("Qwen2ForCausalLM", lambda: _decoder()),
+    "qwen3": Arch("Qwen3ForCausalLM", lambda: _decoder(head_dim=8)),
+    "gemma": Arch("GemmaForCausalLM", lambda: _decoder(head_dim=8)),
+    "gemma2": Arch("Gemma2ForCausalLM", lambda: _decoder(head_dim=8)),
+    "gemma3_text": Arch("Gemma3ForCausalLM", lambda: _decoder(head_dim=8)),
+    "phi": Arch("PhiForCausalLM", lambda: _decoder()),
+    "phi3": Arch("Phi3ForCausalLM", lambda: _decoder()),
+    "gpt2": Arch("GPT2LMHeadModel", lambda: dict(_GPT2)),
+    "gptj": Arch("GPTJForCausalLM", lambda: dict(_GPT2, rotary_dim=4)),
+    "gpt_neox": Arch("GPTNeoXForCausalLM", lambda: _decoder(num_key_value_heads=None)),
+    "falcon": Arch(
+        "FalconForCausalLM",
+        lambda: {"vocab_size": VOCAB, "hidden_size": HIDDEN, "num_hidden_layers": 2, "num_attention_heads": 4},
+    ),
+    "bloom": Arch("BloomForCausalLM", lambda: {"vocab_size": VOCAB, "hidden_size": HIDDEN, "n_layer": 2, "n_head": 4}),
+    "opt": Arch(
+        "OPTForCausalLM",
+        lambda: _decoder(ffn_dim=2 * HIDDEN, word_embed_proj_dim=HIDDEN, num_key_value_heads=None),
+    ),
+    "olmo": Arch("OlmoForCausalLM", lambda: _decoder()),
+    "olmo2": Arch("Olmo2ForCausalLM", lambda: _decoder()),
+    "granite": Arch("GraniteForCausalLM", lambda: _decoder()),
+    "stablelm": Arch("StableLmForCausalLM", lambda: _decoder()),
+    "cohere": Arch("CohereForCausalLM", lambda: _decoder()),
+    "starcoder2": Arch("Starcoder2ForCausalLM", lambda: _decoder()),
+    "qwen2_moe": Arch(
+        "Qwen2MoeForCausalLM",
+        lambda: _decoder(moe_intermediate_size=16, shared_expert_intermediate_size=32, num_experts=4, **_MOE),
+    ),
+    "qwen3_moe": Arch(
+        "Qwen3MoeForCausalLM", lambda: _decoder(head_dim=8, moe_intermediate_size=16, num_experts=4, **_MOE)
+    ),
+    "mixtral": Arch("MixtralForCausalLM", lambda: _decoder(num_local_experts=4, **_MOE)),
+    "gpt_oss": Arch(
+        "GptOssForCausalLM",
+        lambda: _decoder(head_dim=8, num_local_experts=4, layer_types=["full_attention"] * 2, **_MOE),
+    ),
+    "llava": Arch("LlavaForConditionalGeneration", _llava, "image-text-to-text"),
+    "gemma3": Arch("Gemma3ForConditionalGeneration", _gemma3, "image-text-to-text"),
+    "qwen2_5_vl": Arch("Qwen2_5_VLForConditionalGeneration", _qwen2_5_vl, "image-text-to-text", portable=False),
+    "t5": Arch("T5ForConditionalGeneration", lambda: dict(_T5), "seq2seq LM"),
+    "bart": Arch("BartForConditionalGeneration", lambda: dict(_BART), "seq2seq LM"),
+    "llama_seq_cls": Arch("LlamaForSequenceClassification", lambda: _decoder(num_labels=3), "sequence classification"),
+    "qwen2_seq_cls": Arch("Qwen2ForSequenceClassification", lambda: _decoder(num_labels=3), "sequence classification"),
+    "llama_token_cls": Arch("LlamaForTokenClassification", lambda: _decoder(num_labels=5), "token classification"),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One adapter on one base, trained as PEFT would save it (LoraConfig's arguments)."""
+
+    id: str
+    arch: str
+    lora: dict[str, Any] = field(default_factory=dict)
+    what: str = "all-linear LoRA"
+
+    @property
+    def task_type(self) -> str:
+        return self.lora.get("task_type", "CAUSAL_LM")
+
+
+def _all_linear(arch: str, **lora: Any) -> Case:
+    return Case(arch, arch, {"target_modules": "all-linear", **lora})
+
+
+CASES: list[Case] = [
+    *(
+        _all_linear(a)
+        for a in ARCHES
+        if ARCHES[a].task == "causal LM" and a not in ("qwen3_moe", "mixtral", "llama_tied")
+    ),
+    # PEFT 0.21 turns all-linear on these into target_parameters on the fused experts: attention here
+    Case("qwen3_moe", "qwen3_moe", {"target_modules": ATTENTION}, "attention LoRA"),
+    Case("mixtral", "mixtral", {"target_modules": ATTENTION}, "attention LoRA"),
+    Case(
+        "llama-embed-head",
+        "llama",
+        {"target_modules": ["embed_tokens", "q_proj", "v_proj"], "modules_to_save": ["lm_head"]},
+        "embedding LoRA + modules_to_save lm_head",
+    ),
+    Case("llama_tied-embed", "llama_tied", {"target_modules": ["embed_tokens", "q_proj"]}, "LoRA on a tied embedding"),
+    Case("gpt2-embed", "gpt2", {"target_modules": ["wte", "c_attn"]}, "LoRA on a tied embedding"),
+    Case(
+        "gpt_neox-head",
+        "gpt_neox",
+        {"target_modules": ["query_key_value"], "modules_to_save": ["embed_out"]},
+        "modules_to_save on the renamed head",
+    ),
+    _all_linear("llava"),
+    _all_linear("gemma3"),
+    _all_linear("qwen2_5_vl"),
+    Case(
+        "llava-language",
+        "llava",
+        {"target_modules": r".*language_model.*\.(q_proj|v_proj|down_proj)"},
+        "language-model LoRA",
+    ),
+    _all_linear("t5", task_type="SEQ_2_SEQ_LM"),
+    _all_linear("bart", task_type="SEQ_2_SEQ_LM"),
+    Case(
+        "llama_seq_cls",
+        "llama_seq_cls",
+        {"target_modules": "all-linear", "task_type": "SEQ_CLS"},
+        "all-linear LoRA + modules_to_save score",
+    ),
+    Case(
+        "qwen2_seq_cls",
+        "qwen2_seq_cls",
+        {"target_modules": "all-linear", "task_type": "SEQ_CLS"},
+        "all-linear LoRA + modules_to_save score",
+    ),
+    Case(
+        "llama_token_cls", "llama_token_cls", {"target_modules": ATTENTION, "task_type": "TOKEN_CLS"}, "attention LoRA"
+    ),
+]
+CASES_BY_ID = {c.id: c for c in CASES}
+
+
+def build_base(arch: str, out: Path) -> Path:
+    """A tiny random model of `arch`, norms and biases perturbed too, saved by save_pretrained (its
+    on-disk layout is transformers' own: legacy key names where the class converts them)."""
+    import torch
+    import transformers
+
+    spec = ARCHES[arch]
+    cls = getattr(transformers, spec.model_class)
+    torch.manual_seed(SEED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = cls(cls.config_class(**spec.config()))
+        gen = torch.Generator().manual_seed(SEED)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.ndim == 1:
+                    param.add_(0.1 * torch.randn(param.shape, generator=gen))
+        model.save_pretrained(out)
+    return out
+
+
+def build_adapter(case: Case, base: Path, out: Path) -> Path:
+    """PEFT's adapter for `case` on `base`: init_lora_weights=False, so that it changes the model;
+    a modules_to_save copy is perturbed so that it changes it too."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    cls = getattr(transformers, ARCHES[case.arch].model_class)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = cls.from_pretrained(base)
+        torch.manual_seed(SEED + 1)
+        config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **{"task_type": "CAUSAL_LM", **case.lora})
+        peft_model = get_peft_model(model, config)
+        gen = torch.Generator().manual_seed(SEED + 2)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if ".modules_to_save." in name:
+                    param.add_(0.5 * torch.randn(param.shape, generator=gen))
+        peft_model.save_pretrained(out)
+    return out
+
+
+README_START = "<!-- architectures: generated by `python tests/architectures.py --write` -->"
+README_END = "<!-- end of architectures -->"
+
+
+def readme_table() -> str:
+    """The README's table of the tested architectures, from CASES."""
+    rows = ["| base | transformers class | task | adapters tested |", "| --- | --- | --- | --- |"]
+    by_arch: dict[str, list[str]] = {}
+    for case in CASES:
+        by_arch.setdefault(case.arch, []).append(case.what)
+    for arch, whats in by_arch.items():
+        spec = ARCHES[arch]
+        rows.append(f"| `{arch}` | `{spec.model_class}` | {spec.task} | {'; '.join(whats)} |")
+    return "\n".join([README_START, *rows, README_END])
+
+
+def readme_section(text: str) -> str | None:
+    start, end = text.find(README_START), text.find(README_END)
+    return text[start : end + len(README_END)] if 0 <= start < end else None
+
+
+if __name__ == "__main__":
+    readme = Path(__file__).resolve().parent.parent / "README.md"
+    if sys.argv[1:] == ["--write"]:
+        text = readme.read_text()
+        old = readme_section(text)
+        if old is None:
+            sys.exit(f"{readme}: no {README_START} ... {README_END} section to rewrite")
+        readme.write_text(text.replace(old, readme_table()))
+    else:
+        print(readme_table())
