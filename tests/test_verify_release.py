@@ -21,7 +21,14 @@ from mergekit_lite.cli import main
 from mergekit_lite.io.format import read_header
 from mergekit_lite.pipeline import verify_release
 
-from release_builders import build_adapter, build_chat_base, build_tokenizer, copy_release, write_manifest
+from release_builders import (
+    build_adapter,
+    build_chat_base,
+    build_tokenizer,
+    copy_release,
+    write_manifest,
+    write_sha256sums,
+)
 
 FAST = {"max_new_tokens": 4}
 UP = "model.layers.1.mlp.up_proj.weight"
@@ -141,3 +148,58 @@ def test_verify_dir_uses_the_release_manifest(release, tmp_path: Path) -> None:
     assert refused.stderr.strip() == (
         f"error: `{empty}` is a folder without `manifest.yaml`; pass a release folder or a manifest file"
     )
+
+
+# --------------------------------------------------------------------------- every element checked
+
+
+def element_check(report):
+    (check,) = [c for c in report.checks if c.group == "algebra" and c.name.startswith("every element")]
+    return check
+
+
+def bf16_at(folder: Path, name: str, element: int) -> float:
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        return float(f.get_tensor(name).view(-1)[element].to(torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("bit", "caught"),
+    [(13, True), (1, True), (0, False)],
+    ids=["exponent-bit-as-in-the-issue", "two-ulp-mantissa-bit", "lowest-mantissa-bit-one-ulp"],
+)
+def test_bit_flip_resealed_fails_on_the_elementwise_check(release, tmp_path: Path, bit: int, caught: bool) -> None:
+    """The bit flip with SHA256SUMS and release.json regenerated: integrity passes, and the elementwise
+    check fails naming the tensor and the element, for any flip but of the lowest mantissa bit (one ulp,
+    within the bound by design: see gate/elementwise.py)."""
+    manifest, out = release
+    copy = copy_release(out, tmp_path / "copy")
+    before = bf16_at(out, UP, 5)
+    flip_bit(copy, UP, element=5, bit=bit)
+    after = bf16_at(copy, UP, 5)
+    assert after != before
+    write_sha256sums(copy)
+    report = verify_release(manifest, against=copy)
+    assert all(passed for passed, _ in integrity(report).values())
+    check = element_check(report)
+    print(f"\nbit {bit}: {before} -> {after}: {check.figure} ulps; {check.detail}")
+    if not caught:
+        assert check.passed and 0.5 < check.figure <= 1.5, check
+        assert report.passed
+        return
+    assert not check.passed, check
+    assert check.detail.startswith(f"worst: {UP}[0, 5] = {after:.9g}"), check.detail
+    assert f"; 1 past the bound, in {UP};" in check.detail
+    assert {c.group for c in report.failures} == {"algebra"}, [c.name for c in report.failures]
+
+
+def test_clean_release_is_correctly_rounded_everywhere(release) -> None:
+    """The control: every element of every changed tensor of a clean release is the correctly rounded
+    W + delta (at most half an ulp from the float64 value)."""
+    manifest, out = release
+    check = element_check(verify_release(manifest, against=out))
+    assert check.passed and check.figure == 0, check
+    assert check.detail == "every one of 18432 elements in 14 tensors is the correctly rounded value", check.detail

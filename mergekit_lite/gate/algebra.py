@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mergekit_lite.gate.elementwise import ElementCheck, Worst
 from mergekit_lite.gate.report import GateReport
 from mergekit_lite.gate.rows import RowPasses, blocks, matmul, matmul_and_ulp_scale
 from mergekit_lite.io.format import DTYPES, TensorEntry
@@ -67,9 +68,17 @@ def check_algebra(
         for t in plan.tensors
         if t.name in candidate and candidate[t.name].shape == t.shape and candidate[t.name].dtype == t.dtype
     ]
+
+    def get(op: Op, i: int) -> torch.Tensor:
+        """The op's i-th adapter tensor as stored (the combined adapter's, computed afresh)."""
+        if combined is not None and op.adapter == combined.plan.index:
+            return combined.get_many((op.keys[i],))[0]
+        return factors[op.adapter].load(op.keys[i])
+
     # the row passes run on torch's threads; this thread's own calls are small, on one
     with (
         RowPasses(torch.get_num_threads()) as rows,
+        ElementCheck(torch.get_num_threads(), limits["element_ulps"]) as elements,
         ReadAhead(out, base, tensors) as ahead,
         mathops.intra_op_threads(1),
     ):
@@ -85,6 +94,7 @@ def check_algebra(
                 non_finite.append(t.name)
             else:
                 figures.append(figure)
+                elements.check(t, merged, w0, get)
     report.add(
         "structure",
         "no NaN or Inf",
@@ -104,6 +114,7 @@ def check_algebra(
     )
     if not figures:
         return
+    _record_elements(report, elements.total, limits["element_ulps"])
     for metric, label in (
         ("residual_rms", "W'x residual, RMS ulps"),
         ("residual_max", "W'x residual, max ulps"),
@@ -121,6 +132,27 @@ def check_algebra(
             detail=f"worst: {worst.name}",
             id=f"algebra.{metric}",
         )
+
+
+def _record_elements(report: GateReport, worst: Worst, element_ulps: float) -> None:
+    """The elementwise check's row: the farthest element in ulps, failing on any past the bound."""
+    counted = f"{worst.elements} elements in {worst.tensors} tensors"
+    if not worst.name:
+        detail = f"every one of {counted} is the correctly rounded value"
+    else:
+        where = f"{worst.name}[{', '.join(map(str, worst.index))}]"
+        detail = f"worst: {where} = {worst.written:.9g}, expected {worst.expected:.9g}"
+        if worst.beyond:
+            detail += f"; {worst.beyond} past the bound, in {', '.join(worst.failing[:3])}"
+        detail += f"; {worst.not_rounded} of {counted} not the correctly rounded value"
+    report.add(
+        "algebra",
+        "every element of W' within the bound of W + delta (float64), ulps",
+        worst.beyond == 0,
+        figure=worst.ulps,
+        threshold=element_ulps + 0.5,
+        detail=detail,
+    )
 
 
 class ReadAhead:
