@@ -141,19 +141,26 @@ def main() -> None:
 @click.argument("manifest", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP + " The plan's fields are at its top level.")
 @click.option("--all", "show_all", is_flag=True, help="List every changed tensor, not the first 40.")
+@click.option("--force", is_flag=True, help="Plan as `merge --force` would: any existing output replaced.")
 @_command("plan")
-def plan(outcome: Outcome, manifest: str, as_json: bool, show_all: bool) -> None:
+def plan(outcome: Outcome, manifest: str, as_json: bool, show_all: bool, force: bool) -> None:
     """Show what a merge would do, from headers and configs only; write nothing.
+
+    Also where the release goes: the output path, whether it exists, what would be replaced, and
+    the disk it needs.
 
     Example: mergekit-lite plan manifests/smollm2-demo.yaml --json
     """
-    from mergekit_lite.pipeline import run_plan
+    from mergekit_lite.pipeline import prepare
+    from mergekit_lite.release.publish import describe_output, output_lines
 
-    result = run_plan(manifest)
+    job = prepare(manifest, force=force)
+    output = describe_output(job.manifest.output_path, job.plan.total_bytes)
     outcome.verdict = "planned"
-    outcome.data = result.to_dict()
+    outcome.data = {**job.plan.to_dict(), "output": output}
     if not as_json:
-        click.echo(plan_table(result, None if show_all else 40))
+        click.echo(plan_table(job.plan, None if show_all else 40))
+        click.echo("\n" + "\n".join(output_lines(output)))
 
 
 @main.command()
@@ -169,6 +176,7 @@ def plan(outcome: Outcome, manifest: str, as_json: bool, show_all: bool) -> None
     help="Draw progress bars (default: only on a terminal, and not when CI or TQDM_DISABLE is set).",
 )
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@click.option("--force", is_flag=True, help="Replace an existing output even when it is not a mergekit-lite release.")
 @_command("merge")
 def merge(
     outcome: Outcome,
@@ -178,6 +186,7 @@ def merge(
     quiet: bool,
     progress: bool | None,
     as_json: bool,
+    force: bool,
 ) -> None:
     """Plan, stream-merge, verify and publish the release a manifest describes.
 
@@ -191,7 +200,9 @@ def merge(
 
     say = _say(as_json)
     _stage_lines(not quiet)
-    job = prepare(manifest, hash_inputs=True)  # a busy output (exit 75) is refused in here, before any output
+    job = prepare(
+        manifest, hash_inputs=True, force=force
+    )  # a busy output (exit 75) is refused in here, before any output
     outcome.timings = job.timings  # filled in stage by stage, kept on failure
     title = job.manifest.output_path.name
     outcome.release = job.manifest.output_path

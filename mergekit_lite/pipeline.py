@@ -74,14 +74,16 @@ class Job:
     plan: Plan
     inputs: InputDigests | None = None  # the inputs' digests, being computed (prepare's hash_inputs)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage: plan, merge, package, ...
+    force: bool = False  # replace whatever is at the output, not only an earlier release
 
 
-def prepare(manifest_path: str | Path, for_output: bool = True, hash_inputs: bool = False) -> Job:
+def prepare(manifest_path: str | Path, for_output: bool = True, hash_inputs: bool = False, force: bool = False) -> Job:
     """Load the manifest, read headers and configs, build the plan, and (for a merge) vet the output.
 
     Reads no tensor data and writes nothing; every input problem surfaces here. With `hash_inputs`
     (a merge about to run), the base's weight files start being hashed for the receipt on a
-    background thread as soon as their names are known (Job.inputs; execute adds the rest).
+    background thread as soon as their names are known (Job.inputs; execute adds the rest). With
+    `force`, an existing output is replaced even when it is not a mergekit-lite release.
     """
     began = time.monotonic()
     loaded = load_manifest(manifest_path)
@@ -102,13 +104,13 @@ def prepare(manifest_path: str | Path, for_output: bool = True, hash_inputs: boo
             check_runtimes_available(m.verify.runtimes)  # a runtime not installed is refused before any write
         if for_output:
             check_available(m.executor)  # Ray, when asked for, must be installed: refused before anything is written
-            check_output(loaded.output_path, loaded.input_folders, m.output.overwrite, plan.total_bytes)
+            check_output(loaded.output_path, loaded.input_folders, m.output.overwrite, plan.total_bytes, force)
             check_adapter_values(adapters)
     except BaseException:
         if inputs is not None:
             inputs.close()
         raise
-    return Job(loaded, checkpoint, adapters, plan, inputs, {"plan": time.monotonic() - began})
+    return Job(loaded, checkpoint, adapters, plan, inputs, timings={"plan": time.monotonic() - began}, force=force)
 
 
 def _base_files(base: Path) -> list[Path]:
@@ -149,7 +151,7 @@ def execute(job: Job, progress: Progress | None = None, verify: bool = True, kee
         source = tokenizer_source(m.tokenizer, loaded.base_path, loaded.adapter_paths, loaded.resolve)
         inputs.add(_inputs(job, source))
         with new_parents(output), output_lock(output), staging(output) as stage:
-            check_output(output, loaded.input_folders, m.output.overwrite, job.plan.total_bytes)
+            check_output(output, loaded.input_folders, m.output.overwrite, job.plan.total_bytes, job.force)
             digests: dict[str, str] = {}  # the shards' SHA-256, computed as they are written
             run_shards(
                 m.executor,
@@ -196,7 +198,7 @@ def execute(job: Job, progress: Progress | None = None, verify: bool = True, kee
             _describe(job, stage, report, inputs.result(), digests)
             lap("describe")
             with _interrupts_deferred() as interrupted:
-                publish(stage, output, m.output.overwrite)
+                publish(stage, output, m.output.overwrite, job.force)
             lap("publish")
     if interrupted:
         what = "terminated (SIGTERM)" if signal.SIGTERM in interrupted else "interrupted"

@@ -50,6 +50,7 @@ def test_overwrite_swaps_whole_folders(tmp_path: Path) -> None:
     out = tmp_path / "release"
     out.mkdir()
     (out / "old-only").write_text("old")
+    (out / "release.json").write_text('{"outputs": []}')  # an earlier release: replaced only such a folder
     with staging(out) as stage:
         (stage / "new-only").write_text("new")
         publish(stage, out, overwrite=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import secrets
 import shutil
@@ -11,20 +12,39 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from mergekit_lite.errors import OutputBusy, OutputError
 from mergekit_lite.sizes import human_bytes
 
+RECEIPT = "release.json"
 
-def check_output(output: Path, inputs: list[Path], overwrite: bool, needed_bytes: int) -> None:
-    """Refuse an output that exists, overlaps an input, or does not fit on its disk; write nothing."""
+
+def is_release(folder: Path) -> bool:
+    """Whether `folder` holds a mergekit-lite release: its release.json, a JSON object with `outputs`."""
+    try:
+        doc = json.loads((folder / RECEIPT).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and isinstance(doc.get("outputs"), list)
+
+
+def check_output(output: Path, inputs: list[Path], overwrite: bool, needed_bytes: int, force: bool = False) -> None:
+    """Refuse an output that exists (unless `overwrite` and it is a release, or `force`), overlaps an
+    input, or does not fit on its disk; write nothing."""
     if output.exists() and not output.is_dir():
         raise OutputError(f"output `{output}` exists and is not a folder")
     for inp in inputs:
         if output == inp or output.is_relative_to(inp) or inp.is_relative_to(output):
             raise OutputError(f"output `{output}` overlaps input `{inp}`; choose a folder outside the inputs")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise OutputError(f"output `{output}` exists and is not empty; set `output.overwrite: true` to replace it")
+    if output.is_dir() and any(output.iterdir()):
+        if not (overwrite or force):
+            raise OutputError(f"output `{output}` exists and is not empty; set `output.overwrite: true` to replace it")
+        if not force and not is_release(output):
+            raise OutputError(
+                f"output `{output}` exists and is not a mergekit-lite release (no {RECEIPT}); refusing to replace "
+                "it: choose another output, or pass --force to replace it anyway"
+            )
     anchor = output.parent  # the staging folder, the lock and any missing parents are made here
     while not anchor.exists():
         anchor = anchor.parent
@@ -38,6 +58,55 @@ def check_output(output: Path, inputs: list[Path], overwrite: bool, needed_bytes
         raise OutputError(
             f"output `{output}` needs {human_bytes(needed_bytes)} but its disk has {human_bytes(free)} free"
         )
+
+
+def describe_output(output: Path, needed_bytes: int) -> dict[str, Any]:
+    """What publishing at `output` would do (for `plan`): the path, whether it exists, what it holds and
+    would be replaced, the disk the release needs beside it (the old one goes only after the swap)."""
+    exists = output.is_dir()
+    files = [p for p in output.rglob("*") if p.is_file()] if exists else []
+    kind = "absent" if not exists else ("empty" if not any(output.iterdir()) else "other")
+    replaces = None
+    if kind == "other":
+        kind = "release" if is_release(output) else kind
+        replaces = {"files": len(files), "bytes": sum(p.stat().st_size for p in files)}
+        if kind == "release":
+            try:
+                doc = json.loads((output / RECEIPT).read_text(encoding="utf-8"))
+                replaces["created"] = doc.get("created")
+                replaces["version"] = (doc.get("versions") or {}).get("mergekit-lite")
+            except (OSError, ValueError, AttributeError):
+                pass
+    anchor = output.parent
+    while not anchor.exists():
+        anchor = anchor.parent
+    return {
+        "path": str(output),
+        "exists": exists,
+        "holds": kind,
+        "replaces": replaces,
+        "needed_bytes": needed_bytes,
+        "free_bytes": shutil.disk_usage(anchor).free,
+    }
+
+
+def output_lines(info: dict[str, Any]) -> list[str]:
+    """describe_output's findings as the lines `plan` prints."""
+    held = {
+        "absent": "does not exist yet: it will be created",
+        "empty": "exists, empty: the release goes there",
+        "release": "exists, a mergekit-lite release: it will be replaced once the new one passes the gate",
+        "other": "exists, NOT a mergekit-lite release: it will be replaced (--force)",
+    }[info["holds"]]
+    lines = [f"path      {info['path']}", f"          {held}"]
+    if info["replaces"] is not None:
+        old = info["replaces"]
+        made = f", made {old['created']} by mergekit-lite {old['version']}" if old.get("created") else ""
+        lines.append(f"replaces  {old['files']} files, {human_bytes(old['bytes'])}{made}")
+    lines.append(
+        f"disk      needs {human_bytes(info['needed_bytes'])} beside it, {human_bytes(info['free_bytes'])} free"
+    )
+    return lines
 
 
 @contextmanager
@@ -83,15 +152,16 @@ def keep_rejected(stage: Path, output: Path) -> Path:
     return target
 
 
-def publish(stage: Path, output: Path, overwrite: bool) -> None:
-    """fsync the staged files and rename the folder into place, replacing an old release only now."""
+def publish(stage: Path, output: Path, overwrite: bool, force: bool = False) -> None:
+    """fsync the staged files and rename the folder into place, replacing an old release only now
+    (anything else only with `force`)."""
     for path in stage.rglob("*"):
         if path.is_file():
             fsync_path(path)
     fsync_path(stage)
     old = None
     if output.exists():
-        if any(output.iterdir()) and not overwrite:
+        if any(output.iterdir()) and not (force or (overwrite and is_release(output))):
             raise OutputError(f"output `{output}` appeared while merging; not replacing it")
         if _exchange(stage, output):  # one atomic step: the output path always holds a whole release
             fsync_path(output.parent)
