@@ -66,7 +66,7 @@ def build(size: float, shard: str) -> tuple[Path, dict[str, Path]]:
     for name, spec in EXECUTORS.items():
         path = folder / f"manifest-{name}.yaml"
         path.write_text(
-            f"base: ./base\nadapters: [./adapter]\ndtype: bfloat16\n"
+            f"base: ./base\nadapters: [./adapter]\ndtype: bfloat16\ntokenizer: none\n"
             f"output: {{path: ./merged, max_shard_size: {shard}}}\nexecutor: {spec}\n"
         )
         manifests[name] = path

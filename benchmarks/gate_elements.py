@@ -43,7 +43,7 @@ def main() -> None:
     subprocess.run([sys.executable, str(HERE / "synthetic.py"), str(folder), str(args.size)], check=True)
     manifest = folder / "manifest-elements.yaml"
     manifest.write_text(
-        "base: ./base\nadapters: [./adapter]\ndtype: bfloat16\noutput: ./released\nverify: {logits: false}\n"
+        "base: ./base\nadapters: [./adapter]\ndtype: bfloat16\ntokenizer: none\noutput: ./released\nverify: {logits: false}\n"
     )
     out = folder / "released"
     shutil.rmtree(out, ignore_errors=True)

@@ -54,7 +54,7 @@ def main() -> None:
         out = folder / "merged"
         shutil.rmtree(out, ignore_errors=True)
         manifest = folder / "manifest.yaml"
-        manifest.write_text("base: ./base\nadapters: [./adapter]\ndtype: bfloat16\noutput: ./merged\n")
+        manifest.write_text("base: ./base\nadapters: [./adapter]\ndtype: bfloat16\ntokenizer: none\noutput: ./merged\n")
         model_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
         wall, rss = measure(manifest)
         rows.append((size, model_bytes / 1e9, wall, rss))

@@ -61,7 +61,9 @@ def build(size: float) -> Path:
     """Build (once) the checkpoint and adapter in a child process, and write the manifest."""
     folder = WORK / f"llama-{size:g}GB"
     subprocess.run([sys.executable, str(HERE / "synthetic.py"), str(folder), str(size)], check=True)
-    (folder / "manifest.yaml").write_text("base: ./base\nadapters: [./adapter]\ndtype: bfloat16\noutput: ./merged\n")
+    (folder / "manifest.yaml").write_text(
+        "base: ./base\nadapters: [./adapter]\ndtype: bfloat16\ntokenizer: none\noutput: ./merged\n"
+    )
     return folder
 
 

@@ -75,6 +75,7 @@ class Job:
     inputs: InputDigests | None = None  # the inputs' digests, being computed (prepare's hash_inputs)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage: plan, merge, package, ...
     force: bool = False  # replace whatever is at the output, not only an earlier release
+    tokenizer: Path | None = None  # the folder the release's tokenizer is copied from (None: `tokenizer: none`)
 
 
 def prepare(manifest_path: str | Path, for_output: bool = True, hash_inputs: bool = False, force: bool = False) -> Job:
@@ -106,11 +107,21 @@ def prepare(manifest_path: str | Path, for_output: bool = True, hash_inputs: boo
             check_available(m.executor)  # Ray, when asked for, must be installed: refused before anything is written
             check_output(loaded.output_path, loaded.input_folders, m.output.overwrite, plan.total_bytes, force)
             check_adapter_values(adapters)
+        tokenizer = tokenizer_source(m.tokenizer, loaded.base_path, loaded.adapter_paths, loaded.resolve)
     except BaseException:
         if inputs is not None:
             inputs.close()
         raise
-    return Job(loaded, checkpoint, adapters, plan, inputs, timings={"plan": time.monotonic() - began}, force=force)
+    return Job(
+        loaded,
+        checkpoint,
+        adapters,
+        plan,
+        inputs,
+        timings={"plan": time.monotonic() - began},
+        force=force,
+        tokenizer=tokenizer,
+    )
 
 
 def _base_files(base: Path) -> list[Path]:
@@ -148,7 +159,7 @@ def execute(job: Job, progress: Progress | None = None, verify: bool = True, kee
     lap = _stopwatch(job.timings)
     with job.inputs or InputDigests([]) as inputs:  # hashed on a background thread all along
         device = resolve_device(m.device_map)
-        source = tokenizer_source(m.tokenizer, loaded.base_path, loaded.adapter_paths, loaded.resolve)
+        source = job.tokenizer
         inputs.add(_inputs(job, source))
         with new_parents(output), output_lock(output), staging(output) as stage:
             check_output(output, loaded.input_folders, m.output.overwrite, job.plan.total_bytes, job.force)
@@ -319,7 +330,7 @@ def verify_release(manifest_path: str | Path, against: str | Path | None = None)
     candidate = Path(against).resolve() if against is not None else loaded.output_path
     if not candidate.is_dir():
         raise InputError(f"release `{candidate}` does not exist or is not a folder")
-    source = tokenizer_source(m.tokenizer, loaded.base_path, loaded.adapter_paths, loaded.resolve)
+    source = job.tokenizer
     settings = m.verify.model_copy(update={"enabled": True})
     return run_gate(
         job.plan,

@@ -82,6 +82,10 @@ def _rel(path: Path, start: Path) -> str:
     return rel if rel.startswith(".") else f"./{rel}"
 
 
+def _has_tokenizer(folder: Path) -> bool:
+    return any((Path(folder) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
 def write_manifest(
     folder: Path,
     base: Path,
@@ -101,7 +105,8 @@ def write_manifest(
     Input paths are relative to ``folder``, or absolute with ``absolute``. An adapter is a path
     (written in the short form) or ``(path, weight)``; a weight of ``None`` is the short form too.
     ``sections`` are further top-level keys (``verify``, ``combine``, ``executor``, ``tokenizer``,
-    ...) in the order given; a section given as ``None`` is left out.
+    ...) in the order given; a section given as ``None`` is left out. When no input ships a
+    tokenizer and none is named, ``tokenizer: none`` is written (the tool refuses to guess).
     """
     folder.mkdir(parents=True, exist_ok=True)
 
@@ -121,6 +126,10 @@ def write_manifest(
         output["compat"] = compat
     manifest = {"base": where(base), "adapters": entries, "dtype": dtype, "output": output}
     manifest.update({key: value for key, value in sections.items() if value is not None})
+    if "tokenizer" not in sections and not any(
+        _has_tokenizer(p) for p in [base, *(a if isinstance(a, Path) else a[0] for a in adapters)]
+    ):
+        manifest["tokenizer"] = "none"  # the zoo's models ship none: a release without one must say so
     path = folder / name
     path.write_text(yaml.safe_dump(manifest, sort_keys=False))
     return path

@@ -71,6 +71,7 @@ class Rig:
             "adapters": adapters if adapters is not None else [str(self.adapter())],
             "output": "./out",
             "verify": {"logits": False},
+            "tokenizer": "none",  # the zoo's base ships none
         }
         doc.update(fields)
         return self.text(yaml.safe_dump(doc, sort_keys=False))
@@ -85,7 +86,8 @@ class Rig:
 
     def yaml_with(self, tail: str) -> Path:
         """A manifest whose last lines are `tail`, verbatim (for YAML-level cases)."""
-        return self.text(f"base: {self.base()}\nadapters: [{self.adapter()}]\n{tail}")
+        none = "" if "tokenizer:" in tail else "tokenizer: none\n"  # the zoo's base ships none
+        return self.text(f"base: {self.base()}\nadapters: [{self.adapter()}]\n{none}{tail}")
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,7 @@ def run_gate(
         texts = prompts or DEFAULT_PROMPTS
         _guarded(report, "packaging", lambda: check_packaging(report, candidate, source, texts, plan.embedding_rows))
     else:
-        report.skipped["packaging"] = "no tokenizer in the inputs"
+        report.skipped["packaging"] = "the release ships no tokenizer (`tokenizer: none`)"
     if portable:
         _guarded(report, "packaging", lambda: check_portable(report, candidate))
     else:

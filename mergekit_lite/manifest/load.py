@@ -44,7 +44,11 @@ class Manifest(Strict):
     dtype: DType = "auto"
     device_map: str = "cpu"
     output: OutputField
-    tokenizer: str = "adapter"
+    tokenizer: str = Field(
+        default="adapter",
+        description="`adapter` (the first adapter folder shipping one, else the base), `base`, a folder, or `none` "
+        "(publish without a tokenizer).",
+    )
     cache_dir: str | None = Field(
         default=None, description="Hugging Face cache for `id` sources (default: HF_HUB_CACHE)."
     )

@@ -35,12 +35,20 @@ def has_tokenizer(folder: Path) -> bool:
 
 def tokenizer_source(choice: str, base: Path, adapters: list[Path], resolve) -> Path | None:
     """The folder the release's tokenizer comes from: `adapter` (the first adapter that ships one,
-    else the base), `base`, or a path. None when the choice finds no tokenizer at all."""
+    else the base), `base`, or a path; None only for `none` (a release without a tokenizer, which
+    vLLM and TGI cannot serve without one passed separately, is published only when asked for)."""
+    if choice == "none":
+        return None
     if choice == "adapter":
         for folder in adapters:
             if has_tokenizer(folder):
                 return folder
-        return base if has_tokenizer(base) else None
+        if has_tokenizer(base):
+            return base
+        raise ManifestError(
+            "`tokenizer: adapter`: neither the adapters nor the base ship a tokenizer; name a folder that has one "
+            "(`tokenizer: <path>`), or set `tokenizer: none` to publish a release without a tokenizer"
+        )
     folder = base if choice == "base" else resolve(choice)
     if not has_tokenizer(folder):
         raise ManifestError(f"`tokenizer: {choice}`: no tokenizer files in `{folder}`")
