@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -199,6 +200,7 @@ def execute(job: Job, progress: Progress | None = None, verify: bool = True, kee
                     tokenizer_source=source,
                     portable=m.output.compat,
                 )
+                report.context.update(provenance(job))
                 lap("verify")
                 if not report.passed:
                     kept = None
@@ -266,7 +268,9 @@ def _describe(
     loaded = job.manifest
     m = loaded.manifest
     reason = "`verify.enabled` is false in the manifest" if not m.verify.enabled else "--no-verify"
-    verification = report.to_dict() if report is not None else skipped_report(reason)
+    verification = (
+        report.to_dict() if report is not None else {**skipped_report(reason), **provenance(job, gated=False)}
+    )
     write_json(stage / "verification.json", verification)
     gate_md = markdown(report, "mergekit-lite gate") if report is not None else None
     card = model_card(
@@ -278,13 +282,54 @@ def _describe(
         adapters=_card_adapters(job),
         gate_markdown=gate_md,
         skipped_because=reason,
+        tokenizer=_tokenizer_label(job),
+        manifest_license=m.license,
     )
     (stage / "README.md").write_text(card, encoding="utf-8")
     (stage / "manifest.yaml").write_text(
         resolved_manifest(m, loaded.base_path, loaded.adapter_paths, loaded.output_path), encoding="utf-8"
     )
-    hashed = write_receipt(stage, inputs, job.plan, verification, known=digests, sources=loaded.hub_sources)
+    # no path of the build machine: a hub snapshot's files as `id@commit/file`, the others relative to
+    # the manifest's folder (as the manifest writes them); hub sources by id and commit alone
+    inputs = [dict(r, path=_input_name(Path(r["path"]), loaded)) for r in inputs]
+    sources = [{k: v for k, v in r.items() if k != "path"} for r in loaded.hub_sources]
+    hashed = write_receipt(stage, inputs, job.plan, verification, known=digests, sources=sources)
     write_checksums(stage, hashed)  # only release.json itself is left to hash
+
+
+def _input_name(path: Path, loaded: LoadedManifest) -> str:
+    """An input file as release.json names it: `id@commit/file` in a hub snapshot, else relative to the
+    manifest's folder."""
+    for pin in loaded.pins.values():
+        for folder in (pin.folder, pin.folder.resolve()):
+            if path.is_relative_to(folder):
+                return f"{pin.repo_id}@{pin.commit}/{path.relative_to(folder)}"
+    return os.path.relpath(path, loaded.root)
+
+
+def _tokenizer_label(job: Job) -> str:
+    """Which source's tokenizer the release ships, in words (no build-machine path)."""
+    source, loaded = job.tokenizer, job.manifest
+    if source is None:
+        return "none shipped (`tokenizer: none`): serving needs the base's tokenizer passed separately"
+    for i, folder in enumerate(loaded.adapter_paths):
+        if source == folder:
+            return f"adapter {i}'s (`{folder.name}`), copied byte for byte"
+    if source == loaded.base_path:
+        return f"the base's (`{loaded.manifest.base.id or source.name}`), copied byte for byte"
+    return f"`{source.name}` (`tokenizer:` in the manifest), copied byte for byte"
+
+
+def provenance(job: Job, gated: bool = True) -> dict[str, Any]:
+    """What a report is of, beside its `timestamp` and `tool` (gate/report.py): the manifest's SHA-256
+    and, when the gate ran, its prompts in full."""
+    from mergekit_lite.gate.endtoend import DEFAULT_PROMPTS
+    from mergekit_lite.io.digests import sha256_file
+
+    found: dict[str, Any] = {"manifest_sha256": sha256_file(job.manifest.source)}
+    if gated:
+        found["prompts"] = list(job.manifest.manifest.verify.prompts or DEFAULT_PROMPTS)
+    return found
 
 
 def _card_adapters(job: Job) -> list[dict[str, Any]]:
@@ -332,7 +377,7 @@ def verify_release(manifest_path: str | Path, against: str | Path | None = None)
         raise InputError(f"release `{candidate}` does not exist or is not a folder")
     source = job.tokenizer
     settings = m.verify.model_copy(update={"enabled": True})
-    return run_gate(
+    report = run_gate(
         job.plan,
         job.checkpoint,
         job.adapters,
@@ -343,6 +388,8 @@ def verify_release(manifest_path: str | Path, against: str | Path | None = None)
         integrity=True,
         portable=m.output.compat,
     )
+    report.context.update(provenance(job))
+    return report
 
 
 def run_merge(manifest_path: str | Path, progress: Progress | None = None, verify: bool = True) -> Path:

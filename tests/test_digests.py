@@ -43,7 +43,10 @@ def merge(folder: Path, base: Path, adapter: Path, name: str) -> dict:
     text = manifest.read_text() + "verify: {logits: false}\n"
     manifest.write_text(text)
     out = execute(prepare(manifest)).output
-    return json.loads((out / "release.json").read_text())
+    receipt = json.loads((out / "release.json").read_text())
+    for record in receipt["inputs"]:  # recorded relative to the manifest's folder
+        record["path"] = os.path.normpath(folder / record["path"])
+    return receipt
 
 
 def by_path(receipt: dict) -> dict[str, dict]:

@@ -9,6 +9,7 @@ with `verify_release(manifest, against=copy)`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from collections.abc import Callable
@@ -566,7 +567,8 @@ def test_no_verify_publishes_marked_not_verified(inputs, tmp_path: Path) -> None
     assert "verification SKIPPED" in result.stdout
     out = tmp_path / "out"
     verification = json.loads((out / "verification.json").read_text())
-    stamp = {k: verification.pop(k) for k in ("timestamp", "tool")}
+    stamp = {k: verification.pop(k) for k in ("timestamp", "tool", "manifest_sha256")}
+    assert stamp["manifest_sha256"] == hashlib.sha256(m.read_bytes()).hexdigest()
     assert verification == {
         "schema": "mergekit-lite/verification/1",
         "verdict": "skipped",

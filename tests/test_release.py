@@ -239,9 +239,10 @@ def _expected_inputs(inputs: dict[str, Path], adapter: str, tokenizer_from: str)
     indirect=["release"],
 )
 def test_receipt_lists_every_input_and_output(inputs, release, adapter: str, tokenizer_from: str) -> None:
-    _, out = release
+    manifest, out = release
     receipt = json.loads((out / "release.json").read_text())
-    listed = {Path(r["path"]): r for r in receipt["inputs"]}
+    assert not any(Path(r["path"]).is_absolute() for r in receipt["inputs"]), "a build-machine path"
+    listed = {Path(os.path.normpath(manifest.parent / r["path"])): r for r in receipt["inputs"]}
     expected = _expected_inputs(inputs, adapter, tokenizer_from)
     assert expected <= set(listed), f"inputs missing from release.json: {sorted(map(str, expected - set(listed)))}"
     for path, record in listed.items():
@@ -283,8 +284,8 @@ def test_model_card_names_everything(inputs, bf16) -> None:
     _, out = bf16
     card = (out / "README.md").read_text()
     config = json.loads((inputs["lora"] / "adapter_config.json").read_text())
-    assert str(inputs["base"]) in card
-    assert f"| 0 | `{inputs['lora']}` | lora | 4 | 8 | 1 |" in card
+    assert f"Base model `{inputs['base'].name}` (a local folder)" in card
+    assert f"| 0 | `{inputs['lora'].name}` | lora | 4 | 8 | 1 |" in card
     for target in config["target_modules"]:
         assert target in card, target
     assert "- dtype: bfloat16" in card
@@ -295,7 +296,7 @@ def test_model_card_names_everything(inputs, bf16) -> None:
         figure = check["figure"] if check["figure_text"] is None else check["figure_text"]
         threshold = check["threshold"] if check["threshold_text"] is None else check["threshold_text"]
         assert f"{name} | {fmt(figure)} | {fmt(threshold)} |" in card, check
-    assert "NOT VERIFIED" not in card
+    assert "NOT VERIFIED" not in card and "- not-verified" not in card
 
 
 def test_model_card_tables_are_well_formed(bf16) -> None:
@@ -408,3 +409,91 @@ def test_overwrite_replaces_the_old_release_whole(inputs, old_release: Path, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.yaml", "out"]
     done = subprocess.run(["sha256sum", "-c", "--strict", "SHA256SUMS"], cwd=old_release, capture_output=True)
     assert done.returncode == 0
+
+
+def _front_matter(card: str) -> dict:
+    import yaml
+
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_model_card_and_receipt_carry_no_build_machine_path(inputs, bf16) -> None:
+    """What a reviewer reads: no absolute path of the machine that built the release; front matter a
+    hub accepts; usage snippets; which tokenizer shipped."""
+    manifest, out = bf16
+    card = (out / "README.md").read_text()
+    receipt = (out / "release.json").read_text()
+    for path in (inputs["base"], inputs["lora"], manifest.parent):
+        assert str(path) not in card, path
+        assert str(path) not in receipt, path
+    front = _front_matter(card)
+    assert front["library_name"] == "transformers" and front["pipeline_tag"] == "text-generation"
+    assert "base_model" not in front, "a local base with no hub id in its config has no base_model"
+    assert front["tags"] == ["mergekit-lite", "lora", "merge"]
+    assert 'AutoModelForCausalLM.from_pretrained("./out", dtype="auto")' in card
+    assert "vllm serve ./out\n" in card
+    assert f"- tokenizer: the base's (`{inputs['base'].name}`), copied byte for byte" in card
+
+
+def test_model_card_license_base_model_and_not_verified(inputs, tmp_path: Path) -> None:
+    """license from the base's card, else its config, else the manifest; base_model from the hub id
+    the local base's config names; `not-verified` among the tags of an unverified release."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(inputs["base"], base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "_name_or_path": "org/tiny-llama", "license": "mit"}))
+    m = write_manifest(tmp_path, base, [inputs["lora"]], "bfloat16", verify={"enabled": False}, license="other")
+    front = _front_matter((merge(m) / "README.md").read_text())
+    assert front["base_model"] == "org/tiny-llama" and front["license"] == "mit"
+    assert front["tags"] == ["mergekit-lite", "lora", "merge", "not-verified"]
+    (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n")
+    front = _front_matter(
+        (
+            merge(
+                write_manifest(
+                    tmp_path,
+                    base,
+                    [inputs["lora"]],
+                    "bfloat16",
+                    out_name="b",
+                    verify={"enabled": False},
+                    license="other",
+                )
+            )
+            / "README.md"
+        ).read_text()
+    )
+    assert front["license"] == "apache-2.0"
+    (base / "README.md").unlink()
+    (base / "config.json").write_text(json.dumps(config))
+    front = _front_matter(
+        (
+            merge(
+                write_manifest(
+                    tmp_path,
+                    base,
+                    [inputs["lora"]],
+                    "bfloat16",
+                    out_name="c",
+                    verify={"enabled": False},
+                    license="other",
+                )
+            )
+            / "README.md"
+        ).read_text()
+    )
+    assert front["license"] == "other" and "base_model" not in front
+
+
+def test_reports_say_when_by_what_from_which_manifest_on_which_prompts(bf16) -> None:
+    manifest, out = bf16
+    report = json.loads((out / "verification.json").read_text())
+    context = report["context"]
+    assert report["timestamp"] and report["tool"]["name"] == "mergekit-lite" and report["tool"]["version"]
+    assert context["manifest_sha256"] == sha256(manifest)
+    from mergekit_lite.gate.endtoend import DEFAULT_PROMPTS
+
+    assert context["prompts"] == list(DEFAULT_PROMPTS)

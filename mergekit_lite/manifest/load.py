@@ -49,6 +49,9 @@ class Manifest(Strict):
         description="`adapter` (the first adapter folder shipping one, else the base), `base`, a folder, or `none` "
         "(publish without a tokenizer).",
     )
+    license: str | None = Field(
+        default=None, description="The release's license for its model card, when the base's card and config name none."
+    )
     cache_dir: str | None = Field(
         default=None, description="Hugging Face cache for `id` sources (default: HF_HUB_CACHE)."
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +30,27 @@ def model_card(
     gate_markdown: str | None,
     skipped_because: str = "--no-verify",
     base_revision: str | None = None,
+    tokenizer: str = "",
+    manifest_license: str | None = None,
 ) -> str:
-    """README.md: provenance, adapters, dtype, the gate's figures, the tool's version.
+    """README.md: front matter a hub accepts, provenance, adapters, dtype, tokenizer, usage, the gate.
 
-    `base_id` (a hub repository id) goes into the front matter's `base_model`; `base_revision`
-    (its resolved commit) into the text.
+    No path of the build machine appears: a local base or adapter is named by its folder's name.
+    `base_id` (a hub repository id; for a local base, the hub id its config names, if any) goes into
+    the front matter's `base_model`, `base_revision` (its resolved commit) into the text; `manifest_license` is used when the base has none (its card's or config's `license`); `tokenizer` says which source's
+    tokenizer was shipped.
     """
-    front = ["---", "library_name: transformers", "tags:", "- mergekit-lite", "- lora", "- merge"]
-    if base_id:
-        front.append(f"base_model: {base_id}")
+    base_model = base_id or hub_id_of(base)
+    front = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
+    if base_model:
+        front.append(f"base_model: {base_model}")
+    found = base_license(base) or manifest_license
+    if found:
+        front.append(f"license: {found}")
+    front += ["tags:", "- mergekit-lite", "- lora", "- merge"]
+    front += ["- not-verified"] if gate_markdown is None else []
     front.append("---")
+    adapters = [dict(a, path=_shown(str(a["path"]))) for a in adapters]
     rows = ["| # | adapter | variant | r | alpha | weight | targets |", "|---|---|---|---|---|---|---|"]
     for a in adapters:
         targets = a["target_modules"]
@@ -50,7 +63,7 @@ def model_card(
     body = [
         f"# {name}",
         "",
-        f"Base model `{base_id or base}`{pinned} with {len(adapters)} LoRA adapter{'s' if len(adapters) > 1 else ''} merged "
+        f"Base model `{base_id or base.name}`{pinned}{'' if base_id else ' (a local folder)'} with {len(adapters)} LoRA adapter{'s' if len(adapters) > 1 else ''} merged "
         f"by mergekit-lite {__version__}.",
         "",
         *rows,
@@ -65,6 +78,9 @@ def model_card(
             else []
         ),
         f"- adapters combined: {_combine_line(summary['combine'])}",
+        f"- tokenizer: {tokenizer or 'none shipped'}",
+        "",
+        *_usage(name, shipped=bool(tokenizer) and not tokenizer.startswith("none")),
         "",
         gate_markdown
         or f"### NOT VERIFIED\n\nThis release was published with the verification gate skipped ({skipped_because}).\n",
@@ -72,3 +88,59 @@ def model_card(
         "`SHA256SUMS` checks with `sha256sum -c SHA256SUMS`; `manifest.yaml` is the manifest as run.",
     ]
     return "\n".join(front + [""] + body) + "\n"
+
+
+def _shown(path: str) -> str:
+    """An adapter as the card names it: a hub `id@commit` as is, a local folder by its name."""
+    return path if "@" in path and not Path(path).exists() else Path(path).name
+
+
+def hub_id_of(base: Path) -> str | None:
+    """The hub repository a local base came from, when its config.json names one (`_name_or_path`)."""
+    try:
+        named = json.loads((base / "config.json").read_text(encoding="utf-8")).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(named, str) and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", named) and not Path(named).exists():
+        return named
+    return None
+
+
+def base_license(base: Path) -> str | None:
+    """The base's license: its model card's front matter `license:`, else its config.json's `license`."""
+    try:
+        card = (base / "README.md").read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        card = ""
+    if card.startswith("---"):
+        for line in card.split("\n")[1:]:
+            if line.strip() == "---":
+                break
+            key, _, value = line.partition(":")
+            if key.strip() == "license" and value.strip():
+                return value.strip().strip("'\"")
+    try:
+        value = json.loads((base / "config.json").read_text(encoding="utf-8")).get("license")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+def _usage(name: str, shipped: bool) -> list[str]:
+    """How to load the release with transformers and serve it with vLLM."""
+    where = f"./{name}"
+    tokenizer = "" if shipped else "  # no tokenizer ships with this release: load the base's"
+    return [
+        "## Usage",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{where}", dtype="auto")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{where}"){tokenizer}',
+        "```",
+        "",
+        "```sh",
+        f"vllm serve {where}" + ("" if shipped else " --tokenizer <the base's tokenizer>"),
+        "```",
+    ]
