@@ -7,7 +7,8 @@ the CPU model, or CPU against GPU, so a release rebuilt anywhere has the same by
 element is farther than half an ulp from the exact merge, which no rounding of PEFT's float32
 arithmetic promises.
 
-How, per block of rows (the fast path, one float64 GEMM per adapter):
+How, per block of rows (the fast path, one float64 GEMM for all the adapters, their factors side
+by side):
 
 - v = W + sum_i fl64(scale_i R_i) @ C_i in float64, by BLAS in whatever order it likes. The
   factors are float32, so with n = rank + 2 terms per adapter the standard dot-product bound
@@ -21,9 +22,11 @@ How, per block of rows (the fast path, one float64 GEMM per adapter):
   E is below a quarter of a's float32 ulp wherever |out| >= 2^28 E, so an element is certified
   when a is not such a midpoint and |out| is above that floor (and the grid is normal there).
 
-The elements not certified (about one in 65,536 for 16-bit outputs, far fewer for float32) are
-decided again with their own, much tighter bound and a round-to-odd float32 step; any still
-undecided are computed exactly, in rationals. Nothing here rounds anything the output keeps
+The elements not certified are decided again, each in float64 with its own, much tighter bound
+and a round-to-odd float32 step; any still undecided are computed exactly, in rationals. For
+bfloat16 the tests flag segments of 64 elements (one int16 minimum per segment finds a midpoint),
+so about one element in a thousand is decided again; for float16 (whose floor, the subnormals, is
+not rare) single elements, about one in 200; for float32 about one in 100,000. Nothing here rounds anything the output keeps
 except the one final rounding.
 """
 
@@ -39,6 +42,8 @@ import torch
 U64 = 2.0**-53  # float64 unit roundoff
 SAFETY = 2.04  # 1.01 (gamma_n <= 1.01 n u while n u < 0.01) times 2: margin for rounding v +- E and E itself
 INT32_MIN = -(2**31)
+INT16_MIN = -(2**15)
+SEGMENT = 64  # elements flagged together for `resolve` by the 16-bit outputs' midpoint and floor tests
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,36 @@ def term(rows: torch.Tensor, cols: torch.Tensor, scale: float) -> Term:
     return Term(rows, cols, float(scale), scaled, cols64, scaled.abs() @ col_max)
 
 
+@dataclass(frozen=True)
+class Packed:
+    """A tensor's terms as one float64 GEMM: W + [s_1 R_1, s_2 R_2, ...] @ [C_1; C_2; ...].
+
+    One GEMM of rank sum_i r_i has n = sum_i r_i + 2 terms per dot product, no more than the sum
+    of the terms' own counts, so the bound of the module's docstring holds with it."""
+
+    scaled_rows: torch.Tensor  # [m, R]
+    cols64: torch.Tensor  # [R, n]
+    row_bound: torch.Tensor  # [m]: sum over the terms of their row bounds
+    count: int  # terms of one dot product
+
+    def spread(self, r0: int, r1: int) -> float:
+        """The largest row bound of rows r0:r1 (S of the docstring, summed over the terms)."""
+        return float(self.row_bound[r0:r1].max())
+
+
+def pack(terms: list[Term]) -> Packed:
+    """The terms of one tensor packed into one GEMM."""
+    if len(terms) == 1:
+        t = terms[0]
+        return Packed(t.scaled_rows, t.cols64, t.row_bound, t.terms)
+    return Packed(
+        torch.cat([t.scaled_rows for t in terms], dim=1),
+        torch.cat([t.cols64 for t in terms], dim=0),
+        torch.stack([t.row_bound for t in terms]).sum(dim=0),
+        sum(t.rows.shape[1] for t in terms) + 2,
+    )
+
+
 def without_rows(t: Term, indices: torch.Tensor) -> Term:
     """`t` with no contribution to the rows `indices` (rows later replaced whole, trainable tokens)."""
     rows = t.rows.clone()
@@ -105,7 +140,6 @@ class Scratch:
     f64b: torch.Tensor
     f32: torch.Tensor
     f32b: torch.Tensor
-    i32: torch.Tensor
     i16: torch.Tensor
 
     @classmethod
@@ -114,11 +148,11 @@ class Scratch:
             return torch.empty(0, dtype=dtype, device=device)
 
         return cls(make(torch.float64), make(torch.float64), make(torch.float32), make(torch.float32),
-                   make(torch.int32), make(torch.int16))
+                   make(torch.int16))
 
     def fit(self, numel: int, out_dtype: torch.dtype) -> None:
         """Grow the buffers this output dtype uses to at least `numel` elements."""
-        wanted = ("f64", "f64b", "f32", "f32b") if out_dtype == torch.float32 else ("f64", "f32", "i32", "i16")
+        wanted = ("f64", "f64b", "f32", "f32b") if out_dtype == torch.float32 else ("f64", "f32", "i16")
         for name in wanted:
             buf = getattr(self, name)
             if buf.numel() < numel:
@@ -126,17 +160,17 @@ class Scratch:
                 setattr(self, name, torch.empty(numel, dtype=buf.dtype, device=buf.device))
 
 
-Pending = tuple[torch.Tensor, torch.Tensor]  # flat indices into the output, and their float64 values
+Pending = torch.Tensor  # flat indices into the output of elements `resolve` decides
 
 
-def merge_block(base: torch.Tensor, terms: list[Term], r0: int, r1: int, out: torch.Tensor,
+def merge_block(base: torch.Tensor, packed: Packed, r0: int, r1: int, out: torch.Tensor,
                 scratch: Scratch) -> Pending | None | bool:
-    """out[r0:r1] = W + sum of the terms for rows r0:r1 of `base` ([m, n], any float dtype), rounded
+    """out[r0:r1] = W + the packed terms for rows r0:r1 of `base` ([m, n], any float dtype), rounded
     once, every element certified correct except those returned as pending for `resolve`.
 
     `out` is the whole [m, n] contiguous output (its dtype is the output's); the terms cover all m
     rows. Returns None when nothing is pending, False when a result is not finite (`out` is then
-    unspecified), else the pending elements.
+    unspecified), else the flat indices of the pending elements.
     """
     cols = base.shape[1]
     n = (r1 - r0) * cols
@@ -145,17 +179,14 @@ def merge_block(base: torch.Tensor, terms: list[Term], r0: int, r1: int, out: to
     scratch.fit(n, out.dtype)
     acc = scratch.f64[:n].view(r1 - r0, cols)
     acc.copy_(base[r0:r1])
-    spread = 0.0
-    for t in terms:
-        acc.addmm_(t.scaled_rows[r0:r1], t.cols64)
-        spread += float(t.row_bound[r0:r1].max())
+    acc.addmm_(packed.scaled_rows[r0:r1], packed.cols64)
+    spread = packed.spread(r0, r1)
     if not math.isfinite(spread):
         return False
-    count = sum(t.terms for t in terms)
-    flat = _round_checked(acc, out[r0:r1], spread, count, scratch)
+    flat = _round_checked(acc, out[r0:r1], spread, packed.count, scratch)
     if flat is None or flat is False:
         return flat
-    return flat + r0 * cols, acc.view(-1)[flat]
+    return flat + r0 * cols
 
 
 def _bound(largest: float, spread: float, count: int) -> float:
@@ -191,15 +222,22 @@ def _round_checked(acc: torch.Tensor, out: torch.Tensor, spread: float, count: i
         return False
     bound = _bound(_from_bits(high, out.dtype) * (1 + 2.0**-7), spread, count)
     floor = _bits_at_least(max(bound * 2.0**28, grid.normal), out.dtype)
-    below = torch.bitwise_left_shift(a.view(torch.int32), grid.shift, out=s.i32[:n].view(acc.shape))
-    hit = below.amin(dim=1) == INT32_MIN  # per row: a flagged element is then looked for in its row only
+    # a is a midpoint when its float32 bits below the output's last one are 100...0. For bfloat16
+    # those are a's low 16 bits, INT16_MIN as an int16: a segment holds one when the minimum of its
+    # int16 halves is INT16_MIN (a high half is INT16_MIN only for -0.0: flagged too, harmlessly).
+    # Flagged segments (about one element in a thousand lies in one) are decided element by element
+    # by `resolve`.
+    if out.dtype == torch.float16:  # its floor (the subnormals) is not rare: flag elements, not segments
+        below = torch.bitwise_left_shift(a.view(torch.int32), grid.shift)
+        return ((below == INT32_MIN) | (magnitude < floor)).view(-1).nonzero(as_tuple=True)[0]
+    seg = SEGMENT if n % SEGMENT == 0 else acc.shape[1]
+    hit = a.view(torch.int16).view(-1, 2 * seg).amin(dim=1) == INT16_MIN
     if low < floor:
-        hit |= magnitude.amin(dim=1) < floor
-    elif not bool(hit.any()):
+        hit |= magnitude.view(-1, seg).amin(dim=1) < floor
+    (segments,) = hit.nonzero(as_tuple=True)
+    if segments.numel() == 0:
         return None
-    (rows,) = hit.nonzero(as_tuple=True)
-    r, c = ((below[rows] == INT32_MIN) | (magnitude[rows] < floor)).nonzero(as_tuple=True)
-    return rows[r] * acc.shape[1] + c
+    return (segments.unsqueeze(1) * seg + torch.arange(seg, device=segments.device)).view(-1)
 
 
 def _from_bits(bits: int, dtype: torch.dtype) -> float:
@@ -222,16 +260,18 @@ def _bits_at_least(value: float, dtype: torch.dtype) -> int:
 
 
 def resolve(base: torch.Tensor, terms: list[Term], out: torch.Tensor, pending: list[Pending]) -> None:
-    """Decide the pending elements of `out` ([m, n]) again, each with its own bound, exactly where needed."""
+    """Decide the pending elements of `out` ([m, n]) again, each in float64 with its own bound, exactly
+    where that is not enough."""
     if not pending:
         return
-    flat = torch.cat([p[0] for p in pending])
-    v = torch.cat([p[1] for p in pending])
+    flat = torch.cat(pending)
     j, col = flat // base.shape[1], flat % base.shape[1]
-    w = base[j, col]
-    magnitude = w.to(torch.float64).abs()
+    w = base[j, col].to(torch.float64)
+    v, magnitude = w.clone(), w.abs()
     for t in terms:
-        magnitude += (t.scaled_rows[j].abs() * t.cols64[:, col].T.abs()).sum(dim=1)
+        products = t.scaled_rows[j] * t.cols64[:, col].T
+        v += products.sum(dim=1)
+        magnitude += products.abs().sum(dim=1)
     e = SAFETY * U64 * sum(t.terms for t in terms) * magnitude
     lo, hi = correct_round(v - e, out.dtype), correct_round(v + e, out.dtype)
     same = lo == hi
@@ -280,10 +320,14 @@ def merge(base: torch.Tensor, terms: list[Term], out: torch.Tensor, blocks: list
           scratch: Scratch | None = None) -> bool:
     """out = W + sum of the terms, correctly rounded, block by block of rows (one block: the whole
     tensor); False when a result is not finite."""
+    if not terms:  # one rounding of the base (float64 through round-to-odd, as everywhere)
+        out.copy_(correct_round(base, out.dtype) if base.dtype == torch.float64 else base)
+        return True
     scratch = scratch or Scratch.empty(base.device)
+    packed = pack(terms)
     pending = []
     for r0, r1 in blocks or [(0, base.shape[0])]:
-        part = merge_block(base, terms, r0, r1, out, scratch)
+        part = merge_block(base, packed, r0, r1, out, scratch)
         if part is False:
             return False
         if part is not None:

@@ -284,7 +284,8 @@ class Workspace:
         """exact.merge over `base`, its blocks of rows shared among the threads; False if not finite."""
         blocks = mathops.row_blocks(*base.shape, ROW_BLOCK)
         parts = mathops.split(blocks, len(self.scratch))
-        calls = [(base, terms, out, part, self.scratch[i]) for i, part in enumerate(parts)]
+        packed = exact.pack(terms)
+        calls = [(base, packed, out, part, self.scratch[i]) for i, part in enumerate(parts)]
         pending = self.threads.map(_merge_part, calls)
         if any(p is False for p in pending):
             return False
@@ -296,12 +297,12 @@ class Workspace:
         self.threads.close()
 
 
-def _merge_part(base: torch.Tensor, terms: list[exact.Term], out: torch.Tensor, blocks: list[tuple[int, int]],
+def _merge_part(base: torch.Tensor, packed: exact.Packed, out: torch.Tensor, blocks: list[tuple[int, int]],
                 scratch: exact.Scratch) -> list[exact.Pending] | bool:
     """One thread's share of a row-block merge: its blocks merged, the elements left to decide."""
     pending = []
     for r0, r1 in blocks:
-        part = exact.merge_block(base, terms, r0, r1, out, scratch)
+        part = exact.merge_block(base, packed, r0, r1, out, scratch)
         if part is False:
             return False
         if part is not None:

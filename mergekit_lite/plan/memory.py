@@ -14,7 +14,7 @@ from mergekit_lite.io.writer import STAGING
 from mergekit_lite.plan.plan import CombinePlan, PlannedTensor
 from mergekit_lite.sources.adapter import Adapter
 
-ROW_BLOCK = 2**17  # elements of a weight merged at a time by one thread (a float64 block of 1 MiB)
+ROW_BLOCK = 2**18  # elements of a weight merged at a time by one thread (a float64 block of 2 MiB)
 SCRATCH_BYTES = 24  # per element of a block: exact.Scratch's float64, float32 and integer buffers
 ROW_THREADS = 8  # at most this many threads merge the blocks of one tensor
 WRITE_BEHIND = 2  # the writer thread may be this many tensors behind the math
