@@ -165,6 +165,18 @@ TOLERANCES: dict[torch.dtype, Tolerance] = {
 LOGITS_ATOL_REL = 2e-5  # times max(1, max|ref logits|); observed <= 1e-6
 
 
+# significand bits (hidden one included) and smallest normal exponent
+_FORMAT = {torch.float32: (24, -126), torch.bfloat16: (8, -126), torch.float16: (11, -14)}
+SLACK = 1 + 2.0**-10  # half an ulp, and a hair for the float64 reference's own error (~2^-45 relative)
+
+
+def half_ulps(values: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """|values - exact| in units of half an ulp of `exact`'s binade in `dtype` (float64 arithmetic)."""
+    bits, emin = _FORMAT[dtype]
+    exponent = torch.floor(torch.log2(exact.abs().clamp_min(2.0**emin))).clamp_min(emin)
+    return (values.double() - exact).abs() / torch.exp2(exponent - bits)
+
+
 def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Spacing of ``dtype`` numbers at magnitude |x| (float64 result; subnormal spacing at 0)."""
     info = torch.finfo(dtype)

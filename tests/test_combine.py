@@ -26,7 +26,16 @@ from mergekit_lite.merge.combine import CombinedFactors
 from mergekit_lite.pipeline import execute, prepare, verify_release
 
 from builders import _simple, load_base
-from helpers import DTYPES, attach_adapters, load_output, merged_state_dict, violations, write_manifest
+from helpers import (
+    DTYPES,
+    SLACK,
+    attach_adapters,
+    half_ulps,
+    load_output,
+    merged_state_dict,
+    violations,
+    write_manifest,
+)
 
 
 def _lora(name: str) -> bool:
@@ -299,9 +308,11 @@ def env(zoo, tmp_path_factory) -> Env:
     return Env(zoo, tmp_path_factory.mktemp("combine"))
 
 
-def our_factors(env: Env, case: Case) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+def our_factors(
+    env: Env, case: Case, dtype_name: str = "float32"
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """The combined factors as the merge computes them, by module, in the plan's (PEFT's) order."""
-    job = prepare(env.manifest(case, "float32"), for_output=False)
+    job = prepare(env.manifest(case, dtype_name), for_output=False)
     combined = CombinedFactors(job.plan.combine, job.adapters)
     try:
         return {m.module: (*combined.factors(m), m.scaling) for m in job.plan.combine.modules}
@@ -394,6 +405,31 @@ def test_merged_tensors_match_peft(env: Env, case_id: str, dtype_name: str) -> N
             ours_err = float((ours[k].double() - truth).abs().mean())
             peft_err = float((ref[k].double() - truth).abs().mean())
             assert ours_err <= peft_err * (1 + 1e-9), f"{k}: mean error {ours_err:.3g} > PEFT's {peft_err:.3g}"
+
+
+@pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
+@pytest.mark.parametrize("case_id", CASE_IDS)
+def test_final_add_is_correctly_rounded(env: Env, case_id: str, dtype_name: str) -> None:
+    """The combined factors are PEFT's; the add of their delta is rounded once: every element of a
+    changed tensor within half an ulp of W + s B A evaluated here in float64. PEFT's own float32
+    merge, which rounds B @ A, the scaling and the add, is beyond it (negative control)."""
+    case = BY_ID[case_id]
+    dtype = DTYPES[dtype_name]
+    ours = load_output(env.merge(case, dtype_name).output)
+    base = load_output(env.zoo.base(_base_kind(case, dtype_name)))
+    plan = prepare(env.manifest(case, dtype_name), for_output=False).plan
+    saved = load_output(env.zoo.base(case.base))  # the float32 base the adapters were made on
+    for t in plan.tensors:
+        if t.ops and t.ops[0].kind == "base_layer":  # the merge starts from the adapter's saved copy of it
+            base[t.name] = saved[t.name]
+    exact = _exact(base, our_factors(env, case, dtype_name), layouts(env, case))
+    assert exact, "negative control: the combination changes no tensor"
+    worst = max(float(half_ulps(ours[k], truth, dtype).max()) for k, truth in exact.items())
+    assert worst <= SLACK, f"an element is {worst:.3f} half ulps from the exact merge"
+    if dtype_name == "float32":
+        _, ref = env.peft(case, dtype_name)
+        theirs = max(float(half_ulps(ref[k], truth, dtype).max()) for k, truth in exact.items())
+        assert theirs > SLACK, f"negative control: PEFT's float32 merge is within half an ulp ({theirs:.3f})"
 
 
 def _exact(base: dict[str, torch.Tensor], factors: dict, where: dict[str, tuple[str, str]]) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from builders import CASES_BY_ID, FLOAT16_CASES
-from helpers import DTYPES, load_output, merged_state_dict
+from helpers import DTYPES, SLACK, half_ulps, load_output, merged_state_dict
 
 # every merge variant: plain, rsLoRA, rank/alpha patterns, Conv1D, embedding LoRA, lora_bias,
 # bias replacement, two weighted adapters, DoRA (linear and Conv1D), a converted PiSSA, trainable tokens
@@ -23,11 +23,7 @@ ROUNDING_CASES = ["lora", "rslora", "rank_alpha_pattern", "gpt2_fan_in_fan_out",
                   "bias_all", "two_weighted", "dora", "gpt2_dora", "pissa_converted", "trainable_tokens_list"]
 PARAMS = [pytest.param(c, d, id=f"{c}-{d}") for c in ROUNDING_CASES
           for d in ["float32", "bfloat16"] + (["float16"] if c in FLOAT16_CASES else [])]
-SLACK = 1 + 2.0**-10
 _TRUTH: dict[str, dict[str, torch.Tensor]] = {}
-
-# significand bits (hidden one included) and smallest normal exponent
-_FORMAT = {torch.float32: (24, -126), torch.bfloat16: (8, -126), torch.float16: (11, -14)}
 
 
 def truth(oracle, case) -> dict[str, torch.Tensor]:
@@ -41,13 +37,6 @@ def truth(oracle, case) -> dict[str, torch.Tensor]:
         _TRUTH[case.id] = {k: v for k, v in merged.items()
                            if k in base and base[k].shape == v.shape and not torch.equal(v, base[k].double())}
     return _TRUTH[case.id]
-
-
-def half_ulps(values: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """|values - exact| in units of half an ulp of `exact`'s binade in `dtype` (float64 arithmetic)."""
-    bits, emin = _FORMAT[dtype]
-    exponent = torch.floor(torch.log2(exact.abs().clamp_min(2.0**emin))).clamp_min(emin)
-    return (values.double() - exact).abs() / torch.exp2(exponent - bits)
 
 
 def worst(values: dict[str, torch.Tensor], exact: dict[str, torch.Tensor], dtype: torch.dtype) -> tuple[float, int]:
