@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from mergekit_lite import __version__, run_merge
 from mergekit_lite.cli import main
+from mergekit_lite.gate.configs import CHECK as CONFIGS
 from mergekit_lite.gate.report import fmt
 from mergekit_lite.pipeline import GateFailed, verify_release
 
@@ -205,12 +206,16 @@ def _drop_chat_template(built: Built, folder: Path) -> None:
 
 
 def _rope_theta(built: Built, folder: Path) -> None:
-    """A config change that no header or tensor check sees: only the end-to-end run can."""
+    """rope_theta x 4: no header or tensor check sees it, and on a small model its logit change can
+    stay under the end-to-end threshold; the field-by-field config comparison names it."""
 
     def edit(doc):
-        doc["rope_parameters"] = {**doc.get("rope_parameters", {}), "rope_theta": 10.0}
+        rope = doc.get("rope_parameters") or {}
+        assert "rope_theta" in rope or "rope_theta" in doc, "the release's config has no rope_theta"
+        if "rope_theta" in rope:
+            doc["rope_parameters"] = {**rope, "rope_theta": rope["rope_theta"] * 4}
         if "rope_theta" in doc:
-            doc["rope_theta"] = 10.0
+            doc["rope_theta"] = doc["rope_theta"] * 4
 
     _edit_json(folder / "config.json", edit)
     write_sha256sums(folder)
@@ -239,6 +244,23 @@ def _tokenizer_class_v5_only(built: Built, folder: Path) -> None:
     write_sha256sums(folder)
 
 
+def _generation_sampling(built: Built, folder: Path) -> None:
+    """generation_config turned to sampling: a field the base does not have, the plan does not explain."""
+    _edit_json(folder / "generation_config.json", lambda doc: doc.update(do_sample=True, temperature=0.1))
+    write_sha256sums(folder)
+
+
+def _tokenizer_max_length(built: Built, folder: Path) -> None:
+    _edit_json(folder / "tokenizer_config.json", lambda doc: doc.__setitem__("model_max_length", 16))
+    write_sha256sums(folder)
+
+
+def _tie_flipped(built: Built, folder: Path) -> None:
+    """tie_word_embeddings set on an untied release: a field the plan explains, with a value it does not."""
+    _edit_json(folder / "config.json", lambda doc: doc.__setitem__("tie_word_embeddings", True))
+    write_sha256sums(folder)
+
+
 @dataclass(frozen=True)
 class Defect:
     seed: Callable[[Built, Path], None]
@@ -264,6 +286,10 @@ DEFECTS: dict[str, Defect] = {
     "missing_tensor": Defect(_missing_tensor, ("structure", "tensor names as planned"), NORM1),
     "token_ids_swapped": Defect(_swap_ids, ("packaging", "vocabulary equals the source"), "'cat'", also=("packaging",)),
     "wrong_vocab_size": Defect(_wrong_vocab_size, ("structure", "config.json consistent"), "vocab_size"),
+    "rope_theta_x4": Defect(_rope_theta, ("structure", CONFIGS), "`rope_parameters.rope_theta`"),
+    "generation_config_field_added": Defect(_generation_sampling, ("structure", CONFIGS), "`do_sample` is true"),
+    "tokenizer_config_field_changed": Defect(_tokenizer_max_length, ("structure", CONFIGS), "`model_max_length`"),
+    "tie_word_embeddings_flipped": Defect(_tie_flipped, ("structure", CONFIGS), "`tie_word_embeddings` is true"),
     "chat_template_dropped": Defect(
         _drop_chat_template, ("packaging", "chat template as the source"), also=("packaging",)
     ),
@@ -305,7 +331,6 @@ def _quantization_config(built: Built, folder: Path) -> None:
 
 
 EXTRA: dict[str, Defect] = {
-    "rope_theta_changed": Defect(_rope_theta, ("end_to_end", "max_abs_logit_diff"), also=("end_to_end",)),
     "generation_eos_dropped": Defect(_generation_eos_dropped, ("packaging", "generation_config has the EOS id")),
     "index_total_size_wrong": Defect(_index_total_size, ("structure", "shard files parse strictly"), "total_size"),
     "quantization_config_added": Defect(
@@ -315,16 +340,16 @@ EXTRA: dict[str, Defect] = {
         _drop_generation_config, ("structure", "config files shipped"), "generation_config.json"
     ),
     "tokenizer_json_corrupt": Defect(_tokenizer_corrupt, ("packaging", "tokenizer shipped"), "JSONDecodeError"),
-    "tokenizer_eos_changed": Defect(_eos_token_changed, ("packaging", ""), also=("packaging",)),
+    "tokenizer_eos_changed": Defect(_eos_token_changed, ("packaging", ""), also=("packaging", "structure")),
     # the portable layout (output.compat): the transformers 5 run cannot see a change in 4.x's keys alone
     "rope_theta_changed_in_v4_layout_only": Defect(
-        _rope_theta_one_layout("v4"), ("packaging", "transformers 4 keys agree"), "rope.rope_theta"
+        _rope_theta_one_layout("v4"), ("packaging", "transformers 4 keys agree"), "rope.rope_theta", also=("structure",)
     ),
     "rope_theta_changed_in_v5_layout_only": Defect(
         _rope_theta_one_layout("v5"),
         ("packaging", "transformers 4 keys agree"),
         "rope.rope_theta",
-        also=("end_to_end",),
+        also=("end_to_end", "structure"),
     ),
     "tokenizer_class_v5_only": Defect(
         _tokenizer_class_v5_only, ("packaging", "readable by transformers 4"), "TokenizersBackend"
@@ -333,7 +358,7 @@ EXTRA: dict[str, Defect] = {
     "inf_in_changed_tensor": Defect(_set(Q0, _inf), ("structure", "no NaN or Inf"), Q0),
     "nan_in_unchanged_tensor": Defect(_set(NORM0, _nan_flat), ("structure", "no NaN or Inf"), NORM0),
 }
-EXTRA_DTYPES = {"rope_theta_changed": list(DTYPES)}  # the others do not depend on the dtype: float32 only
+EXTRA_DTYPES: dict[str, list[str]] = {}  # these do not depend on the dtype: float32 only
 
 XFAIL: dict[tuple[str, str], dict[str, str]] = {}  # findings the package does not fix yet (none now)
 
@@ -419,6 +444,14 @@ def test_gate_passes_controls(control: str, dtype: str, releases, tmp_path: Path
         )
     assert report.passed, f"false alarm on {control}:\n{_describe(report)}"
     assert report.skipped == {}
+    explained = [e.split(" (")[0] for e in report.context["config_differences_explained"]]
+    dtype_changed = ["config.json: dtype"] if dtype != "float32" else []  # the tiny base is float32
+    assert explained == [
+        *dtype_changed,
+        "config.json: torch_dtype",  # the portable layout (output.compat), from here on
+        "config.json: rope_theta",
+        "generation_config.json: eos_token_id",
+    ] + [f"tokenizer_config.json: {k}" for k in ("backend", "tokenizer_class", "chat_template")]
     assert {c.group for c in report.checks} == {"integrity", "structure", "algebra", "end_to_end", "packaging"}
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from mergekit_lite.gate.algebra import check_algebra
+from mergekit_lite.gate.configs import check_configs
 from mergekit_lite.gate.endtoend import DEFAULT_PROMPTS, EndToEnd, check_end_to_end, placement
 from mergekit_lite.gate.integrity import check_integrity
 from mergekit_lite.gate.packaging import check_packaging
@@ -70,8 +71,16 @@ def run_gate(
     if integrity:
         _guarded(report, "integrity", lambda: check_integrity(report, candidate))
     base_files = {p.name for p in checkpoint.path.iterdir()}
+    source = load_tokenizer(tokenizer_source)
     tensors = _guarded(
         report, "structure", lambda: check_structure(report, plan, candidate, checkpoint.config, base_files)
+    )
+    _guarded(
+        report,
+        "structure",
+        lambda: check_configs(
+            report, plan, candidate, _config_sources(checkpoint.path, tokenizer_source), _eos_ids(source)
+        ),
     )
     base = TensorReader(checkpoint.tensors)
     _guarded(
@@ -79,7 +88,6 @@ def run_gate(
         "algebra",
         lambda: check_algebra(report, plan, adapters, base=base, candidate=tensors or {}, limits=limits),
     )
-    source = load_tokenizer(tokenizer_source)
     prompts = settings.prompts
     if source is not None:
         texts = prompts or DEFAULT_PROMPTS
@@ -126,6 +134,20 @@ def _packaged(candidate: Path):
         return load_tokenizer(candidate) if has_tokenizer(candidate) else None
     except Exception:  # noqa: BLE001
         return None
+
+
+def _config_sources(base: Path, tokenizer_source: Path | None) -> dict[str, Path]:
+    """Each config file the release ships -> the folder holding the copy it must agree with."""
+    sources = {"config.json": base, "generation_config.json": base}
+    if tokenizer_source is not None:
+        sources["tokenizer_config.json"] = tokenizer_source
+    return sources
+
+
+def _eos_ids(tokenizer) -> frozenset[int]:
+    """The EOS id the release's generation_config may add: the source tokenizer's."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return frozenset() if eos is None else frozenset([eos])
 
 
 def _guarded(report: GateReport, group: str, check: Callable[[], T]) -> T | None:
