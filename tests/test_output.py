@@ -113,6 +113,7 @@ def test_overwrite_replaces_a_previous_release(zoo, tmp_path: Path) -> None:
     m = write_manifest(tmp_path, zoo.base("llama"), [(zoo.adapter("llama_lora"), None)], "float32")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "stale.txt").write_text("old")
+    (tmp_path / "out" / "release.json").write_text('{"outputs": []}')  # a release: only such a folder is replaced
     m.write_text(m.read_text().replace("path: ./out", "path: ./out\n  overwrite: true"))
     out = run_merge(m)
     assert sorted(p.name for p in out.iterdir()) == [
