@@ -86,8 +86,7 @@ class Rig:
 
     def yaml_with(self, tail: str) -> Path:
         """A manifest whose last lines are `tail`, verbatim (for YAML-level cases)."""
-        none = "" if "tokenizer:" in tail else "tokenizer: none\n"  # the zoo's base ships none
-        return self.text(f"base: {self.base()}\nadapters: [{self.adapter()}]\n{none}{tail}")
+        return self.text(f"base: {self.base()}\nadapters: [{self.adapter()}]\n{tail}")
 
 
 @dataclass(frozen=True)
