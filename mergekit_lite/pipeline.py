@@ -34,7 +34,15 @@ from mergekit_lite.release.receipt import resolved_manifest, write_checksums, wr
 from mergekit_lite.sources.adapter import Adapter, read_adapter, task_type
 from mergekit_lite.sources.checkpoint import Checkpoint, read_checkpoint, weight_files
 from mergekit_lite.sources.hub import resolve_hub_sources
-from mergekit_lite.sources.tokenizer import copy_tokenizer, load_tokenizer, tokenizer_files, tokenizer_source
+from mergekit_lite.sources.tokenizer import (
+    copy_processor,
+    copy_tokenizer,
+    load_tokenizer,
+    processor_files,
+    processor_source,
+    tokenizer_files,
+    tokenizer_source,
+)
 
 
 class GateFailed(MergekitError):
@@ -179,6 +187,8 @@ def execute(job: Job, progress: Progress | None = None, verify: bool = True, kee
             write_index(stage, job.plan)
             if source is not None:
                 copy_tokenizer(source, stage)
+            if (processor := processor_source(source, job.checkpoint.path)) is not None:
+                copy_processor(processor, stage)
             write_configs(
                 stage,
                 job.checkpoint.path,
@@ -354,6 +364,8 @@ def _inputs(job: Job, source: Path | None) -> list[Path]:
         ]
     if source is not None:
         inputs += [p for p in tokenizer_files(source) if p not in inputs]
+    if (processor := processor_source(source, job.checkpoint.path)) is not None:
+        inputs += [p for p in processor_files(processor) if p not in inputs]
     return inputs
 
 

@@ -13,7 +13,7 @@ from mergekit_lite.gate.algebra import check_algebra
 from mergekit_lite.gate.configs import check_configs
 from mergekit_lite.gate.endtoend import DEFAULT_PROMPTS, EndToEnd, check_end_to_end, placement
 from mergekit_lite.gate.integrity import check_integrity
-from mergekit_lite.gate.packaging import check_packaging
+from mergekit_lite.gate.packaging import check_packaging, check_processor_files
 from mergekit_lite.gate.portable import check_portable
 from mergekit_lite.gate.report import GateReport
 from mergekit_lite.gate.runtimes import check_transformers4
@@ -25,7 +25,7 @@ from mergekit_lite.manifest.sections import VerifySpec
 from mergekit_lite.plan.plan import Plan
 from mergekit_lite.sources.adapter import Adapter
 from mergekit_lite.sources.checkpoint import Checkpoint
-from mergekit_lite.sources.tokenizer import has_tokenizer, load_tokenizer
+from mergekit_lite.sources.tokenizer import has_tokenizer, load_tokenizer, processor_source
 
 __all__ = ["GateReport", "output_dtype", "run_gate"]
 
@@ -94,6 +94,8 @@ def run_gate(
         _guarded(report, "packaging", lambda: check_packaging(report, candidate, source, texts, plan.embedding_rows))
     else:
         report.skipped["packaging"] = "the release ships no tokenizer (`tokenizer: none`)"
+    if (processor := processor_source(tokenizer_source, checkpoint.path)) is not None:
+        _guarded(report, "packaging", lambda: check_processor_files(report, candidate, processor))
     if portable:
         _guarded(report, "packaging", lambda: check_portable(report, candidate))
     else:

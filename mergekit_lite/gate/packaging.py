@@ -1,4 +1,5 @@
-"""Gate check 4, packaging: the shipped tokenizer behaves exactly like its source."""
+"""Gate check 4, packaging: the shipped tokenizer behaves exactly like its source, and the
+multimodal processor files are the source's."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_lite.gate.report import GateReport
-from mergekit_lite.sources.tokenizer import load_tokenizer
+from mergekit_lite.sources.tokenizer import load_tokenizer, processor_files
 
 
 def check_packaging(
@@ -98,6 +99,25 @@ def check_packaging(
             figure=ids,
             threshold=packaged.eos_token_id,
         )
+
+
+def check_processor_files(report: GateReport, candidate: Path, source: Path) -> None:
+    """The release ships the source's processor files (preprocessor_config.json, ...), byte for byte."""
+    wrong = []
+    for path in processor_files(source):
+        shipped = candidate / path.name
+        if not shipped.is_file():
+            wrong.append(f"{path.name} missing")
+        elif shipped.read_bytes() != path.read_bytes():
+            wrong.append(f"{path.name} differs from `{path}`")
+    report.add(
+        "packaging",
+        "processor files as the source",
+        not wrong,
+        figure=len(wrong),
+        threshold=0,
+        detail="; ".join(wrong[:3]),
+    )
 
 
 def _chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:

@@ -1,4 +1,4 @@
-"""Which tokenizer ships with the release, and copying it verbatim."""
+"""Which tokenizer (and multimodal processor) ships with the release, and copying it verbatim."""
 
 from __future__ import annotations
 
@@ -23,6 +23,33 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+
+
+# a multimodal model's processor: image / video preprocessing and the processor's own settings
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+
+
+def processor_source(tokenizer_folder: Path | None, base: Path) -> Path | None:
+    """The folder the release's processor files come from: the tokenizer's when it ships any, else
+    the base's; None when neither does."""
+    for folder in (tokenizer_folder, base):
+        if folder is not None and processor_files(folder):
+            return folder
+    return None
+
+
+def processor_files(folder: Path) -> list[Path]:
+    """The processor files present in a folder."""
+    return [folder / n for n in PROCESSOR_FILES if (folder / n).is_file()]
+
+
+def copy_processor(source: Path, dest: Path) -> list[Path]:
+    """Copy the processor files byte for byte; return the copies."""
+    copies = []
+    for path in processor_files(source):
+        shutil.copyfile(path, dest / path.name)
+        copies.append(dest / path.name)
+    return copies
 
 
 def has_tokenizer(folder: Path) -> bool:
