@@ -8,6 +8,7 @@ in README.md, and test_architectures.py checks the README matches.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
@@ -87,6 +88,11 @@ _BART.update({"decoder_start_token_id": 2})
 _GPT2 = {"vocab_size": VOCAB, "n_embd": HIDDEN, "n_layer": 2, "n_head": 4, "n_positions": 64}
 _GPT2.update({"bos_token_id": 1, "eos_token_id": 2})
 _MOE = {"num_experts_per_tok": 2}
+_CLIP_PROCESSOR = {
+    "class": "CLIPImageProcessor",
+    "size": {"shortest_edge": 32},
+    "crop_size": {"height": 32, "width": 32},
+}
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -97,6 +103,8 @@ class Arch:
     model_class: str
     config: Callable[[], dict[str, Any]]
     task: str = "causal LM"
+    module_names: bool = False  # stored under the module names (transformers 5's layout), not save_pretrained's
+    processor: dict[str, Any] | None = None  # preprocessor_config.json beside it: its class and settings
     # False: merged with `output.compat: false`. Qwen2.5-VL: transformers 5 saves its M-RoPE as
     # rope_parameters {rope_type: default, type: mrope, mrope_section}, for which release/compat.py
     # writes no transformers 4 `rope_scaling`, and the portable-layout check (rightly) fails that.
@@ -144,9 +152,11 @@ ARCHES: dict[str, Arch] = {
         "GptOssForCausalLM",
         lambda: _decoder(head_dim=8, num_local_experts=4, layer_types=["full_attention"] * 2, **_MOE),
     ),
-    "llava": Arch("LlavaForConditionalGeneration", _llava, "image-text-to-text"),
+    "llava": Arch("LlavaForConditionalGeneration", _llava, "image-text-to-text", processor=_CLIP_PROCESSOR),
+    "llava_v5": Arch("LlavaForConditionalGeneration", _llava, "image-text-to-text", module_names=True),
     "gemma3": Arch("Gemma3ForConditionalGeneration", _gemma3, "image-text-to-text"),
     "qwen2_5_vl": Arch("Qwen2_5_VLForConditionalGeneration", _qwen2_5_vl, "image-text-to-text", portable=False),
+    "mixtral_v5": Arch("MixtralForCausalLM", lambda: _decoder(num_local_experts=4, **_MOE), module_names=True),
     "t5": Arch("T5ForConditionalGeneration", lambda: dict(_T5), "seq2seq LM"),
     "bart": Arch("BartForConditionalGeneration", lambda: dict(_BART), "seq2seq LM"),
     "llama_seq_cls": Arch("LlamaForSequenceClassification", lambda: _decoder(num_labels=3), "sequence classification"),
@@ -205,6 +215,13 @@ CASES: list[Case] = [
         {"target_modules": r".*language_model.*\.(q_proj|v_proj|down_proj)"},
         "language-model LoRA",
     ),
+    Case(
+        "llava_v5",
+        "llava_v5",
+        {"target_modules": r".*language_model.*\.(q_proj|v_proj|down_proj)"},
+        "language-model LoRA, module names on disk",
+    ),
+    Case("mixtral_v5", "mixtral_v5", {"target_modules": ATTENTION}, "attention LoRA, fused experts on disk"),
     _all_linear("t5", task_type="SEQ_2_SEQ_LM"),
     _all_linear("bart", task_type="SEQ_2_SEQ_LM"),
     Case(
@@ -244,6 +261,18 @@ def build_base(arch: str, out: Path) -> Path:
                 if param.ndim == 1:
                     param.add_(0.1 * torch.randn(param.shape, generator=gen))
         model.save_pretrained(out)
+        if spec.module_names:  # the state dict as the model holds it: transformers 5's names and fused experts
+            from safetensors.torch import save_file
+
+            state = {k: v.contiguous() for k, v in model.state_dict().items()}
+            for tied in model.all_tied_weights_keys:  # stored once, under the name it is tied to
+                state.pop(tied, None)
+            (out / "model.safetensors").unlink()
+            save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        if spec.processor is not None:  # as the image processor's save_pretrained writes it
+            doc = {"image_processor_type": spec.processor["class"], "do_resize": True, "do_normalize": True}
+            doc.update({k: v for k, v in spec.processor.items() if k != "class"})
+            (out / "preprocessor_config.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     return out
 
 

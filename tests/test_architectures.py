@@ -192,3 +192,48 @@ def test_readme_lists_exactly_the_tested_architectures() -> None:
     assert section is not None, f"README.md has no {README_START} section"
     assert section == readme_table(), "README.md's architectures are stale: run `python tests/architectures.py --write`"
     assert len({c.arch for c in CASES}) >= 25
+
+
+def test_both_checkpoint_layouts_are_kept(arch_zoo: ArchZoo) -> None:
+    """save_pretrained's layout (legacy names, experts one by one) and the module-name layout
+    (fused experts) are both merged, each release keeping its base's names (checked per case above);
+    here: the two layouts really differ."""
+    legacy, modern = _tensor_names(arch_zoo.base("llava")), _tensor_names(arch_zoo.base("llava_v5"))
+    assert "language_model.model.layers.0.self_attn.q_proj.weight" in legacy
+    assert "model.language_model.layers.0.self_attn.q_proj.weight" in modern
+    assert not legacy & modern
+    experts = _tensor_names(arch_zoo.base("mixtral_v5"))
+    assert "model.layers.0.mlp.experts.gate_up_proj" in experts
+    assert "model.layers.0.block_sparse_moe.experts.0.w1.weight" in _tensor_names(arch_zoo.base("mixtral"))
+    out, _ = arch_zoo.release("mixtral_v5")
+    assert _tensor_names(out) == experts
+
+
+def test_processor_files_ship_and_are_checked(arch_zoo: ArchZoo, tmp_path: Path) -> None:
+    """The base's preprocessor_config.json ships byte for byte, and the gate checks it: a release
+    whose copy differs or is missing fails the check (negative controls); a base without one gets
+    no such check."""
+    import shutil
+
+    from mergekit_lite.gate.packaging import check_processor_files
+    from mergekit_lite.gate.report import GateReport
+
+    base = arch_zoo.base("llava")
+    out, report = arch_zoo.release("llava")
+    name = "preprocessor_config.json"
+    assert (out / name).read_bytes() == (base / name).read_bytes()
+    assert name in (out / "SHA256SUMS").read_text()
+    [row] = [c for c in report["checks"] if c["name"] == "processor files as the source"]
+    assert row["passed"]
+    tampered = tmp_path / "tampered"
+    shutil.copytree(out, tampered)
+    (tampered / name).write_text((out / name).read_text().replace("32", "64"))
+    failed = GateReport(dtype="F32")
+    check_processor_files(failed, tampered, base)
+    assert not failed.passed and "differs" in failed.checks[0].detail
+    (tampered / name).unlink()
+    missing = GateReport(dtype="F32")
+    check_processor_files(missing, tampered, base)
+    assert not missing.passed and "missing" in missing.checks[0].detail
+    _, plain = arch_zoo.release("llama")
+    assert not [c for c in plain["checks"] if c["name"] == "processor files as the source"]
