@@ -187,7 +187,7 @@ CASES: list[Case] = [
     *(
         _all_linear(a)
         for a in ARCHES
-        if ARCHES[a].task == "causal LM" and a not in ("qwen3_moe", "mixtral", "llama_tied")
+        if ARCHES[a].task == "causal LM" and a not in ("qwen3_moe", "mixtral", "llama_tied", "mixtral_v5")
     ),
     # PEFT 0.21 turns all-linear on these into target_parameters on the fused experts: attention here
     Case("qwen3_moe", "qwen3_moe", {"target_modules": ATTENTION}, "attention LoRA"),
@@ -241,6 +241,7 @@ CASES: list[Case] = [
     ),
 ]
 CASES_BY_ID = {c.id: c for c in CASES}
+assert len(CASES_BY_ID) == len(CASES), "two cases share an id"
 
 
 def build_base(arch: str, out: Path) -> Path:
