@@ -118,6 +118,7 @@ def run_gate(
             limits=limits,
             embedding_rows=plan.embedding_rows,
             fixed=frozenset(settings.thresholds),
+            output_dtype=dtype,
             combine=plan.combine,
             dequantized=checkpoint.tensors if checkpoint.quantization else None,
             model_class=checkpoint.architecture.model_class,

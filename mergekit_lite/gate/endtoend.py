@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
+from mergekit_lite.gate.calibrate import calibrated, ideal_merge
 from mergekit_lite.gate.dequantized import dequantized_base, dequantizer
 from mergekit_lite.gate.report import GateReport
-from mergekit_lite.gate.tolerances import within
+from mergekit_lite.gate.tolerances import CALIBRATION_MARGINS, within
 from mergekit_lite.io.format import TensorEntry
 from mergekit_lite.manifest.sections import AUTO_PLACEMENTS, VerifySpec
 from mergekit_lite.plan.combine import COMBINED
@@ -265,6 +266,7 @@ class EndToEnd:
     combine: CombinePlan | None = None
     dequantized: dict[str, TensorEntry] | None = None  # the base's tensors, when it is stored quantized
     model_class: str | None = None
+    output_dtype: str = "F32"  # the release's dtype, as the report names it: the ideal merge is rounded to it
 
 
 def check_end_to_end(report: GateReport, check: EndToEnd) -> None:
@@ -304,7 +306,8 @@ def _run(report: GateReport, check: EndToEnd, dtype: torch.dtype, limits: dict[s
 def _measure(
     report: GateReport, models: tuple[Any, Any], dtype: torch.dtype, check: EndToEnd, limits: dict[str, float]
 ) -> None:
-    """The four metrics of the reference and the merged model on the prompts, recorded in `report`."""
+    """The four metrics of the merged model against the reference on the prompts, with thresholds
+    calibrated against the ideal merge (gate/calibrate.py), recorded in `report`."""
     reference, merged = models
     tokenizer, new_tokens = check.tokenizer, check.new_tokens
     vocab = merged.get_input_embeddings().weight.shape[0]
@@ -328,8 +331,12 @@ def _measure(
     elif "max_abs_logit_diff" not in check.fixed and EFFECT_SHARE * effect < limits["max_abs_logit_diff"]:
         limits["max_abs_logit_diff"] = EFFECT_SHARE * effect
         threshold_note = f" (threshold: {EFFECT_SHARE:g} x the adapters' effect)" + threshold_note
-    tie = 2 * limits["max_abs_logit_diff"]
+    tie = 2 * limits["max_abs_logit_diff"]  # before calibration: a loosened threshold widens no tie
     figures = _compare(ref_logits, out_logits, tie)
+    if not merged.can_generate():  # a classification head: its class logits are compared above
+        new_tokens = 0
+    paths = [_reference_path(reference, seq, new_tokens) for seq in ids]
+    figures["greedy_match"], first_diff = _greedy(paths, merged, ids, new_tokens, tokenizer=tokenizer, tie=tie)
     report.context.update(
         {
             "prompts": how,
@@ -339,10 +346,8 @@ def _measure(
             "model_class": type(merged).__name__,
         }
     )
-    if not merged.can_generate():  # a classification head: its class logits are compared above
-        new_tokens = 0
-    greedy, first_diff = _greedy(reference, merged, ids, new_tokens, tokenizer=tokenizer, tie=tie)
-    figures["greedy_match"] = greedy
+    ideal, vs_ideal = _against_ideal(report, reference, check, ids, (ref_logits, out_logits), paths, tie, new_tokens)
+    limits, rules = calibrated(limits, ideal, check.fixed)
     detail = {
         "max_abs_logit_diff": f"worst: prompt {figures.pop('worst_prompt')}; base vs reference: {effect:.3g}{threshold_note}",
         "mean_kl": "KL(reference || merged), mean over positions",
@@ -351,6 +356,9 @@ def _measure(
     }
     for metric in ("max_abs_logit_diff", "mean_kl", "top1_agreement", "greedy_match"):
         value, limit = figures[metric], limits[metric]
+        if metric in ideal:
+            versus = f", release vs ideal: {vs_ideal[metric]:.4g}" if metric in vs_ideal else ""
+            detail[metric] += f"; ideal merge: {ideal[metric]:.4g}{versus}; threshold: {rules[metric]}"
         report.add(
             "end_to_end", metric, within(metric, value, limit), figure=value, threshold=limit, detail=detail[metric]
         )
@@ -366,6 +374,39 @@ def placeholder_ids(config: Any) -> frozenset[int]:
         if key.startswith(_PLACEHOLDERS) and key.endswith(("_id", "_index")) and type(value) is int:
             found.add(value)
     return frozenset(found)
+
+
+def _against_ideal(
+    report: GateReport,
+    reference: Any,
+    check: EndToEnd,
+    ids: list[torch.Tensor],
+    logits: tuple[list[torch.Tensor], list[torch.Tensor]],
+    paths: list[tuple[list[int], torch.Tensor]],
+    tie: float,
+    new_tokens: int,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The ideal merge's four figures against the reference, and the release's against the ideal
+    (recorded in the report's context); empty when no ideal merge could be made (the table alone
+    then sets the thresholds, and the context says why). Consumes the reference model."""
+    ideal_model, how = ideal_merge(reference, check.output_dtype)
+    if ideal_model is None:
+        report.context["calibration"] = {"skipped": how}
+        return {}, {}
+    ref_logits, out_logits = logits
+    ideal_logits = [_forward(ideal_model, seq) for seq in ids]
+    ideal = _compare(ref_logits, ideal_logits, tie)
+    ideal.pop("worst_prompt")
+    ideal["greedy_match"], _ = _greedy(paths, ideal_model, ids, new_tokens, tokenizer=None, tie=tie)
+    vs_ideal = _compare(ideal_logits, out_logits, tie)
+    vs_ideal.pop("worst_prompt")  # greedy against the ideal would need its own paths: not measured
+    report.context["calibration"] = {
+        "ideal": how,
+        "margins": dict(CALIBRATION_MARGINS),
+        "ideal_vs_reference": ideal,
+        "release_vs_ideal": vs_ideal,
+    }
+    return ideal, vs_ideal
 
 
 def _input_device(model) -> torch.device:
@@ -462,20 +503,30 @@ def _agrees(ref_logits: torch.Tensor, chosen: torch.Tensor, tie: float) -> torch
     return best - picked <= tie
 
 
-def _greedy(reference, merged, ids: list[torch.Tensor], n: int, *, tokenizer: Any, tie: float) -> tuple[float, str]:
-    """Share of prompts whose n greedy tokens agree, where a first divergence at a near-tie of the
-    reference (its two choices within `tie`) counts as agreement; the first real divergence, described."""
+def _reference_path(reference, seq: torch.Tensor, n: int) -> tuple[list[int], torch.Tensor]:
+    """The reference's n greedy tokens after `seq`, and its logits along that path: row k holds the
+    logits from which token k was chosen (what a divergence at token k is judged against)."""
+    if n == 0:
+        return [], torch.empty(0)
+    path = _generate(reference, seq, n)
+    logits = _forward(reference, seq, path)  # an encoder-decoder's row 0 is its start token's
+    start = 0 if _is_seq2seq(reference) else len(seq) - 1
+    return path, logits[start : start + n]
+
+
+def _greedy(
+    paths: list[tuple[list[int], torch.Tensor]], model, ids: list[torch.Tensor], n: int, *, tokenizer: Any, tie: float
+) -> tuple[float, str]:
+    """Share of prompts whose n greedy tokens agree with the reference's `paths`, where a first
+    divergence at a near-tie of the reference (its two choices within `tie`) counts as agreement;
+    the first real divergence, described."""
     if n == 0:
         return 1.0, "no tokens requested"
     same, first = 0, ""
-    for i, seq in enumerate(ids):
-        a, b = _generate(reference, seq, n), _generate(merged, seq, n)
+    for i, (seq, (a, ref_logits)) in enumerate(zip(ids, paths)):
+        b = _generate(model, seq, n)
         k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
-        if k is None:
-            same += 1
-            continue
-        ref_logits = _forward(reference, seq, a[:k])[-1]
-        if bool(_agrees(ref_logits, torch.tensor(b[k]), tie)):
+        if k is None or bool(_agrees(ref_logits[k], torch.tensor(b[k]), tie)):
             same += 1
         elif not first:
             first = f"prompt {i} differs at token {k}"
