@@ -105,10 +105,7 @@ class Arch:
     task: str = "causal LM"
     module_names: bool = False  # stored under the module names (transformers 5's layout), not save_pretrained's
     processor: dict[str, Any] | None = None  # preprocessor_config.json beside it: its class and settings
-    # False: merged with `output.compat: false`. Qwen2.5-VL: transformers 5 saves its M-RoPE as
-    # rope_parameters {rope_type: default, type: mrope, mrope_section}, for which release/compat.py
-    # writes no transformers 4 `rope_scaling`, and the portable-layout check (rightly) fails that.
-    portable: bool = True
+    portable: bool = True  # False: merged with `output.compat: false`
 
 
 ARCHES: dict[str, Arch] = {
@@ -155,7 +152,7 @@ ARCHES: dict[str, Arch] = {
     "llava": Arch("LlavaForConditionalGeneration", _llava, "image-text-to-text", processor=_CLIP_PROCESSOR),
     "llava_v5": Arch("LlavaForConditionalGeneration", _llava, "image-text-to-text", module_names=True),
     "gemma3": Arch("Gemma3ForConditionalGeneration", _gemma3, "image-text-to-text"),
-    "qwen2_5_vl": Arch("Qwen2_5_VLForConditionalGeneration", _qwen2_5_vl, "image-text-to-text", portable=False),
+    "qwen2_5_vl": Arch("Qwen2_5_VLForConditionalGeneration", _qwen2_5_vl, "image-text-to-text"),
     "mixtral_v5": Arch("MixtralForCausalLM", lambda: _decoder(num_local_experts=4, **_MOE), module_names=True),
     "t5": Arch("T5ForConditionalGeneration", lambda: dict(_T5), "seq2seq LM"),
     "bart": Arch("BartForConditionalGeneration", lambda: dict(_BART), "seq2seq LM"),

@@ -99,7 +99,7 @@ def _v4_rope_scaling(d: Difference, facts: Facts) -> bool:
     rope = _rope(d)
     if not rope:
         return False
-    if rope.get("rope_type", rope.get("type", "default")) == "default":
+    if all(rope.get(k, "default") == "default" for k in ("rope_type", "type")):  # not M-RoPE's `type: mrope`
         return d.new is None
     return _same(d.new, {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")})
 

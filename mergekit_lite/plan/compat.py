@@ -49,7 +49,9 @@ def portable_config(config: dict[str, Any]) -> dict[str, Any]:
         out["rope_theta"] = rope["rope_theta"]
     if "partial_rotary_factor" in rope:
         out["partial_rotary_factor"] = rope["partial_rotary_factor"]
-    if rope.get("rope_type", rope.get("type", "default")) == "default":
+    # default only when neither name says otherwise: transformers 5 saves Qwen2-VL's M-RoPE as
+    # {rope_type: default, type: mrope, mrope_section}, which 4.x reads from `rope_scaling`
+    if all(rope.get(k, "default") == "default" for k in ("rope_type", "type")):
         if out.get("rope_scaling") is not None:  # v5 would read it in place of rope_parameters
             out["rope_scaling"] = None
     else:
