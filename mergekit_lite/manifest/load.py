@@ -271,7 +271,7 @@ def _clean(loc: Any) -> Loc:
 
 def _plain(msg: str) -> str:
     """pydantic's wording without its class names: a short form takes a mapping or a path."""
-    short = {"Source", "AdapterSpec", "OutputSpec"}
+    short = {"Source", "BaseSource", "AdapterSpec", "OutputSpec"}
     return re.sub(
         r"a valid dictionary or instance of (\w+)",
         lambda m: "a mapping or a path string" if m.group(1) in short else "a mapping",
