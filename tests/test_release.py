@@ -445,46 +445,22 @@ def test_model_card_license_base_model_and_not_verified(inputs, tmp_path: Path) 
     shutil.copytree(inputs["base"], base)
     config = json.loads((base / "config.json").read_text())
     (base / "config.json").write_text(json.dumps({**config, "_name_or_path": "org/tiny-llama", "license": "mit"}))
-    m = write_manifest(tmp_path, base, [inputs["lora"]], "bfloat16", verify={"enabled": False}, license="other")
-    front = _front_matter((merge(m) / "README.md").read_text())
+
+    def card(out_name: str) -> dict:
+        m = write_manifest(
+            tmp_path, base, [inputs["lora"]], "bfloat16", out_name=out_name, verify={"enabled": False}, license="other"
+        )
+        return _front_matter((merge(m) / "README.md").read_text())
+
+    front = card("out")
     assert front["base_model"] == "org/tiny-llama" and front["license"] == "mit"
     assert front["tags"] == ["mergekit-lite", "lora", "merge", "not-verified"]
     (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n")
-    front = _front_matter(
-        (
-            merge(
-                write_manifest(
-                    tmp_path,
-                    base,
-                    [inputs["lora"]],
-                    "bfloat16",
-                    out_name="b",
-                    verify={"enabled": False},
-                    license="other",
-                )
-            )
-            / "README.md"
-        ).read_text()
-    )
+    front = card("b")
     assert front["license"] == "apache-2.0"
     (base / "README.md").unlink()
     (base / "config.json").write_text(json.dumps(config))
-    front = _front_matter(
-        (
-            merge(
-                write_manifest(
-                    tmp_path,
-                    base,
-                    [inputs["lora"]],
-                    "bfloat16",
-                    out_name="c",
-                    verify={"enabled": False},
-                    license="other",
-                )
-            )
-            / "README.md"
-        ).read_text()
-    )
+    front = card("c")
     assert front["license"] == "other" and "base_model" not in front
 
 
