@@ -223,7 +223,13 @@ def merge(
                 )
 
     try:
-        result = execute(job, progress=advance, verify=not no_verify, keep_rejected=keep_rejected)
+        result = execute(
+            job,
+            progress=advance,
+            verify=not no_verify,
+            keep_rejected=keep_rejected,
+            eval_progress=_eval_progress(mode),
+        )
     except GateFailed as failed:
         outcome.report, outcome.rejected = failed.report, failed.kept
         say(_report_text(failed.report, title, nothing_published(failed.kept)))
@@ -246,6 +252,22 @@ def merge(
         n = len(job.plan.shard_names)
         say(f"published {result.output} ({n} shard{'s' if n > 1 else ''}, {human_bytes(job.plan.total_bytes)})")
         say("stages: " + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in job.timings.items()))
+
+
+def _eval_progress(mode: str) -> Callable[[int, int], None]:
+    """`verify.eval`'s progress: tokens scored by the four models, drawn as the merge's is (`mode`)."""
+    from mergekit_lite.outcome.progress import ByteProgress
+
+    held: list[ByteProgress] = []
+
+    def advance(done: int, total: int) -> None:
+        if not held:
+            held.append(ByteProgress(total, "eval: scoring tokens", sys.stderr, mode, unit="tokens"))
+        held[0].update(done - held[0].done)
+        if held[0].finished:
+            held[0].close()
+
+    return advance
 
 
 def nothing_published(kept: Path | None) -> str:
@@ -280,7 +302,10 @@ def verify(outcome: Outcome, manifest: str, against: str | None, report_path: st
         release = load_manifest(manifest).output_path
     outcome.release = release
     _stage_lines(True)
-    report = verify_release(manifest, against)
+    from mergekit_lite.outcome.progress import bars_wanted
+
+    mode = "bar" if bars_wanted(None, sys.stderr, os.environ) else "lines"
+    report = verify_release(manifest, against, eval_progress=_eval_progress(mode))
     outcome.report = report
     outcome.timings.update(report.timings)
     if report_path:

@@ -17,6 +17,7 @@ import torch
 
 from mergekit_lite.errors import InputError, MergekitError
 from mergekit_lite.gate import GateReport, run_gate
+from mergekit_lite.gate.eval import EvalProgress
 from mergekit_lite.gate.report import fmt, markdown, skipped_report
 from mergekit_lite.gate.runtimes import check_runtimes_available
 from mergekit_lite.io.digests import InputDigests
@@ -33,6 +34,7 @@ from mergekit_lite.release.publish import check_output, check_unlocked, new_pare
 from mergekit_lite.release.receipt import resolved_manifest, write_checksums, write_receipt
 from mergekit_lite.sources.adapter import Adapter, read_adapter, task_type
 from mergekit_lite.sources.checkpoint import Checkpoint, read_checkpoint, weight_files
+from mergekit_lite.sources.evaldata import EvalData, read_eval, require_language_model
 from mergekit_lite.sources.hub import resolve_hub_sources
 from mergekit_lite.sources.tokenizer import (
     copy_processor,
@@ -85,6 +87,7 @@ class Job:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage: plan, merge, package, ...
     force: bool = False  # replace whatever is at the output, not only an earlier release
     tokenizer: Path | None = None  # the folder the release's tokenizer is copied from (None: `tokenizer: none`)
+    eval_data: EvalData | None = None  # `verify.eval`'s records, tokenized (None when there is none)
 
 
 def prepare(manifest_path: str | Path, for_output: bool = True, hash_inputs: bool = False, force: bool = False) -> Job:
@@ -117,6 +120,7 @@ def prepare(manifest_path: str | Path, for_output: bool = True, hash_inputs: boo
             check_output(loaded.output_path, loaded.input_folders, m.output.overwrite, plan.total_bytes, force)
             check_adapter_values(adapters)
         tokenizer = tokenizer_source(m.tokenizer, loaded.base_path, loaded.adapter_paths, loaded.resolve)
+        eval_data = _eval_data(loaded, checkpoint, tokenizer)
     except BaseException:
         if inputs is not None:
             inputs.close()
@@ -130,7 +134,19 @@ def prepare(manifest_path: str | Path, for_output: bool = True, hash_inputs: boo
         timings={"plan": time.monotonic() - began},
         force=force,
         tokenizer=tokenizer,
+        eval_data=eval_data,
     )
+
+
+def _eval_data(loaded: LoadedManifest, checkpoint: Checkpoint, tokenizer: Path | None) -> EvalData | None:
+    """`verify.eval`'s file read and tokenized with the release's tokenizer: every problem in it is
+    an input error now, before anything is merged. None when the manifest has none or no gate."""
+    spec = loaded.manifest.verify
+    if spec.eval is None or not spec.enabled:
+        return None
+    where = loaded.at("verify", "eval")
+    require_language_model(checkpoint.architecture.model_class, checkpoint.config, where)
+    return read_eval(spec.eval, load_tokenizer(tokenizer), where)
 
 
 def _base_files(base: Path) -> list[Path]:
@@ -160,8 +176,16 @@ def run_plan(manifest_path: str | Path) -> Plan:
     return prepare(manifest_path).plan
 
 
-def execute(job: Job, progress: Progress | None = None, verify: bool = True, keep_rejected: bool = False) -> Result:
-    """Merge into a staging folder, package, run the gate, and publish only if it passes."""
+def execute(
+    job: Job,
+    progress: Progress | None = None,
+    verify: bool = True,
+    keep_rejected: bool = False,
+    eval_progress: EvalProgress | None = None,
+) -> Result:
+    """Merge into a staging folder, package, run the gate, and publish only if it passes.
+
+    `progress` is told each tensor written, `eval_progress` the tokens of `verify.eval` scored."""
     loaded = job.manifest
     m = loaded.manifest
     output = loaded.output_path
@@ -209,6 +233,8 @@ def execute(job: Job, progress: Progress | None = None, verify: bool = True, kee
                     device_map=m.device_map,
                     tokenizer_source=source,
                     portable=m.output.compat,
+                    eval_data=job.eval_data,
+                    eval_progress=eval_progress,
                 )
                 report.context.update(provenance(job))
                 lap("verify")
@@ -294,6 +320,7 @@ def _describe(
         skipped_because=reason,
         tokenizer=_tokenizer_label(job),
         manifest_license=m.license,
+        evaluation=report.context.get("eval") if report is not None else None,
     )
     (stage / "README.md").write_text(card, encoding="utf-8")
     (stage / "manifest.yaml").write_text(
@@ -366,10 +393,14 @@ def _inputs(job: Job, source: Path | None) -> list[Path]:
         inputs += [p for p in tokenizer_files(source) if p not in inputs]
     if (processor := processor_source(source, job.checkpoint.path)) is not None:
         inputs += [p for p in processor_files(processor) if p not in inputs]
+    if job.eval_data is not None and (spec := job.manifest.manifest.verify.eval) is not None:
+        inputs.append(Path(spec.path))  # what the release was measured on
     return inputs
 
 
-def verify_release(manifest_path: str | Path, against: str | Path | None = None) -> GateReport:
+def verify_release(
+    manifest_path: str | Path, against: str | Path | None = None, eval_progress: EvalProgress | None = None
+) -> GateReport:
     """Run the gate on an existing release: its files against its SHA256SUMS and release.json first,
     then every other check. `manifest_path` is a manifest (the release is its output, or `against`)
     or a release folder, checked against the manifest.yaml it ships."""
@@ -399,6 +430,8 @@ def verify_release(manifest_path: str | Path, against: str | Path | None = None)
         tokenizer_source=source,
         integrity=True,
         portable=m.output.compat,
+        eval_data=job.eval_data,
+        eval_progress=eval_progress,
     )
     report.context.update(provenance(job))
     return report

@@ -7,11 +7,12 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from mergekit_lite.gate.algebra import check_algebra
 from mergekit_lite.gate.configs import check_configs
 from mergekit_lite.gate.endtoend import DEFAULT_PROMPTS, EndToEnd, check_end_to_end, placement
+from mergekit_lite.gate.eval import EvalProgress, check_eval
 from mergekit_lite.gate.integrity import check_integrity
 from mergekit_lite.gate.packaging import check_packaging, check_processor_files
 from mergekit_lite.gate.portable import check_portable
@@ -25,6 +26,7 @@ from mergekit_lite.manifest.sections import VerifySpec
 from mergekit_lite.plan.plan import Plan
 from mergekit_lite.sources.adapter import Adapter
 from mergekit_lite.sources.checkpoint import Checkpoint
+from mergekit_lite.sources.evaldata import EvalData
 from mergekit_lite.sources.tokenizer import has_tokenizer, load_tokenizer, processor_source
 
 __all__ = ["GateReport", "output_dtype", "run_gate"]
@@ -54,6 +56,8 @@ def run_gate(
     tokenizer_source: Path | None,
     integrity: bool = False,
     portable: bool = True,
+    eval_data: EvalData | None = None,
+    eval_progress: EvalProgress | None = None,
 ) -> GateReport:
     """Run every check on `candidate` (a release folder, staged or published) and return the report.
 
@@ -61,8 +65,9 @@ def run_gate(
     go there unless `verify.device_map` says otherwise), `tokenizer_source` the folder the release's
     tokenizer was copied from. With `integrity` (a published release), its files are first checked
     against its SHA256SUMS and release.json. `portable` is the manifest's `output.compat` (the release
-    claims to be readable by transformers 4 too). A check that cannot run fails its group; this
-    raises only for bugs.
+    claims to be readable by transformers 4 too). `eval_data` is `verify.eval`'s file, tokenized at
+    plan time: scored by base, base + adapters and the release (gate/eval.py), `eval_progress` told
+    the tokens scored. A check that cannot run fails its group; this raises only for bugs.
     """
     dtype = output_dtype(plan)
     limits = thresholds(dtype, settings.thresholds)
@@ -102,17 +107,15 @@ def run_gate(
         report.skipped["packaging: transformers 4 layout"] = (
             "`output.compat` is false: configs shipped as the source has them"
         )
-    if not settings.logits:
-        report.skipped["end_to_end"] = "`verify.logits` is false"
-    elif not report.passed:
-        report.skipped["end_to_end"] = "not run: the checks above failed"
-    else:
-        check = EndToEnd(
+
+    def models(tokenizer: Any) -> EndToEnd:
+        """What the end-to-end and eval checks load and compare, and their thresholds."""
+        return EndToEnd(
             candidate=candidate,
             base=checkpoint.path,
             adapters=[(a.path, a.weight) for a in adapters],
             placement=placement(settings, device_map),
-            tokenizer=load_tokenizer(candidate) if has_tokenizer(candidate) else source,
+            tokenizer=tokenizer,
             prompts=prompts,
             new_tokens=settings.max_new_tokens,
             limits=limits,
@@ -123,7 +126,16 @@ def run_gate(
             dequantized=checkpoint.tensors if checkpoint.quantization else None,
             model_class=checkpoint.architecture.model_class,
         )
+
+    if not settings.logits:
+        report.skipped["end_to_end"] = "`verify.logits` is false"
+    elif not report.passed:
+        report.skipped["end_to_end"] = "not run: the checks above failed"
+    else:
+        check = models(load_tokenizer(candidate) if has_tokenizer(candidate) else source)
         _guarded(report, "end_to_end", lambda: check_end_to_end(report, check))
+    if eval_data is not None:  # run whatever failed above: what the candidate costs on the user's own data
+        _guarded(report, "eval", lambda: check_eval(report, models(None), eval_data, eval_progress))
     if settings.runtimes:  # run whatever failed above: a runtime may be the only one to see a defect
         new = settings.max_new_tokens
         _guarded(report, "runtimes", lambda: check_transformers4(report, candidate, _packaged(candidate), prompts, new))

@@ -11,7 +11,7 @@ from typing import Any
 
 from mergekit_lite._version import __version__
 
-GROUPS = ("integrity", "structure", "algebra", "end_to_end", "packaging", "runtimes")
+GROUPS = ("integrity", "structure", "algebra", "end_to_end", "packaging", "eval", "runtimes")
 SCHEMA = "mergekit-lite/verification/1"  # verification.json; bump on an incompatible change
 
 

@@ -7,6 +7,9 @@ Algebra figures are in units of the output dtype's ulp (see algebra.py):
                   of the noise that rounding to the output dtype alone causes
   element_ulps    how far (in ulps) an element may be from the correctly rounded W + delta
                   (elementwise.py: |W' - v| <= (element_ulps + 1/2) ulp + float64 error)
+Eval figures (verify.eval, gate/eval.py) compare the release's per-token losses on the user's data
+with the reference's: eval_token_loss_diff the mean |difference| in nats, eval_perplexity_diff
+|perplexity ratio - 1|.
 End-to-end figures compare the merged release with PEFT's unmerged base+adapters on the prompts,
 both computed in float32: what remains is the rounding of the merged weights to the output dtype.
 The figures these thresholds were set against are in docs/performance.md.
@@ -29,6 +32,8 @@ TOLERANCES: dict[str, dict[str, float]] = {
         "mean_kl": 1e-6,
         "top1_agreement": 1.0,
         "greedy_match": 1.0,
+        "eval_token_loss_diff": 1e-4,
+        "eval_perplexity_diff": 1e-4,
     },
     "BF16": {
         "residual_rms": 2.0,
@@ -39,6 +44,8 @@ TOLERANCES: dict[str, dict[str, float]] = {
         "mean_kl": 5e-3,
         "top1_agreement": 0.95,
         "greedy_match": 0.75,
+        "eval_token_loss_diff": 0.02,
+        "eval_perplexity_diff": 0.01,
     },
     "F16": {
         "residual_rms": 2.0,
@@ -49,6 +56,8 @@ TOLERANCES: dict[str, dict[str, float]] = {
         "mean_kl": 1e-3,
         "top1_agreement": 0.98,
         "greedy_match": 0.75,
+        "eval_token_loss_diff": 5e-3,
+        "eval_perplexity_diff": 2e-3,
     },
 }
 # verify.runtimes: the same float32 weights in another runtime (gate/runtimes.py). Only kernels differ,
@@ -81,4 +90,6 @@ CALIBRATION_MARGINS: dict[str, float] = {
     "mean_kl": 4.0,
     "top1_agreement": 2.0,
     "greedy_match": 2.0,
+    "eval_token_loss_diff": 2.0,  # verify.eval (gate/eval.py): a factor on the ideal's mean |token loss diff|
+    "eval_perplexity_diff": 2.0,  # and on its relative perplexity difference
 }

@@ -194,10 +194,13 @@ def load_manifest(path: str | Path) -> LoadedManifest:
     for path in [manifest.base.path, *(a.path for a in manifest.adapters), manifest.output.path, manifest.cache_dir]:
         if path is not None:
             loaded.resolve(path)  # a path that cannot be resolved is refused now, before any work
-    if manifest.verify.offload_folder is not None:  # made absolute here: the gate knows no manifest folder
-        verify = manifest.verify.model_copy(
-            update={"offload_folder": str(loaded.resolve(manifest.verify.offload_folder))}
-        )
+    verify, absolute = manifest.verify, {}  # made absolute here: the gate knows no manifest folder
+    if verify.offload_folder is not None:
+        absolute["offload_folder"] = str(loaded.resolve(verify.offload_folder))
+    if verify.eval is not None:
+        absolute["eval"] = verify.eval.model_copy(update={"path": str(loaded.resolve(verify.eval.path))})
+    if absolute:
+        verify = verify.model_copy(update=absolute)
         loaded = LoadedManifest(manifest.model_copy(update={"verify": verify}), source.resolve(), lines)
     return loaded
 
@@ -271,7 +274,7 @@ def _clean(loc: Any) -> Loc:
 
 def _plain(msg: str) -> str:
     """pydantic's wording without its class names: a short form takes a mapping or a path."""
-    short = {"Source", "BaseSource", "AdapterSpec", "OutputSpec"}
+    short = {"Source", "BaseSource", "AdapterSpec", "OutputSpec", "EvalSpec"}
     return re.sub(
         r"a valid dictionary or instance of (\w+)",
         lambda m: "a mapping or a path string" if m.group(1) in short else "a mapping",

@@ -13,7 +13,14 @@ from mergekit_lite.sizes import parse_size
 from mergekit_lite.vocabulary import COMBINE_METHODS, COMBINE_NAMES, COMBINE_PARAMETERS, methods_taking
 
 DType = Literal["float32", "float16", "bfloat16", "auto"]
-METRICS = ("max_abs_logit_diff", "mean_kl", "top1_agreement", "greedy_match")
+METRICS = (
+    "max_abs_logit_diff",
+    "mean_kl",
+    "top1_agreement",
+    "greedy_match",
+    "eval_token_loss_diff",  # verify.eval (gate/eval.py)
+    "eval_perplexity_diff",
+)
 AUTO_PLACEMENTS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate computes these device maps
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", re.ASCII)
 _REVISION = re.compile(r"\w[\w.+-]*(/[\w.+-]+)*", re.ASCII)  # a commit, a tag or a branch (`refs/pr/1` too)
@@ -120,6 +127,19 @@ class OutputSpec(Strict):
         return value
 
 
+class EvalSpec(Strict):
+    """The user's own data for the gate (gate/eval.py): a JSON Lines file, one record a line, each
+    with `text` (a string) or chat `messages` (a list of {role, content}, formatted with the
+    tokenizer's chat template), as TRL and `datasets.Dataset.to_json` write them."""
+
+    path: str
+    max_samples: int = Field(default=64, ge=1, description="Records read from the top of the file (default 64).")
+    max_length: int = Field(default=512, ge=2, description="Tokens kept of each record, from its start (default 512).")
+
+
+EvalField = Annotated[EvalSpec, BeforeValidator(_short_form("path"), json_schema_input_type=str | EvalSpec)]
+
+
 class VerifySpec(Strict):
     """Tuning of the verification gate."""
 
@@ -128,6 +148,11 @@ class VerifySpec(Strict):
     logits: bool = True
     max_new_tokens: int = Field(default=16, ge=0)
     thresholds: dict[Literal[METRICS], float] = Field(default_factory=dict)  # type: ignore[valid-type]
+    eval: EvalField | None = Field(
+        default=None,
+        description="Per-token loss and perplexity of the base, of base + adapters and of the release on "
+        "your own JSON Lines data: {path, max_samples, max_length}, or just the path.",
+    )
     runtimes: list[Literal["transformers4"]] = Field(
         default_factory=list,
         description="Also load the release in these runtimes and compare with transformers 5 in float32: "

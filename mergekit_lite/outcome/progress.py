@@ -28,12 +28,14 @@ def bars_wanted(choice: bool | None, stream: TextIO, env: Mapping[str, str]) -> 
 
 
 class ByteProgress:
-    """Bytes done of a known total: a tqdm bar, or a line per tenth, or nothing (`mode`)."""
+    """Bytes (or another `unit`: `tokens`) done of a known total: a tqdm bar, or a line per tenth,
+    or nothing (`mode`)."""
 
-    def __init__(self, total: int, desc: str, stream: TextIO, mode: str) -> None:
+    def __init__(self, total: int, desc: str, stream: TextIO, mode: str, unit: str = "B") -> None:
         if mode not in ("bar", "lines", "off"):
             raise ValueError(f"progress mode `{mode}`")
         self.total, self.desc, self.stream, self.mode = max(total, 1), desc, stream, mode
+        self.unit = unit
         self.done = 0
         self._tenths = 0
         self._began = time.monotonic()
@@ -41,7 +43,7 @@ class ByteProgress:
         if mode == "bar":
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=stream, disable=False)
+            self._bar = tqdm(total=total, unit=unit, unit_scale=unit == "B", desc=desc, file=stream, disable=False)
 
     def update(self, nbytes: int) -> None:
         self.done += nbytes
@@ -53,11 +55,14 @@ class ByteProgress:
                 self._tenths = tenths
                 seconds = time.monotonic() - self._began
                 print(
-                    f"{self.desc}: {10 * tenths}% ({human_bytes(min(self.done, self.total))} of "
-                    f"{human_bytes(self.total)}, {seconds:.1f} s)",
+                    f"{self.desc}: {10 * tenths}% ({self._amount(min(self.done, self.total))} of "
+                    f"{self._amount(self.total)}, {seconds:.1f} s)",
                     file=self.stream,
                     flush=True,
                 )
+
+    def _amount(self, n: int) -> str:
+        return human_bytes(n) if self.unit == "B" else f"{n} {self.unit}"
 
     @property
     def finished(self) -> bool:

@@ -32,13 +32,15 @@ def model_card(
     base_revision: str | None = None,
     tokenizer: str = "",
     manifest_license: str | None = None,
+    evaluation: dict[str, Any] | None = None,
 ) -> str:
     """README.md: front matter a hub accepts, provenance, adapters, dtype, tokenizer, usage, the gate.
 
     No path of the build machine appears: a local base or adapter is named by its folder's name.
     `base_id` (a hub repository id; for a local base, the hub id its config names, if any) goes into
     the front matter's `base_model`, `base_revision` (its resolved commit) into the text; `manifest_license` is used when the base has none (its card's or config's `license`); `tokenizer` says which source's
-    tokenizer was shipped.
+    tokenizer was shipped. `evaluation` (the gate's `eval` context: `verify.eval`'s figures) adds the
+    base's, base + adapters' and the release's perplexity on the user's data.
     """
     base_model = base_id or hub_id_of(base)
     front = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
@@ -82,12 +84,30 @@ def model_card(
         "",
         *_usage(name, shipped=bool(tokenizer) and not tokenizer.startswith("none")),
         "",
+        *(_evaluation(evaluation) if evaluation else []),
         gate_markdown
         or f"### NOT VERIFIED\n\nThis release was published with the verification gate skipped ({skipped_because}).\n",
         "Files: `release.json` records the SHA-256 of every input and output file and the library versions; "
         "`SHA256SUMS` checks with `sha256sum -c SHA256SUMS`; `manifest.yaml` is the manifest as run.",
     ]
     return "\n".join(front + [""] + body) + "\n"
+
+
+def _evaluation(found: dict[str, Any]) -> list[str]:
+    """The perplexities the gate measured on `verify.eval`'s data: the adapters' effect and the release's."""
+    ppl, loss = found["perplexity"], found["mean_token_loss"]
+    rows = [("base", "base"), ("base + adapters (PEFT, unmerged)", "base_plus_adapters"), ("this release", "release")]
+    return [
+        "## Evaluation on your data",
+        "",
+        f"Next-token loss on `{found['file']}` ({found['scored_records']} records, {found['scored_tokens']} tokens "
+        "scored), measured by the gate in float32:",
+        "",
+        "| model | mean token loss | perplexity |",
+        "|---|---|---|",
+        *(f"| {label} | {loss[key]:.4f} | {ppl[key]:.4f} |" for label, key in rows),
+        "",
+    ]
 
 
 def _shown(path: str) -> str:
