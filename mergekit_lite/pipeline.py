@@ -196,7 +196,9 @@ def execute(
         inputs.add(_inputs(job, source))
         with new_parents(output), output_lock(output), staging(output) as stage:
             check_output(output, loaded.input_folders, m.output.overwrite, job.plan.total_bytes, job.force)
-            digests: dict[str, str] = {}  # the shards' SHA-256, computed as they are written
+            gated = verify and m.verify.enabled
+            # the shards' SHA-256: computed as they are written, or, gated, by the gate's one read of them
+            digests: dict[str, str] = {}
             run_shards(
                 m.executor,
                 job.plan,
@@ -205,7 +207,7 @@ def execute(
                 stage,
                 device,
                 progress=progress,
-                digests=digests,
+                digests=None if gated else digests,
             )
             lap("merge")
             write_index(stage, job.plan)
@@ -223,7 +225,7 @@ def execute(
             )
             report = None
             lap("package")
-            if verify and m.verify.enabled:
+            if gated:
                 report = run_gate(
                     job.plan,
                     job.checkpoint,
@@ -244,6 +246,7 @@ def execute(
                         write_json(stage / "verification.json", report.to_dict())
                         kept = publish_module.keep_rejected(stage, output)
                     raise GateFailed(report, kept)
+                digests = report.read_back  # of the bytes on disk the checks saw; a shard not read is hashed
             _describe(job, stage, report, inputs.result(), digests)
             lap("describe")
             with _interrupts_deferred() as interrupted:

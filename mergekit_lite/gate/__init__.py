@@ -63,8 +63,10 @@ def run_gate(
 
     `settings` is the manifest's `verify` section, `device_map` the merge's (the end-to-end models
     go there unless `verify.device_map` says otherwise), `tokenizer_source` the folder the release's
-    tokenizer was copied from. With `integrity` (a published release), its files are first checked
-    against its SHA256SUMS and release.json. `portable` is the manifest's `output.compat` (the release
+    tokenizer was copied from. With `integrity` (a published release), its files are checked against
+    its SHA256SUMS and release.json (the shards' digests from the algebra's read of them: each is read
+    once; these checks come first in the report). `report.read_back` holds those digests by file name,
+    for a merge's SHA256SUMS and release.json. `portable` is the manifest's `output.compat` (the release
     claims to be readable by transformers 4 too). `eval_data` is `verify.eval`'s file, tokenized at
     plan time: scored by base, base + adapters and the release (gate/eval.py), `eval_progress` told
     the tokens scored. A check that cannot run fails its group; this raises only for bugs.
@@ -74,7 +76,7 @@ def run_gate(
     report = GateReport(dtype=dtype)
     report.context["thresholds"] = limits
     if integrity:
-        _guarded(report, "integrity", lambda: check_integrity(report, candidate))
+        report.timings["integrity"] = 0.0  # run after the algebra, which reads the shards for it; listed first
     base_files = {p.name for p in checkpoint.path.iterdir()}
     source = load_tokenizer(tokenizer_source)
     tensors = _guarded(
@@ -88,11 +90,19 @@ def run_gate(
         ),
     )
     base = TensorReader(checkpoint.tensors)
+    read_back: dict[Path, str] = {}  # the shards' SHA-256, from the algebra's one read of them
     _guarded(
         report,
         "algebra",
-        lambda: check_algebra(report, plan, adapters, base=base, candidate=tensors or {}, limits=limits),
+        lambda: check_algebra(
+            report, plan, adapters, base=base, candidate=tensors or {}, limits=limits, digests=read_back
+        ),
     )
+    report.read_back = {str(p.relative_to(candidate)): d for p, d in read_back.items() if p.is_relative_to(candidate)}
+    if integrity:
+        _first(
+            report, lambda: _guarded(report, "integrity", lambda: check_integrity(report, candidate, report.read_back))
+        )
     prompts = settings.prompts
     if source is not None:
         texts = prompts or DEFAULT_PROMPTS
@@ -140,6 +150,15 @@ def run_gate(
         new = settings.max_new_tokens
         _guarded(report, "runtimes", lambda: check_transformers4(report, candidate, _packaged(candidate), prompts, new))
     return report
+
+
+def _first(report: GateReport, record: Callable[[], object]) -> None:
+    """Run `record` and move the checks it adds to the front of the report."""
+    before = len(report.checks)
+    record()
+    added = report.checks[before:]
+    del report.checks[before:]
+    report.checks[:0] = added
 
 
 def _packaged(candidate: Path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -23,6 +24,7 @@ from mergekit_lite.gate.elementwise import ElementCheck, Worst
 from mergekit_lite.gate.report import GateReport
 from mergekit_lite.gate.rows import RowPasses, blocks, matmul, matmul_and_ulp_scale
 from mergekit_lite.io.format import DTYPES, TensorEntry
+from mergekit_lite.io.readback import HashedReads
 from mergekit_lite.io.reader import AlignedBuffer, TensorReader
 from mergekit_lite.merge import mathops
 from mergekit_lite.merge.combine import CombinedFactors
@@ -50,13 +52,16 @@ def check_algebra(
     base: TensorReader,
     candidate: dict[str, TensorEntry],
     limits: dict[str, float],
+    digests: dict[Path, str] | None = None,
 ) -> None:
     """Record finiteness, unchanged-equals-base and the probe checks over every planned tensor.
 
     `base` reads the base checkpoint, `candidate` is the release's tensor table (from the structure
-    checks), `limits` the thresholds for the release's dtype. Reads each tensor once, streamed.
+    checks), `limits` the thresholds for the release's dtype. Reads each tensor once, streamed; the
+    candidate's shards are read once in all (io/readback.py), and with `digests` the SHA-256 of each
+    shard file, computed from the bytes the checks read, is put there under its path.
     """
-    out = TensorReader(candidate)
+    out = HashedReads(candidate)
     factors = [a.reader() for a in adapters]
     combined = CombinedFactors(plan.combine, adapters) if plan.combine is not None else None
     non_finite: list[str] = []
@@ -95,6 +100,9 @@ def check_algebra(
             else:
                 figures.append(figure)
                 elements.check(t, merged, w0, get)
+    found = out.finish()  # the bytes after the last tensor checked; after the loop, as it read in order
+    if digests is not None:
+        digests.update(found)
     report.add(
         "structure",
         "no NaN or Inf",
@@ -164,7 +172,7 @@ class ReadAhead:
     READ_AHEAD bytes (embeddings, mostly) are mapped instead when their turn comes, so that the
     buffers stay small and memory of the order of the largest tensor."""
 
-    def __init__(self, candidate: TensorReader, base: TensorReader, tensors: list[PlannedTensor]) -> None:
+    def __init__(self, candidate: HashedReads, base: TensorReader, tensors: list[PlannedTensor]) -> None:
         self.candidate, self.base, self.tensors = candidate, base, tensors
         self.pool = ThreadPoolExecutor(2, "mergekit-readahead")  # the candidate's reads and the base's side by side
 

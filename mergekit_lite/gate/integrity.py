@@ -1,10 +1,11 @@
 """Gate check 0, integrity: the release's files are the ones its SHA256SUMS and release.json describe.
 
-Run first by `verify` on a published release (a merge's own candidate has neither file yet: its
-digests are computed from the bytes as they are written). Every file is read once, streamed in
-chunks (io/digests.sha256_file), and its SHA-256 and size compared with both records, so that a
-flipped bit, an edited card or receipt, a file added or removed fails here, naming the file,
-whatever the later checks would make of it.
+Run by `verify` on a published release (a merge's own candidate has neither file yet: its
+digests come from the gate's read-back of its shards), its checks listed first. Every file is read
+once: the shards by the algebra checks, which hash them as they read them (io/readback.py), the
+other files here, streamed in chunks (io/digests.sha256_file). Each file's SHA-256 and size are
+compared with both records, so that a flipped bit, an edited card or receipt, a file added or
+removed fails here, naming the file, whatever the other checks make of it.
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ SUMS = "SHA256SUMS"
 RECEIPT = "release.json"
 
 
-def check_integrity(report: GateReport, folder: Path) -> None:
-    """Record `integrity: SHA256SUMS matches the files` and `integrity: release.json's outputs match`."""
+def check_integrity(report: GateReport, folder: Path, known: dict[str, str] | None = None) -> None:
+    """Record `integrity: SHA256SUMS matches the files` and `integrity: release.json's outputs match`.
+
+    `known` maps a file's path in the folder to its SHA-256 already computed from its bytes on disk
+    (the shards', read back by the algebra checks); those files are not read again."""
+    known = known or {}
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     listed, sums_problem = _read_sums(folder)
     recorded, receipt_problem = _read_receipt(folder)
@@ -31,7 +36,7 @@ def check_integrity(report: GateReport, folder: Path) -> None:
             path = folder / name
             if not path.is_file():
                 return None
-            actual[name] = (sha256_file(path), path.stat().st_size)
+            actual[name] = (known.get(name) or sha256_file(path), path.stat().st_size)
         return actual[name]
 
     problems: list[str] = [sums_problem] if sums_problem else []

@@ -79,6 +79,8 @@ class GateReport:
     context: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per group, as run
     timestamp: str = field(default_factory=_now)  # when the gate started (UTC)
+    # SHA-256 of the shard files by name, from the bytes the checks read back (not in verification.json)
+    read_back: dict[str, str] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
