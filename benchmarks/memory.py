@@ -1,71 +1,93 @@
-"""Peak RSS of `mergekit-lite merge --no-verify` on synthetic bf16 checkpoints of two sizes (the gate's
-end-to-end check loads the model with transformers, so it is measured apart).
+"""Peak RSS (with wall and CPU seconds) of mergekit-lite in each mode on synthetic bf16 checkpoints of
+two sizes: `merge` (--no-verify), `gated` (the merge with the gate's streamed checks: structure,
+per-tensor algebra and elementwise, packaging; `verify.logits: false`) and `verify` (the gate on the
+published release: integrity, then the same checks). The end-to-end check loads the model with
+transformers, so it is measured apart.
 
-The figure must not grow with the model: the merge holds one tensor at a time.
+The figure must not grow with the model: every mode holds about one tensor at a time.
 
-    .venv/bin/python benchmarks/memory.py              # about 1 GB and 4 GB
-    .venv/bin/python benchmarks/memory.py --sizes 0.5 1
+    .venv/bin/python benchmarks/memory.py                       # about 1 GB and 4 GB, every mode
+    .venv/bin/python benchmarks/memory.py --sizes 1 2 --modes gated verify
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from speed import measure_usage
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
+MODES = ("merge", "gated", "verify")
+MANIFEST = "base: ./base\nadapters: [./adapter]\ndtype: bfloat16\ntokenizer: none\noutput: ./merged\n"
 
 
 def build(folder: Path, size: float) -> tuple[Path, Path]:
     """Build the checkpoint in a child process, so this process stays small: a forked child's
     peak RSS includes the parent's pages until it execs, which would inflate the measurement."""
     subprocess.run([sys.executable, str(HERE / "synthetic.py"), str(folder), str(size)], check=True)
+    (folder / "manifest.yaml").write_text(MANIFEST)
+    (folder / "manifest-gate.yaml").write_text(MANIFEST + "verify: {logits: false}\n")
     return folder / "base", folder / "adapter"
 
 
-def measure(manifest: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GiB) of one `mergekit-lite merge` in a fresh process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mergekit_lite", "merge", "--quiet", "--no-verify", str(manifest)],
-        stdout=subprocess.DEVNULL,
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"merge failed for {manifest}")
-    return wall, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+def command(mode: str, folder: Path) -> list[str]:
+    cli = [sys.executable, "-m", "mergekit_lite"]
+    if mode == "merge":
+        return [*cli, "merge", "--quiet", "--no-verify", str(folder / "manifest.yaml")]
+    if mode == "gated":
+        return [*cli, "merge", "--quiet", str(folder / "manifest-gate.yaml")]
+    return [*cli, "verify", str(folder / "merged")]  # the gated release's own manifest: logits off
+
+
+def run_size(size: float, modes: list[str]) -> list[tuple[str, float, float, float]]:
+    """(mode, wall s, peak RSS GiB, CPU s) of each mode, one fresh process each."""
+    folder = WORK / f"llama-{size:g}GB"
+    build(folder, size)
+    out = folder / "merged"
+    shutil.rmtree(out, ignore_errors=True)
+    rows = []
+    for mode in modes:
+        if mode == "verify" and not out.exists():  # verify needs a gated release to check
+            measure_usage(command("gated", folder), out)
+        wall, rss, cpu = measure_usage(command(mode, folder), out)
+        rows.append((mode, wall, rss, cpu))
+        print(f"  {size:g} GB {mode:>6}: {wall:6.1f} s, CPU {cpu:6.1f} s, {rss:5.2f} GiB", file=sys.stderr)
+        if mode != "gated" or "verify" not in modes:
+            shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=float, nargs="+", default=[1.0, 4.0], help="checkpoint sizes in GB")
-    parser.add_argument("--keep", action="store_true", help="keep the merged outputs")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="which modes to run")
     args = parser.parse_args()
-    rows = []
+    modes = [m for m in MODES if m in args.modes]
+    results = {}
     for size in args.sizes:
         folder = WORK / f"llama-{size:g}GB"
-        base, adapter = build(folder, size)
-        out = folder / "merged"
-        shutil.rmtree(out, ignore_errors=True)
-        manifest = folder / "manifest.yaml"
-        manifest.write_text("base: ./base\nadapters: [./adapter]\ndtype: bfloat16\ntokenizer: none\noutput: ./merged\n")
-        model_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
-        wall, rss = measure(manifest)
-        rows.append((size, model_bytes / 1e9, wall, rss))
-        if not args.keep:
-            shutil.rmtree(out, ignore_errors=True)
-    print(f"{'target':>7} {'model GB':>9} {'wall s':>7} {'peak RSS GiB':>13} {'RSS / model':>12}")
-    for size, gb, wall, rss in rows:
-        print(f"{size:>6g}G {gb:>9.2f} {wall:>7.1f} {rss:>13.2f} {rss * 2**30 / (gb * 1e9):>12.2f}")
-    if len(rows) > 1:
-        growth = rows[-1][3] / rows[0][3]
-        print(f"peak RSS ratio largest/smallest: {growth:.2f} (model ratio {rows[-1][1] / rows[0][1]:.2f})")
+        results[size] = run_size(size, modes)
+        results[size] = (sum(p.stat().st_size for p in (folder / "base").glob("*.safetensors")) / 1e9, results[size])
+    print(
+        f"{'target':>7} {'model GB':>9} {'mode':>7} {'wall s':>7} {'CPU s':>7} {'peak RSS GiB':>13} {'RSS / model':>12}"
+    )
+    for size, (gb, rows) in results.items():
+        for mode, wall, rss, cpu in rows:
+            print(
+                f"{size:>6g}G {gb:>9.2f} {mode:>7} {wall:>7.1f} {cpu:>7.1f} {rss:>13.2f} {rss * 2**30 / (gb * 1e9):>12.2f}"
+            )
+    if len(results) > 1:
+        (small_gb, small), (large_gb, large) = results[args.sizes[0]], results[args.sizes[-1]]
+        for (mode, _, rss_small, _), (_, _, rss_large, _) in zip(small, large, strict=True):
+            print(
+                f"{mode}: peak RSS largest/smallest {rss_large / rss_small:.2f} (model ratio {large_gb / small_gb:.2f})"
+            )
 
 
 if __name__ == "__main__":
