@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -135,6 +136,8 @@ def run_gate(
             combine=plan.combine,
             dequantized=checkpoint.tensors if checkpoint.quantization else None,
             model_class=checkpoint.architecture.model_class,
+            parameters=sum(math.prod(t.shape) for t in plan.tensors if t.dtype in FLOAT_DTYPES),
+            layer_by_layer=settings.layer_by_layer,
         )
 
     if not settings.logits:

@@ -13,6 +13,7 @@ error (figures for SmolLM2-135M: docs/performance.md).
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import warnings
@@ -28,6 +29,7 @@ import torch
 from mergekit_lite.gate.calibrate import calibrated, ideal_merge
 from mergekit_lite.gate.dequantized import dequantized_base, dequantizer
 from mergekit_lite.gate.report import GateReport
+from mergekit_lite.gate.streamed import scale_adapters
 from mergekit_lite.gate.tolerances import CALIBRATION_MARGINS, within
 from mergekit_lite.io.format import TensorEntry
 from mergekit_lite.manifest.sections import AUTO_PLACEMENTS, VerifySpec
@@ -94,7 +96,6 @@ def reference_model(
     A base stored quantized (`dequantized`: its tensors) is first made dense (gate/dequantized.py).
     """
     from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
 
     if dequantized is not None:
         model, _ = dequantized_base(base, dequantized, dtype, loading)
@@ -113,11 +114,7 @@ def reference_model(
         return peft_model.eval()
     if len(names) > 1:
         peft_model.base_model.set_adapter(names)
-    for module in peft_model.modules():
-        if isinstance(module, LoraLayer):
-            for name, (_, weight) in zip(names, adapters):
-                if name in module.scaling:
-                    module.scaling[name] *= weight
+    scale_adapters(peft_model, names, [weight for _, weight in adapters])
     return peft_model.eval()
 
 
@@ -267,6 +264,8 @@ class EndToEnd:
     dequantized: dict[str, TensorEntry] | None = None  # the base's tensors, when it is stored quantized
     model_class: str | None = None
     output_dtype: str = "F32"  # the release's dtype, as the report names it: the ideal merge is rounded to it
+    parameters: int = 0  # the release's planned parameter count (what the two float32 models take)
+    layer_by_layer: bool | None = None  # `verify.layer_by_layer`: None lets choose_runner decide
 
 
 def check_end_to_end(report: GateReport, check: EndToEnd) -> None:
@@ -284,6 +283,11 @@ def check_end_to_end(report: GateReport, check: EndToEnd) -> None:
 
 
 def _run(report: GateReport, check: EndToEnd, dtype: torch.dtype, limits: dict[str, float]) -> None:
+    layered, why = choose_runner(check)
+    report.context["runner"] = why
+    if layered:
+        _judge(report, _layered_runs(check), check, limits)
+        return
     with check.placement.loading() as (for_reference, for_release):
         reference = reference_model(
             check.base,
@@ -300,26 +304,162 @@ def _run(report: GateReport, check: EndToEnd, dtype: torch.dtype, limits: dict[s
         loader = model_loader(check.model_class)
         merged = loader.from_pretrained(check.candidate, dtype=dtype, **for_release).eval()
         report.context["placement"] = check.placement.describe(reference, merged)
-        _measure(report, (reference, merged), dtype, check, limits)
+        _judge(report, _whole_runs(reference, merged, check), check, limits)
 
 
-def _measure(
-    report: GateReport, models: tuple[Any, Any], dtype: torch.dtype, check: EndToEnd, limits: dict[str, float]
-) -> None:
-    """The four metrics of the merged model against the reference on the prompts, with thresholds
-    calibrated against the ideal merge (gate/calibrate.py), recorded in `report`."""
-    reference, merged = models
-    tokenizer, new_tokens = check.tokenizer, check.new_tokens
+LAYERED_ENV = "MERGEKIT_LITE_LAYER_BY_LAYER"  # 1: run the check layer by layer where it can; 0: never
+MEMORY_SHARE = 0.5  # layer by layer when the two float32 models would take more than this share of free memory
+
+
+def choose_runner(check: EndToEnd) -> tuple[bool, str]:
+    """Whether the check runs its models layer by layer (gate/streamed.py), and why, for the report.
+
+    `verify.layer_by_layer` (else $MERGEKIT_LITE_LAYER_BY_LAYER) forces it either way; by default it
+    is used when the two float32 models (4 bytes per planned parameter each) would take more than
+    half of the memory available now and the models are placed on the CPU. An architecture or input
+    the layered runner does not cover runs whole, with that reason.
+    """
+    reason = _not_layered(check)
+    forced = check.layer_by_layer
+    if forced is None and os.environ.get(LAYERED_ENV, "") in ("0", "1"):
+        forced = os.environ[LAYERED_ENV] == "1"
+    need = 2 * 4 * check.parameters
+    free = available_memory()
+    if forced is False:
+        return False, "whole models (layer by layer is turned off)"
+    if forced is None and check.placement.device_map != "cpu":
+        return False, f"whole models, placed with device_map {check.placement.device_map}"
+    if forced is None and (free is None or need <= MEMORY_SHARE * free):
+        return False, f"whole models ({need / 2**30:.2f} GiB in float32 for both; {_gib(free)} available)"
+    if reason is not None:
+        return False, f"whole models: layer by layer was wanted, but {reason}"
+    if forced:
+        return True, "layer by layer (asked for)"
+    return True, f"layer by layer ({need / 2**30:.2f} GiB in float32 for both models; {_gib(free)} available)"
+
+
+def _gib(size: int | None) -> str:
+    return "unknown memory" if size is None else f"{size / 2**30:.2f} GiB"
+
+
+def available_memory() -> int | None:
+    """The memory available to a new allocation now (Linux's MemAvailable), in bytes; None if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _not_layered(check: EndToEnd) -> str | None:
+    """Why the layered runner cannot run this check (None when it can)."""
+    from mergekit_lite.gate.streamed import unsupported_reason
+
+    if check.combine is not None:
+        return "the reference is PEFT's add_weighted_adapter of the adapters"
+    if check.dequantized is not None:
+        return "the base is stored quantized"
+    if check.embedding_rows is not None:
+        return "the adapters resize the vocabulary"
+    config = json.loads((check.base / "config.json").read_text())
+    return unsupported_reason(config, check.model_class)
+
+
+@dataclass
+class Runs:
+    """What the four metrics are computed from: per prompt, the logits of the reference, the release and
+    the base alone, the reference's greedy path (tokens and the logits each was chosen from), the
+    release's greedy tokens, and the ideal merge's logits and tokens (None when it was not made)."""
+
+    ids: list[torch.Tensor]
+    how: str
+    reference: list[torch.Tensor]
+    release: list[torch.Tensor]
+    base: list[torch.Tensor]
+    reached: set[str]
+    changed: set[str]
+    paths: list[tuple[list[int], torch.Tensor]]
+    release_tokens: list[list[int]]
+    new_tokens: int
+    model_class: str
+    ideal: list[torch.Tensor] | None = None
+    ideal_tokens: list[list[int]] | None = None
+    ideal_how: str = ""
+
+
+def _whole_runs(reference: Any, merged: Any, check: EndToEnd) -> Runs:
+    """The figures of two whole models (the reference is consumed by the ideal merge)."""
     vocab = merged.get_input_embeddings().weight.shape[0]
-    ids, how = prompt_ids(tokenizer, check.prompts, vocab, placeholder_ids(merged.config))
+    ids, how = prompt_ids(check.tokenizer, check.prompts, vocab, placeholder_ids(merged.config))
     with _modules_run(reference) as reached:
         ref_logits = [_forward(reference, seq) for seq in ids]
     out_logits = [_forward(merged, seq) for seq in ids]
     with reference.disable_adapter():
         base_logits = [_forward(reference, seq) for seq in ids]
-    effect = max(float((r - b).abs().max()) for r, b in zip(ref_logits, base_logits))
+    n = check.new_tokens if merged.can_generate() else 0  # a classification head: its logits are compared
+    runs = Runs(
+        ids,
+        how,
+        ref_logits,
+        out_logits,
+        base_logits,
+        reached,
+        _changed_modules(reference),
+        [_reference_path(reference, seq, n) for seq in ids],
+        [_generate(merged, seq, n) if n else [] for seq in ids],
+        n,
+        type(merged).__name__,
+    )
+    ideal_model, runs.ideal_how = ideal_merge(reference, check.output_dtype)
+    if ideal_model is not None:
+        runs.ideal = [_forward(ideal_model, seq) for seq in ids]
+        runs.ideal_tokens = [_generate(ideal_model, seq, n) if n else [] for seq in ids]
+    return runs
+
+
+def _layered_runs(check: EndToEnd) -> Runs:
+    """The figures of the models run layer by layer, read from their files (gate/streamed.py)."""
+    from mergekit_lite.gate import streamed
+    from mergekit_lite.gate.calibrate import OUTPUT_DTYPES
+
+    ideal = OUTPUT_DTYPES.get(check.output_dtype)
+    with streamed.opened(check.base, check.adapters, check.candidate, check.model_class, ideal=ideal) as models:
+        config = models.release.root.config
+        vocab = models.release.root.get_input_embeddings().weight.shape[0]
+        ids, how = prompt_ids(check.tokenizer, check.prompts, vocab, placeholder_ids(config))
+        with _modules_run(models.reference.peft) as reached:
+            run = streamed.greedy(models, ids, check.new_tokens)
+        paths = [(tokens, rows) for tokens, rows in zip(run.tokens["reference"], run.chosen_from["reference"])]
+        runs = Runs(
+            ids,
+            how,
+            run.logits["reference"],
+            run.logits["release"],
+            run.logits["base"],
+            reached,
+            _changed_modules(models.reference.peft),
+            paths,
+            run.tokens["release"],
+            check.new_tokens,
+            type(models.release.root).__name__,
+        )
+    if ideal is None:
+        runs.ideal_how = f"no ideal merge for output dtype {check.output_dtype}"
+    else:
+        runs.ideal, runs.ideal_tokens = run.logits["ideal"], run.tokens["ideal"]
+        runs.ideal_how = f"PEFT's merge of each layer in float32, rounded once to {str(ideal).removeprefix('torch.')}"
+    return runs
+
+
+def _judge(report: GateReport, runs: Runs, check: EndToEnd, limits: dict[str, float]) -> None:
+    """The four metrics of the release against the reference, with thresholds calibrated against the
+    ideal merge (gate/calibrate.py), recorded in `report`."""
+    tokenizer, new_tokens = check.tokenizer, runs.new_tokens
+    effect = max(float((r - b).abs().max()) for r, b in zip(runs.reference, runs.base))
     threshold_note = ""
-    unreached = sorted(_changed_modules(reference) - reached)
+    unreached = sorted(runs.changed - runs.reached)
     if unreached:
         report.context["modules_not_reached"] = unreached
         threshold_note = (
@@ -332,21 +472,20 @@ def _measure(
         limits["max_abs_logit_diff"] = EFFECT_SHARE * effect
         threshold_note = f" (threshold: {EFFECT_SHARE:g} x the adapters' effect)" + threshold_note
     tie = 2 * limits["max_abs_logit_diff"]  # before calibration: a loosened threshold widens no tie
-    figures = _compare(ref_logits, out_logits, tie)
-    if not merged.can_generate():  # a classification head: its class logits are compared above
-        new_tokens = 0
-    paths = [_reference_path(reference, seq, new_tokens) for seq in ids]
-    figures["greedy_match"], first_diff = _greedy(paths, merged, ids, new_tokens, tokenizer=tokenizer, tie=tie)
+    figures = _compare(runs.reference, runs.release, tie)
+    figures["greedy_match"], first_diff = _greedy(
+        runs.paths, runs.release_tokens, new_tokens, tokenizer=tokenizer, tie=tie
+    )
     report.context.update(
         {
-            "prompts": how,
-            "compute_dtype": str(dtype).removeprefix("torch."),
+            "prompts": runs.how,
+            "compute_dtype": str(COMPUTE_DTYPE).removeprefix("torch."),
             "adapter_effect_max_abs_logit_diff": effect,
             "tie_margin": tie,
-            "model_class": type(merged).__name__,
+            "model_class": runs.model_class,
         }
     )
-    ideal, vs_ideal = _against_ideal(report, reference, check, ids, (ref_logits, out_logits), paths, tie, new_tokens)
+    ideal, vs_ideal = _against_ideal(report, runs, tie)
     limits, rules = calibrated(limits, ideal, check.fixed)
     detail = {
         "max_abs_logit_diff": f"worst: prompt {figures.pop('worst_prompt')}; base vs reference: {effect:.3g}{threshold_note}",
@@ -376,32 +515,20 @@ def placeholder_ids(config: Any) -> frozenset[int]:
     return frozenset(found)
 
 
-def _against_ideal(
-    report: GateReport,
-    reference: Any,
-    check: EndToEnd,
-    ids: list[torch.Tensor],
-    logits: tuple[list[torch.Tensor], list[torch.Tensor]],
-    paths: list[tuple[list[int], torch.Tensor]],
-    tie: float,
-    new_tokens: int,
-) -> tuple[dict[str, float], dict[str, float]]:
+def _against_ideal(report: GateReport, runs: Runs, tie: float) -> tuple[dict[str, float], dict[str, float]]:
     """The ideal merge's four figures against the reference, and the release's against the ideal
-    (recorded in the report's context); empty when no ideal merge could be made (the table alone
-    then sets the thresholds, and the context says why). Consumes the reference model."""
-    ideal_model, how = ideal_merge(reference, check.output_dtype)
-    if ideal_model is None:
-        report.context["calibration"] = {"skipped": how}
+    (recorded in the report's context); empty when no ideal merge was made (the table alone then
+    sets the thresholds, and the context says why)."""
+    if runs.ideal is None or runs.ideal_tokens is None:
+        report.context["calibration"] = {"skipped": runs.ideal_how}
         return {}, {}
-    ref_logits, out_logits = logits
-    ideal_logits = [_forward(ideal_model, seq) for seq in ids]
-    ideal = _compare(ref_logits, ideal_logits, tie)
+    ideal = _compare(runs.reference, runs.ideal, tie)
     ideal.pop("worst_prompt")
-    ideal["greedy_match"], _ = _greedy(paths, ideal_model, ids, new_tokens, tokenizer=None, tie=tie)
-    vs_ideal = _compare(ideal_logits, out_logits, tie)
+    ideal["greedy_match"], _ = _greedy(runs.paths, runs.ideal_tokens, runs.new_tokens, tokenizer=None, tie=tie)
+    vs_ideal = _compare(runs.ideal, runs.release, tie)
     vs_ideal.pop("worst_prompt")  # greedy against the ideal would need its own paths: not measured
     report.context["calibration"] = {
-        "ideal": how,
+        "ideal": runs.ideal_how,
         "margins": dict(CALIBRATION_MARGINS),
         "ideal_vs_reference": ideal,
         "release_vs_ideal": vs_ideal,
@@ -515,16 +642,15 @@ def _reference_path(reference, seq: torch.Tensor, n: int) -> tuple[list[int], to
 
 
 def _greedy(
-    paths: list[tuple[list[int], torch.Tensor]], model, ids: list[torch.Tensor], n: int, *, tokenizer: Any, tie: float
+    paths: list[tuple[list[int], torch.Tensor]], tokens: list[list[int]], n: int, *, tokenizer: Any, tie: float
 ) -> tuple[float, str]:
-    """Share of prompts whose n greedy tokens agree with the reference's `paths`, where a first
+    """Share of prompts whose n greedy `tokens` agree with the reference's `paths`, where a first
     divergence at a near-tie of the reference (its two choices within `tie`) counts as agreement;
     the first real divergence, described."""
     if n == 0:
         return 1.0, "no tokens requested"
     same, first = 0, ""
-    for i, (seq, (a, ref_logits)) in enumerate(zip(ids, paths)):
-        b = _generate(model, seq, n)
+    for i, ((a, ref_logits), b) in enumerate(zip(paths, tokens)):
         k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
         if k is None or bool(_agrees(ref_logits[k], torch.tensor(b[k]), tie)):
             same += 1
@@ -532,7 +658,7 @@ def _greedy(
             first = f"prompt {i} differs at token {k}"
             if tokenizer is not None:
                 first += f": {tokenizer.decode(a)!r} vs {tokenizer.decode(b)!r}"
-    return same / len(ids), first
+    return same / len(paths), first
 
 
 def _generate(model, seq: torch.Tensor, n: int) -> list[int]:

@@ -158,6 +158,12 @@ class VerifySpec(Strict):
         description="Also load the release in these runtimes and compare with transformers 5 in float32: "
         "transformers4 (a Python with transformers 4: `make runtimes`, or $MERGEKIT_LITE_TRANSFORMERS4).",
     )
+    layer_by_layer: bool | None = Field(
+        default=None,
+        description="Run the end-to-end models in float32 one decoder layer at a time, read from the "
+        "safetensors files (bounded memory); default: when the two whole float32 models would take more "
+        "than half the memory available ($MERGEKIT_LITE_LAYER_BY_LAYER=1 or 0 also decides).",
+    )
     # placement of the end-to-end check's two models (PEFT's reference and the release), with accelerate
     device_map: str | None = Field(
         default=None,
