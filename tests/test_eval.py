@@ -9,6 +9,7 @@ the eval file holds and the gate's standard prompts do not.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import warnings
@@ -23,10 +24,12 @@ from safetensors.torch import load_file, save_file
 from mergekit_lite import run_merge
 from mergekit_lite.cli import main
 from mergekit_lite.gate.endtoend import EndToEnd, Placement, check_end_to_end, prompt_ids
+from mergekit_lite.gate.eval import check_eval
 from mergekit_lite.gate.report import GateReport
 from mergekit_lite.gate.tolerances import thresholds
 from mergekit_lite.manifest.load import load_manifest
 from mergekit_lite.pipeline import prepare, verify_release
+from mergekit_lite.sources.evaldata import read_eval
 from mergekit_lite.sources.tokenizer import load_tokenizer
 
 from release_builders import (
@@ -314,3 +317,29 @@ def test_eval_spec_short_form_and_limits(setup: Setup, tmp_path: Path) -> None:
     )
     data = prepare(cut, for_output=False).eval_data
     assert data.records == 2 and all(len(s) <= 4 for s in data.sequences) and data.truncated == 2
+
+
+@pytest.mark.parametrize("candidate", ["clean", "dropped_adapter"])
+def test_eval_layer_by_layer_scores_as_the_whole_models(setup: Setup, candidate: str, tmp_path: Path) -> None:
+    """The eval check with its models run layer by layer (gate/streamed.py) gives the whole models'
+    figures and verdicts: the clean release passes, a release missing an adapter fails (the control)."""
+    folder = setup.release
+    if candidate == "dropped_adapter":
+        one = write_manifest(tmp_path, setup.base, [setup.cat_row], "float32", verify={**FAST, "logits": False})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            folder = run_merge(one)
+    spec = load_manifest(setup.manifest).manifest.verify.eval
+    data = read_eval(spec, load_tokenizer(setup.release), "verify.eval")
+    reports = {}
+    for layered in (False, True):
+        reports[layered] = GateReport(dtype="F32")
+        check_eval(reports[layered], dataclasses.replace(_models(setup, folder), layer_by_layer=layered), data)
+    assert reports[True].context["eval"]["runner"] == "layer by layer (asked for)"
+    assert reports[False].context["eval"]["runner"].startswith("whole models")
+    whole, layered = _rows(reports[False]), _rows(reports[True])
+    for row in whole:
+        assert layered[row].passed == whole[row].passed == (candidate == "clean"), row
+        assert layered[row].figure == pytest.approx(whole[row].figure, rel=1e-6, abs=1e-9), row
+    for name, value in reports[False].context["eval"]["perplexity"].items():
+        assert reports[True].context["eval"]["perplexity"][name] == pytest.approx(value, rel=1e-9), name

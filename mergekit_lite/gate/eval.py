@@ -15,7 +15,8 @@ The models are loaded and run as the end-to-end check's (endtoend.reference_mode
 _forward: float32, the manifest's placement), one at a time: the reference (adapters on, then
 off), then the ideal merge made from it in place, then the release. Records are scored one after
 another, each forward's logits reduced to its token losses at once, so memory holds one model and
-one record's logits.
+one record's logits. Where the end-to-end check runs layer by layer (endtoend.choose_runner), so
+does this one: all four models in one pass over the layers per batch of records (gate/streamed.py).
 """
 
 from __future__ import annotations
@@ -28,8 +29,16 @@ from typing import Any
 
 import torch
 
-from mergekit_lite.gate.calibrate import calibrated, ideal_merge
-from mergekit_lite.gate.endtoend import COMPUTE_DTYPE, EFFECT_SHARE, EndToEnd, _forward, model_loader, reference_model
+from mergekit_lite.gate.calibrate import OUTPUT_DTYPES, calibrated, ideal_merge
+from mergekit_lite.gate.endtoend import (
+    COMPUTE_DTYPE,
+    EFFECT_SHARE,
+    EndToEnd,
+    _forward,
+    choose_runner,
+    model_loader,
+    reference_model,
+)
 from mergekit_lite.gate.report import GateReport
 from mergekit_lite.gate.tolerances import CALIBRATION_MARGINS, within
 from mergekit_lite.sources.evaldata import EvalData
@@ -45,10 +54,13 @@ def check_eval(report: GateReport, check: EndToEnd, data: EvalData, progress: Ev
     """Record the eval rows for the candidate of `check` (the end-to-end check's models and
     thresholds) on `data`: `eval.token_loss_diff` and `eval.perplexity_diff`, release against the
     reference, and the four models' perplexities in the report's context under `eval`."""
+    layered, runner = choose_runner(check)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        losses, how = _score(check, data, _Ticker(progress, PASSES * data.tokens))
+        tick = _Ticker(progress, PASSES * data.tokens)
+        losses, how = _score_layered(check, data, tick) if layered else _score(check, data, tick)
     _record(report, check, data, losses, how)
+    report.context["eval"]["runner"] = runner
 
 
 class _Ticker:
@@ -95,13 +107,53 @@ def _score(check: EndToEnd, data: EvalData, tick: _Ticker) -> tuple[dict[str, to
     return losses, how
 
 
+PASS_TOKENS = 8192  # layer by layer: records scored per pass over the layers, up to this many tokens
+
+
+def _score_layered(check: EndToEnd, data: EvalData, tick: _Ticker) -> tuple[dict[str, torch.Tensor], str]:
+    """_score with the four models run layer by layer from their files (gate/streamed.py): records
+    in batches of about PASS_TOKENS tokens, each batch one pass over every model's layers."""
+    from mergekit_lite.gate import streamed
+
+    dtype = OUTPUT_DTYPES.get(check.output_dtype)
+    found: dict[str, list[torch.Tensor]] = {}
+    with streamed.opened(check.base, check.adapters, check.candidate, check.model_class, ideal=dtype) as models:
+        for batch in _batches(data.sequences, PASS_TOKENS):
+            ids = [torch.tensor(seq) for seq in batch]
+            for name, values in streamed.logits(models, ids, base=True, reduce=_losses).items():
+                found.setdefault(name, []).extend(values)
+                tick(sum(len(seq) - 1 for seq in batch))
+    if dtype is None:
+        tick(data.tokens)
+    how = (
+        f"no ideal merge for output dtype {check.output_dtype}"
+        if dtype is None
+        else f"PEFT's merge of each layer in float32, rounded once to {str(dtype).removeprefix('torch.')} (layer by layer)"
+    )
+    return {name: torch.cat(values) for name, values in found.items()}, how
+
+
+def _batches(sequences: list[list[int]], tokens: int) -> list[list[list[int]]]:
+    out: list[list[list[int]]] = [[]]
+    for seq in sequences:
+        if out[-1] and sum(map(len, out[-1])) + len(seq) > tokens:
+            out.append([])
+        out[-1].append(seq)
+    return [batch for batch in out if batch]
+
+
+def _losses(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The next-token losses of one sequence from its logits (row k predicts token k + 1)."""
+    return -torch.log_softmax(logits[:-1], -1).gather(-1, ids[1:].unsqueeze(-1)).squeeze(-1)
+
+
 def token_losses(model: Any, data: EvalData, tick: Callable[[int], None] | None = None) -> torch.Tensor:
     """The next-token loss (nats, float64) of every scored token of `data`, record after record."""
     out = []
     for seq in data.sequences:
         ids = torch.tensor(seq)
-        logits = _forward(model, ids)[:-1]  # row k predicts token k + 1
-        out.append(-torch.log_softmax(logits, -1).gather(-1, ids[1:].unsqueeze(-1)).squeeze(-1))
+        logits = _forward(model, ids)
+        out.append(_losses(logits, ids))
         del logits
         if tick is not None:
             tick(len(seq) - 1)

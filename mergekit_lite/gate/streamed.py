@@ -331,9 +331,13 @@ def new_cache(skeleton: Skeleton) -> Any:
     return DynamicCache(config=skeleton.root.config)
 
 
-def run_pass(jobs: list[Job], inputs: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+def run_pass(
+    jobs: list[Job], inputs: list[list[torch.Tensor]], reduce: Callable[[torch.Tensor, torch.Tensor], Any] | None = None
+) -> list[list[Any]]:
     """Logits [positions, vocab] (float64) of every job on each of its sequences: the prompts, or one
-    new token each after what the jobs' caches hold. Every layer of every model is read once."""
+    new token each after what the jobs' caches hold; with `reduce`, reduce(logits, sequence) instead,
+    made as each sequence's logits are (so that they are not all held). Every layer of every model is
+    read once."""
     n = len(jobs[0].skeleton.layers)
     if any(len(job.skeleton.layers) != n for job in jobs):
         raise Unsupported("the models have different numbers of layers")
@@ -358,7 +362,9 @@ def run_pass(jobs: list[Job], inputs: list[list[torch.Tensor]]) -> list[list[tor
                 stand_ins = [_Final(None) for _ in range(n - 1)] + [_Final(hidden[p])]
                 with job.context(), _swapped(job.skeleton.layers, stand_ins):
                     logits = _top(job.skeleton, seq, job.caches[p] if job.caches else None).logits
-                out[-1].append(logits.reshape(-1, logits.shape[-1]).to(torch.float64))
+                logits = logits.reshape(-1, logits.shape[-1]).to(torch.float64)
+                out[-1].append(logits if reduce is None else reduce(logits, seq))
+                del logits
     return out
 
 
@@ -448,12 +454,22 @@ def opened(
             drop_outside(skeleton)
 
 
-def logits(models: Models, ids: list[torch.Tensor], *, base: bool = False) -> dict[str, list[torch.Tensor]]:
-    """Per-position logits [positions, vocab] (float64) of the reference and the release (and, with
-    `base`, of the base alone) on each sequence of token ids: one pass over the layers."""
-    names = ["reference", "release", *(["base"] if base else [])]
-    jobs = [Job(models.reference), Job(models.release), *([Job(models.reference, disabled=True)] if base else [])]
-    return dict(zip(names, run_pass(jobs, [ids] * len(jobs))))
+def logits(
+    models: Models,
+    ids: list[torch.Tensor],
+    *,
+    base: bool = False,
+    reduce: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
+) -> dict[str, list[Any]]:
+    """Per-position logits [positions, vocab] (float64) of the reference, the release, the ideal merge
+    (when `models` has one) and, with `base`, the base alone, on each sequence of token ids (with
+    `reduce`, see run_pass): one pass over the layers."""
+    chosen = {"reference": Job(models.reference), "release": Job(models.release)}
+    if models.ideal is not None:
+        chosen["ideal"] = Job(models.ideal)
+    if base:
+        chosen["base"] = Job(models.reference, disabled=True)
+    return dict(zip(chosen, run_pass(list(chosen.values()), [ids] * len(chosen), reduce)))
 
 
 @dataclass
