@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mergekit_lite import run_merge
 from mergekit_lite.gate import streamed
 from mergekit_lite.gate.calibrate import ideal_merge
 from mergekit_lite.gate.endtoend import (
@@ -34,6 +35,7 @@ from mergekit_lite.gate.report import GateReport
 from mergekit_lite.gate.tolerances import TOLERANCES
 
 from architectures import ARCHES, CASES_BY_ID, build_adapter, build_base
+from helpers import write_manifest
 
 # every model type of streamed.STREAMED_TYPES, plus LoRA on an embedding (tied and not) and modules_to_save
 CASES = [
@@ -238,6 +240,25 @@ def test_the_runner_is_chosen_by_memory_and_can_be_forced(zoo, monkeypatch, tmp_
     (other / "config.json").write_text(json.dumps({**config, "model_type": "t5"}))
     layered, why = choose_runner(_replace(check, base=other, layer_by_layer=True))
     assert layered is False and "model type `t5` is not one the layer-by-layer runner is tested on" in why
+    layered, why = choose_runner(_replace(check, embedding_rows=104, layer_by_layer=True))
+    assert layered is False and why.endswith("the adapters resize the vocabulary (96 -> 104 rows)")
+    assert choose_runner(_replace(check, embedding_rows=96, layer_by_layer=True))[0] is True  # rows as the base's
+
+
+def test_a_merge_with_verify_layer_by_layer_runs_the_gate_layered(zoo, tmp_path: Path) -> None:
+    """Through the pipeline (the plan's embedding rows and parameter count): `verify.layer_by_layer`
+    runs the end-to-end check layered, calibrated against the layer-by-layer ideal merge, and it passes."""
+    base, adapter = zoo("qwen2")
+    verify = {"layer_by_layer": True, "max_new_tokens": 3}
+    manifest = write_manifest(tmp_path, base, [adapter], "bfloat16", absolute=True, verify=verify)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        release = run_merge(manifest)
+    doc = json.loads((release / "verification.json").read_text())
+    assert doc["context"]["runner"] == "layer by layer (asked for)"
+    assert "each layer" in doc["context"]["calibration"]["ideal"]
+    rows = {c["name"]: c for c in doc["checks"] if c["group"] == "end_to_end"}
+    assert set(rows) == set(E2E) and all(r["passed"] for r in rows.values()) and doc["passed"]
 
 
 def _replace(check: EndToEnd, **changes) -> EndToEnd:

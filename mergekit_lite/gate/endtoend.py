@@ -361,9 +361,10 @@ def _not_layered(check: EndToEnd) -> str | None:
         return "the reference is PEFT's add_weighted_adapter of the adapters"
     if check.dequantized is not None:
         return "the base is stored quantized"
-    if check.embedding_rows is not None:
-        return "the adapters resize the vocabulary"
     config = json.loads((check.base / "config.json").read_text())
+    rows = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    if check.embedding_rows is not None and check.embedding_rows != rows:
+        return f"the adapters resize the vocabulary ({rows} -> {check.embedding_rows} rows)"
     return unsupported_reason(config, check.model_class)
 
 
