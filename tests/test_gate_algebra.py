@@ -16,6 +16,7 @@ from mergekit_lite.gate.rows import RowPasses
 from mergekit_lite.gate.rows import matmul as _matmul
 from mergekit_lite.gate.rows import matmul_and_ulp_scale as _matmul_and_ulp_scale
 from mergekit_lite.io.format import read_header
+from mergekit_lite.io.readback import HashedReads
 from mergekit_lite.io.reader import ALIGN, AlignedBuffer, TensorReader
 from mergekit_lite.plan.plan import PlannedTensor
 
@@ -199,7 +200,7 @@ def test_read_ahead_yields_every_tensor_in_order(tmp_path: Path, monkeypatch, re
         PlannedTensor(name=n, source=n, dtype="BF16", src_dtype="F16", shape=tuple(ctensors[n].shape), shard=0, ops=[])
         for n in names
     ]
-    candidate, base = TensorReader(read_header(cpath).tensors), TensorReader(read_header(bpath).tensors)
+    candidate, base = HashedReads(read_header(cpath).tensors), TensorReader(read_header(bpath).tensors)
     seen = []
     with algebra.ReadAhead(candidate, base, planned) as ahead:
         for t, (merged, w0) in zip(planned, ahead, strict=True):

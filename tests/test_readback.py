@@ -232,7 +232,7 @@ def read_back(path: Path, names: list[str], mapped: tuple[str, ...] = ()) -> dic
     buffer = AlignedBuffer()
     for name in names:
         if name in mapped:
-            reads.get(name)
+            reads.hash_mapped(name, reads.get(name))
         else:
             reads.load_into(name, buffer, direct=True)
     return reads.finish()
@@ -261,3 +261,11 @@ def test_hashed_reads_hash_the_bytes_between_the_tensors_read(shard: Path) -> No
 def test_hashed_reads_out_of_order_give_no_digest(shard: Path) -> None:
     """Tensors read out of file order cannot be hashed in one pass: no digest (the caller hashes the file)."""
     assert read_back(shard, ["t2", "t1"]) == {}
+
+
+def test_hashed_reads_a_mapped_tensor_left_unhashed_gives_no_digest(shard: Path) -> None:
+    """A mapped tensor's bytes enter the digest only through hash_mapped: without it, no digest."""
+    reads = HashedReads(read_header(shard).tensors)
+    reads.get("t1")
+    reads.load_into("t2", AlignedBuffer(), direct=True)
+    assert reads.finish() == {}

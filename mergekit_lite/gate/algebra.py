@@ -186,15 +186,21 @@ class ReadAhead:
         slots = [(AlignedBuffer(), AlignedBuffer()) for _ in range(2)]  # one tensor checked, the next read
         ahead = None
         for i, t in enumerate(self.tensors):
-            if self._large(t):  # mapped, and let go with the tensors: the buffers stay small
+            large = self._large(t)
+            if large:  # mapped, and let go with the tensors: the buffers stay small
                 pair = self.candidate.get(t.name), self.base.get(t.source)
             else:
                 reads = ahead if ahead is not None else self._read(t, slots[i % 2])
                 wait(reads)  # both done with their buffers before an error is raised
                 pair = reads[0].result(), reads[1].result()
             following = self.tensors[i + 1] if i + 1 < len(self.tensors) else None
-            ahead = self._read(following, slots[(i + 1) % 2]) if following and not self._large(following) else None
+            ahead = None
+            if following and not large and not self._large(following):
+                ahead = self._read(following, slots[(i + 1) % 2])
             yield pair  # the caller is done with it when it asks for the next, whose read reuses its buffers
+            if large:  # hashed now that the check has its pages in memory, before the next read is hashed
+                self.candidate.hash_mapped(t.name, pair[0])
+            pair = None
 
     def _large(self, t: PlannedTensor) -> bool:
         return max(self.candidate.locate(t.name).nbytes, self.base.locate(t.source).nbytes) > READ_AHEAD

@@ -10,8 +10,10 @@ between the write and the read-back is either caught by the checks or is in the 
 `HashedReads` wraps a TensorReader of the candidate. Tensors are asked for in file order (the
 gate goes through the plan, whose order is the shards' own); every byte of a file between the
 tensors it hands out (the header, anything the plan does not name) is read and hashed on the way,
-and `finish` hashes what follows the last one. A file read out of order gets no digest (the caller
-then hashes it whole, which is correct, only slower).
+and `finish` hashes what follows the last one. A tensor read into a buffer is hashed from it at
+once; a mapped one (the largest tensors) once its user is done with it (`hash_mapped`): hashing
+it when mapped would bring its pages into memory while the previous tensor's are still there. A
+file read out of order gets no digest (the caller then hashes it whole: correct, only slower).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class _FileHash:
     def __init__(self) -> None:
         self.sha256: hashlib._Hash | None = hashlib.sha256()
         self.position = 0
+        self.pending: str | None = None  # a mapped tensor handed out, its bytes not hashed yet
         self.lock = threading.Lock()
 
 
@@ -65,16 +68,30 @@ class HashedReads:
         return tensor
 
     def get(self, name: str) -> torch.Tensor:
-        """TensorReader.get (a mapping), the tensor's bytes hashed into their file's digest."""
+        """TensorReader.get: a mapping, whose pages are read when first touched. Its bytes are hashed
+        by `hash_mapped`, to be called once the caller has used it (its pages are then in memory, and
+        hashing them adds none); the file gets no digest if another read of it comes first."""
         entry = self.reader.locate(name)
         tensor = self.reader.get(name)
-        self.bytes_read += entry.nbytes
-        if entry.quant is None:
-            flat = tensor.reshape(-1).view(torch.uint8)
-            self._hash(entry, lambda first: flat[first - entry.begin :], entry.begin)
-        else:
-            self._spoil(entry.file)
+        state = self.files.setdefault(entry.file, _FileHash())
+        with state.lock:
+            if state.pending is not None or entry.quant is not None:
+                state.sha256 = None
+            state.pending = name
         return tensor
+
+    def hash_mapped(self, name: str, tensor: torch.Tensor) -> None:
+        """Hash the bytes of `tensor`, as `get(name)` returned it, into its file's digest."""
+        entry = self.reader.locate(name)
+        state = self.files[entry.file]
+        with state.lock:
+            if state.pending != name:
+                state.sha256 = None
+                return
+            state.pending = None
+        self.bytes_read += entry.nbytes
+        flat = tensor.reshape(-1).view(torch.uint8)
+        self._hash(entry, lambda first: flat[first - entry.begin :], entry.begin)
 
     def _hash(self, entry: TensorEntry, held, held_from: int) -> None:
         """Hash the file's bytes up to the end of `entry`: those before `held_from` read here, the rest
@@ -83,7 +100,9 @@ class HashedReads:
         with state.lock:
             if state.sha256 is None:
                 return
-            if entry.begin < state.position:  # out of order or overlapping: no digest from this read
+            if (
+                entry.begin < state.position or state.pending is not None
+            ):  # out of order or overlapping: no digest from this read
                 state.sha256 = None
                 return
             if state.position < held_from:
@@ -118,7 +137,7 @@ class HashedReads:
         found = {}
         for path, state in self.files.items():
             with state.lock:
-                if state.sha256 is None:
+                if state.sha256 is None or state.pending is not None:
                     continue
                 try:
                     size = os.stat(path).st_size
