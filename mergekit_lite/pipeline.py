@@ -408,6 +408,7 @@ def verify_release(
     then every other check. `manifest_path` is a manifest (the release is its output, or `against`)
     or a release folder, checked against the manifest.yaml it ships."""
     manifest_path = Path(manifest_path)
+    foreign = against is not None  # named by --against: may be another tool's merge
     if manifest_path.is_dir():
         if not (manifest_path / "manifest.yaml").is_file():
             raise InputError(
@@ -432,6 +433,7 @@ def verify_release(
         device_map=m.device_map,
         tokenizer_source=source,
         integrity=True,
+        foreign=foreign,
         portable=m.output.compat,
         eval_data=job.eval_data,
         eval_progress=eval_progress,

@@ -142,14 +142,10 @@ def test_peft_merge_and_unload_passes_the_calibrated_end_to_end_check(smollm2, s
     assert not all(within(c.name, c.figure, TOLERANCES["BF16"][c.name]) for c in report.checks)  # the table refuses
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the algebra check requires every element correctly rounded (e800f7e); PEFT's bf16 merge rounds twice "
-    "(3237 of 106M elements differ by an ulp), so `verify --against` it fails before the end-to-end check",
-)
 def test_peft_merge_and_unload_passes_verify_against(smollm2, strong, peft_release, tmp_path: Path) -> None:
-    """Every check of the weights passes; only integrity fails, as for any folder mergekit-lite did not
-    publish (no SHA256SUMS, no release.json). `output.compat: false`: PEFT writes v5 configs only."""
+    """Every check passes: the elementwise bound allows PEFT's two roundings (gate/elementwise.py), and
+    the integrity group is skipped, as for any folder mergekit-lite did not publish (no SHA256SUMS, no
+    release.json). `output.compat: false`: PEFT writes v5 configs only."""
     adapter, _ = strong["bfloat16"]
     manifest = write_manifest(tmp_path, smollm2, [adapter], "bfloat16", absolute=True, verify=VERIFY)
     doc = yaml.safe_load(manifest.read_text())
@@ -158,8 +154,8 @@ def test_peft_merge_and_unload_passes_verify_against(smollm2, strong, peft_relea
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = verify_release(manifest, against=peft_release)
-    failures = [(c.group, c.name, c.detail) for c in report.failures]
-    assert {group for group, _, _ in failures} == {"integrity"}, failures
+    assert report.passed, [(c.group, c.name, c.detail) for c in report.failures]
+    assert "is not a mergekit-lite release" in report.skipped["integrity"]
 
 
 def test_a_wrong_merge_still_fails_the_calibrated_check(smollm2, strong, tmp_path: Path) -> None:

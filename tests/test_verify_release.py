@@ -10,10 +10,12 @@ and the receipt edited, with SHA256SUMS left as published.
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from mergekit_lite import run_merge
@@ -22,10 +24,12 @@ from mergekit_lite.io.format import read_header
 from mergekit_lite.pipeline import verify_release
 
 from release_builders import (
+    adapter_tensors,
     build_adapter,
     build_chat_base,
     build_tokenizer,
     copy_release,
+    lora_delta,
     write_manifest,
     write_sha256sums,
 )
@@ -203,3 +207,121 @@ def test_clean_release_is_correctly_rounded_everywhere(release) -> None:
     check = element_check(verify_release(manifest, against=out))
     assert check.passed and check.figure == 0, check
     assert check.detail == "every one of 18432 elements in 14 tensors is the correctly rounded value", check.detail
+
+
+# --------------------------------------------------------------------------- another tool's merge
+
+
+@pytest.fixture(scope="module")
+def peft_merged(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(manifest, adapter, PEFT's own bfloat16 merge_and_unload of it) for an adapter whose delta is
+    many times the weight it changes (factors x4), so PEFT's two roundings, of the delta and of the
+    sum, are several of the result's ulps where the delta cancels much of W."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("peft-merged")
+    tokenizer = build_tokenizer()
+    base = build_chat_base(root / "base", tokenizer)
+    generation = json.loads((base / "generation_config.json").read_text())  # a base that stops at the chat EOS
+    generation["eos_token_id"] = [generation["eos_token_id"], tokenizer.eos_token_id]
+    (base / "generation_config.json").write_text(json.dumps(generation))
+    adapter = build_adapter(base, root / "adapter", seed=3, r=8, lora_alpha=16, target_modules="all-linear")
+    weights = adapter / "adapter_model.safetensors"
+    save_file({k: v * 4 for k, v in load_file(weights).items()}, weights)
+    manifest = write_manifest(root, base, [adapter], "bfloat16", verify=FAST)
+    doc = yaml.safe_load(manifest.read_text())
+    doc["output"]["compat"] = False  # PEFT writes transformers 5 configs only
+    manifest.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+        PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(root / "peft")
+    for path in base.iterdir():
+        if path.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy2(path, root / "peft" / path.name)
+    return manifest, adapter, root / "peft"
+
+
+def test_peft_merge_and_unload_passes_verify_against(peft_merged) -> None:
+    """PEFT's own merge is a correct merge with another rounding convention: every check passes, and the
+    integrity group, with nothing to check the folder's files against, is skipped saying why."""
+    manifest, _, peft = peft_merged
+    report = verify_release(manifest, against=peft)
+    assert report.passed, [f"{c.group}: {c.name}: {c.detail}" for c in report.failures]
+    assert "is not a mergekit-lite release" in report.skipped["integrity"]
+    check = element_check(report)
+    assert 0.5 < check.figure <= 1.5, check  # not correctly rounded (two roundings), within the bound
+    # the case the bound's |delta| term is for: elements more than 1.5 of the result's own ulps off
+    assert _beyond_result_ulps(manifest, peft) > 0
+
+
+def test_peft_merge_of_another_weight_fails_verify_against(peft_merged, tmp_path: Path) -> None:
+    """The negative control: PEFT's merge of the same adapter at weight 1.25 fails the weight checks."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    manifest, adapter, peft = peft_merged
+    base = yaml_base(manifest)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16), adapter)
+        for module in model.modules():
+            if hasattr(module, "scaling") and isinstance(module.scaling, dict):
+                module.scaling = {k: v * 1.25 for k, v in module.scaling.items()}
+        model.merge_and_unload().save_pretrained(tmp_path / "wrong")
+    for path in peft.iterdir():
+        if not path.name.startswith(("model", "config")):
+            shutil.copy2(path, tmp_path / "wrong" / path.name)
+    report = verify_release(manifest, against=tmp_path / "wrong")
+    assert not element_check(report).passed
+    assert "algebra" in {c.group for c in report.failures}
+
+
+def test_a_release_stripped_of_its_records_is_not_foreign(release, tmp_path: Path) -> None:
+    """Only a folder named by --against may be another tool's: the manifest's own output without
+    SHA256SUMS, release.json and manifest.yaml still fails integrity."""
+    manifest, out = release
+    copy = copy_release(out, tmp_path / "copy")
+    for name in ("SHA256SUMS", "release.json", "manifest.yaml"):
+        (copy / name).unlink()
+    assert "integrity" in verify_release(manifest, against=copy).skipped  # named: judged by the weights
+    moved = tmp_path / "moved"
+    shutil.copytree(manifest.parent, moved, ignore=shutil.ignore_patterns(out.name))
+    shutil.copytree(copy, moved / out.name)
+    report = verify_release(moved / manifest.name)
+    assert "integrity" not in report.skipped
+    assert not integrity(report)["SHA256SUMS matches the files"][0]
+
+
+def yaml_base(manifest: Path) -> Path:
+    base = yaml.safe_load(manifest.read_text())["base"]
+    path = Path(base if isinstance(base, str) else base["path"])
+    return path if path.is_absolute() else (manifest.parent / path).resolve()
+
+
+def _beyond_result_ulps(manifest: Path, folder: Path) -> int:
+    """Elements of `folder`'s changed tensors more than 1.5 ulps (of the result) from W + delta (float64)."""
+    import torch
+    from safetensors import safe_open
+
+    base = yaml_base(manifest)
+    adapter = manifest.parent / "adapter"
+    factors = adapter_tensors(adapter)
+    beyond = 0
+    with (
+        safe_open(str(base / "model.safetensors"), "pt") as fb,
+        safe_open(str(folder / "model.safetensors"), "pt") as fo,
+    ):
+        for name in fb.keys():
+            if f"{name.removesuffix('.weight')}.lora_A.weight" not in factors:
+                continue
+            v = fb.get_tensor(name).to(torch.float64) + lora_delta(adapter, name)
+            w = fo.get_tensor(name).to(torch.float64)
+            ulp = torch.maximum(w.abs(), v.abs()).clamp_min(2.0**-126)
+            ulp = torch.exp2(torch.floor(torch.log2(ulp)) - 7)
+            beyond += int(((w - v).abs() > 1.5 * ulp).sum())
+    return beyond

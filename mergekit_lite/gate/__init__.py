@@ -56,6 +56,7 @@ def run_gate(
     device_map: str,
     tokenizer_source: Path | None,
     integrity: bool = False,
+    foreign: bool = False,
     portable: bool = True,
     eval_data: EvalData | None = None,
     eval_progress: EvalProgress | None = None,
@@ -66,7 +67,9 @@ def run_gate(
     go there unless `verify.device_map` says otherwise), `tokenizer_source` the folder the release's
     tokenizer was copied from. With `integrity` (a published release), its files are checked against
     its SHA256SUMS and release.json (the shards' digests from the algebra's read of them: each is read
-    once; these checks come first in the report). `report.read_back` holds those digests by file name,
+    once; these checks come first in the report); with `foreign` too (`verify --against`), a folder
+    that is no release at all (no SHA256SUMS, release.json or manifest.yaml) skips that group.
+    `report.read_back` holds those digests by file name,
     for a merge's SHA256SUMS and release.json. `portable` is the manifest's `output.compat` (the release
     claims to be readable by transformers 4 too). `eval_data` is `verify.eval`'s file, tokenized at
     plan time: scored by base, base + adapters and the release (gate/eval.py), `eval_progress` told
@@ -102,7 +105,10 @@ def run_gate(
     report.read_back = {str(p.relative_to(candidate)): d for p, d in read_back.items() if p.is_relative_to(candidate)}
     if integrity:
         _first(
-            report, lambda: _guarded(report, "integrity", lambda: check_integrity(report, candidate, report.read_back))
+            report,
+            lambda: _guarded(
+                report, "integrity", lambda: check_integrity(report, candidate, report.read_back, foreign)
+            ),
         )
     prompts = settings.prompts
     if source is not None:

@@ -13,14 +13,18 @@ most half an ulp from v, up to v's own float64 error e. The check allows `elemen
 
     |W'_ij - v_ij| <= (element_ulps + 1/2) * ulp + e,
 
-ulp being the output dtype's ulp at the larger of |W'_ij| and |v_ij| (the smallest normal's
-below it). So the correctly rounded value and its two neighbours pass, and any other value fails:
-a flipped exponent bit or any mantissa bit but the lowest, a wrong or missing delta. The extra ulp
-is there because one ulp is the difference rounding alone makes between correct merges (PEFT's
-own merge rounds twice; a release built before correct rounding, or by a tool rounding once in
-float32, is an ulp off here and there), which the probes and the end-to-end check accept as noise
-too: this check is for damage, not for a rounding convention. The report says how many elements
-are not the correctly rounded value, and the worst element's distance in ulps.
+ulp being the output dtype's ulp at the largest of |W'_ij|, |v_ij| and |delta_ij| (the smallest
+normal's below it). So the correctly rounded value and its two neighbours pass, and any other value
+fails where the delta is not larger than the result: a flipped exponent bit or any mantissa bit but
+the lowest, a wrong or missing delta. The extra ulp is there because one ulp is the difference
+rounding alone makes between correct merges (a release built before correct rounding, or by a tool
+rounding once in float32, is an ulp off here and there), which the probes and the end-to-end check
+accept as noise too: this check is for damage, not for a rounding convention. |delta| enters for
+the same reason: the conventional merge in the output dtype (PEFT's merge_and_unload in bfloat16:
+B A rounded, times the scale rounded, added to W rounded) makes three roundings of half an ulp, two
+of them at delta's size, which exceed the result's ulps where a strongly trained delta cancels much
+of W; the bound, 1.5 ulps at the largest of the three, covers exactly those. The report says how
+many elements are not the correctly rounded value, and the worst element's distance in ulps.
 
 e bounds the float64 evaluation's own error: for sums of products, 2 n u (max |W| + max_i sum_k
 |s B_ik| max_l |A_kl|) over the tensor (n terms per dot product, u = 2^-53); for DoRA a relative
@@ -125,19 +129,31 @@ def _check_blocks(
         rounded.copy_(v)
         if _same_bits(rounded, w):  # every element is v rounded: within half an ulp (+ e)
             continue
-        _measure(name, w, v, expect.error(v, scale), r0, allowed, worst, vector=expect.vector)
+        start = expect.start[r0:r1]
+        _measure(name, w, v, start, expect.error(v, scale), r0, allowed, worst, vector=expect.vector)
     return worst
 
 
 def _measure(
-    name: str, w: torch.Tensor, v: torch.Tensor, err: float, r0: int, allowed: float, worst: Worst, *, vector: bool
+    name: str,
+    w: torch.Tensor,
+    v: torch.Tensor,
+    start: torch.Tensor,
+    err: float,
+    r0: int,
+    allowed: float,
+    worst: Worst,
+    *,
+    vector: bool,
 ) -> None:
-    """The elements of a block that are not v's rounding, each against the bound (`err`: e)."""
+    """The elements of a block that are not v's rounding, each against the bound (`err`: e; `start`:
+    the block's weight before the changes, for the size of delta)."""
     differs = w.to(torch.float64) != v.to(w.dtype).to(torch.float64)
     rows, cols = differs.logical_or_(v.isnan()).nonzero(as_tuple=True)
     wv, vv = w[rows, cols].to(torch.float64), v[rows, cols]
     bits, emin = MANTISSA[w.dtype], EMIN[w.dtype]
-    ulp = torch.maximum(_ulp(wv, bits, emin), _ulp(vv, bits, emin))
+    delta = vv - start[rows, cols].to(torch.float64)
+    ulp = torch.maximum(torch.maximum(_ulp(wv, bits, emin), _ulp(vv, bits, emin)), _ulp(delta, bits, emin))
     diff = (wv - vv).abs()
     beyond = ~(diff <= allowed * ulp + err)  # NaN (in W' or v) counts as beyond
     worst.beyond += int(beyond.sum())

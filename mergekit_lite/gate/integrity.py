@@ -6,6 +6,11 @@ once: the shards by the algebra checks, which hash them as they read them (io/re
 other files here, streamed in chunks (io/digests.sha256_file). Each file's SHA-256 and size are
 compared with both records, so that a flipped bit, an edited card or receipt, a file added or
 removed fails here, naming the file, whatever the other checks make of it.
+
+A folder with none of SHA256SUMS, release.json and manifest.yaml was not published by mergekit-lite
+(PEFT's merge_and_unload output, another tool's merge) named by `verify --against`: there is
+nothing to check its files against, so the group is skipped, saying so, and the weights are judged by
+the other checks alone. Any one of the three makes it a release, and then both records must match.
 """
 
 from __future__ import annotations
@@ -18,13 +23,24 @@ from mergekit_lite.io.digests import sha256_file
 
 SUMS = "SHA256SUMS"
 RECEIPT = "release.json"
+MANIFEST = "manifest.yaml"
 
 
-def check_integrity(report: GateReport, folder: Path, known: dict[str, str] | None = None) -> None:
+def check_integrity(
+    report: GateReport, folder: Path, known: dict[str, str] | None = None, foreign: bool = False
+) -> None:
     """Record `integrity: SHA256SUMS matches the files` and `integrity: release.json's outputs match`.
 
     `known` maps a file's path in the folder to its SHA-256 already computed from its bytes on disk
-    (the shards', read back by the algebra checks); those files are not read again."""
+    (the shards', read back by the algebra checks); those files are not read again. `foreign`: the
+    folder was named by `verify --against`, so it may be another tool's merge (skipped when it has
+    none of the three files); the manifest's own output must always be a release."""
+    if foreign and not any((folder / name).is_file() for name in (SUMS, RECEIPT, MANIFEST)):
+        report.skipped["integrity"] = (
+            f"`{folder.name}` is not a mergekit-lite release (no {SUMS}, {RECEIPT} or {MANIFEST}): "
+            "nothing to check its files against; its weights are checked by the other groups"
+        )
+        return
     known = known or {}
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     listed, sums_problem = _read_sums(folder)
