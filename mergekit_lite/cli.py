@@ -218,8 +218,10 @@ def merge(
         if bar.finished:
             bar.close()
             if gating and not quiet:
+                extra = f", {job.eval_data.file}" if job.eval_data is not None else ""
                 click.echo(
-                    "verifying the candidate (structure, per-tensor algebra, end to end, packaging)...", err=True
+                    f"verifying the candidate (structure, per-tensor algebra, end to end, packaging{extra})...",
+                    err=True,
                 )
 
     try:

@@ -262,6 +262,11 @@ BAD = {
         "neither `text` nor `messages` (its keys: `prompt`, `completion`)",
     ),
     "empty_file": ([], "eval.jsonl:1:", "no records"),
+    "both_text_and_messages": (
+        [json.dumps({"text": "The cat.", **CHAT})],
+        "eval.jsonl:1:",
+        "both `text` and `messages`",
+    ),
     "chat_without_template": ([json.dumps({"text": "The cat."}), json.dumps(CHAT)], "eval.jsonl:2:", "has none"),
 }
 
@@ -299,6 +304,11 @@ def test_bad_input_control_the_same_files_fixed_merge(setup: Setup, tmp_path: Pa
     manifest = write_manifest(tmp_path, setup.base, [setup.linear], "float32", verify={"eval": str(eval_file)})
     data = prepare(manifest, for_output=False).eval_data
     assert data.records == 3 and data.chat == 1
+    # every token of the formatted conversation is scored, as TRL's SFT loss does by default
+    tokenizer = load_tokenizer(setup.base)
+    formatted = tokenizer.apply_chat_template(CHAT["messages"], return_dict=False)
+    assert data.sequences[1] == tuple(formatted)
+    assert data.lines == (1, 2) and data.too_short == 1  # "x" is one token: nothing to predict, left out
 
 
 def test_eval_spec_short_form_and_limits(setup: Setup, tmp_path: Path) -> None:
@@ -306,7 +316,7 @@ def test_eval_spec_short_form_and_limits(setup: Setup, tmp_path: Path) -> None:
     shutil.copy(setup.eval_file, tmp_path / "data.jsonl")
     manifest = write_manifest(tmp_path, setup.base, [setup.linear], "float32", verify={"eval": "data.jsonl"})
     spec = load_manifest(manifest).manifest.verify.eval
-    assert spec.path == str((tmp_path / "data.jsonl").resolve()) and spec.max_samples == 64
+    assert spec.path == str((tmp_path / "data.jsonl").resolve()) and (spec.max_samples, spec.max_length) == (64, 512)
     cut = write_manifest(
         tmp_path,
         setup.base,
@@ -343,3 +353,40 @@ def test_eval_layer_by_layer_scores_as_the_whole_models(setup: Setup, candidate:
         assert layered[row].figure == pytest.approx(whole[row].figure, rel=1e-6, abs=1e-9), row
     for name, value in reports[False].context["eval"]["perplexity"].items():
         assert reports[True].context["eval"]["perplexity"][name] == pytest.approx(value, rel=1e-9), name
+
+
+# --------------------------------------------------------------------------- the thresholds
+
+
+@pytest.mark.parametrize(
+    ("effect", "ideal", "fixed", "expected", "rule"),
+    [
+        (1.0, 0.001, (), 0.02, "the table's floor"),  # bf16 floor 0.02: far below half the effect
+        (0.01, 0.001, (), 0.005, "the table's floor"),  # a weak adapter: the floor capped at half its effect
+        (1.0, 0.05, (), 0.1, "2 x the ideal merge's distance"),  # a sensitive model: 2 x the ideal
+        (0.01, None, (), 0.005, "the table (no ideal merge)"),  # no ideal (an offloaded reference)
+        (1.0, 0.05, ("eval_token_loss_diff",), 0.3, "set in the manifest"),  # `verify.thresholds` as given
+    ],
+    ids=["floor", "effect_cap", "calibrated", "no_ideal", "manifest"],
+)
+def test_token_loss_threshold_rules(effect, ideal, fixed, expected, rule) -> None:
+    from mergekit_lite.gate.eval import _thresholds
+
+    limits = thresholds("BF16", {"eval_token_loss_diff": 0.3} if fixed else None)
+    check = EndToEnd(
+        candidate=Path("."),
+        base=Path("."),
+        adapters=[],
+        placement=Placement(),
+        tokenizer=None,
+        prompts=None,
+        new_tokens=0,
+        limits=limits,
+        fixed=frozenset(fixed),
+    )
+    metrics = ("eval_token_loss_diff", "eval_perplexity_diff")
+    got, rules, _ = _thresholds(
+        check, dict.fromkeys(metrics, effect), {} if ideal is None else dict.fromkeys(metrics, ideal)
+    )
+    assert got["eval_token_loss_diff"] == pytest.approx(expected)
+    assert rules["eval_token_loss_diff"] == rule

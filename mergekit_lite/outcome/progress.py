@@ -55,14 +55,16 @@ class ByteProgress:
                 self._tenths = tenths
                 seconds = time.monotonic() - self._began
                 print(
-                    f"{self.desc}: {10 * tenths}% ({self._amount(min(self.done, self.total))} of "
-                    f"{self._amount(self.total)}, {seconds:.1f} s)",
+                    f"{self.desc}: {10 * tenths}% ({self._amount(min(self.done, self.total))}, {seconds:.1f} s)",
                     file=self.stream,
                     flush=True,
                 )
 
-    def _amount(self, n: int) -> str:
-        return human_bytes(n) if self.unit == "B" else f"{n} {self.unit}"
+    def _amount(self, done: int) -> str:
+        """`1.2 MB of 3.4 MB`, or `120 of 340 tokens`."""
+        if self.unit == "B":
+            return f"{human_bytes(done)} of {human_bytes(self.total)}"
+        return f"{done} of {self.total} {self.unit}"
 
     @property
     def finished(self) -> bool:

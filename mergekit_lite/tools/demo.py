@@ -5,6 +5,7 @@ Run as `python -m mergekit_lite.tools.demo` from the repository root.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -61,7 +62,26 @@ def main() -> None:
     print(
         f"\n  merged == base + adapter: {'yes' if same else 'NO'};  differs from base: {'yes' if rows[0][1] != rows[2][1] else 'NO'}"
     )
+    _perplexities(release)
     print(f"\nrelease: {release}")
+
+
+def _perplexities(release: Path) -> None:
+    """What the gate measured on `verify.eval`'s data (verification.json): the adapter's effect and the release's."""
+    found = json.loads((release / "verification.json").read_text(encoding="utf-8"))["context"].get("eval")
+    if not found:
+        return
+    print(
+        f"\n== 4. your own data (verify.eval: {found['file']}, {found['scored_records']} records, "
+        f"{found['scored_tokens']} tokens): next-token perplexity"
+    )
+    ppl = found["perplexity"]
+    for label, key in (
+        ("base", "base"),
+        ("base + adapter (PEFT)", "base_plus_adapters"),
+        ("merged release", "release"),
+    ):
+        print(f"  {label:<24}{ppl[key]:9.3f}")
 
 
 if __name__ == "__main__":
