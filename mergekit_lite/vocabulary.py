@@ -24,6 +24,12 @@ Layouts of a delta (Op.layout; "" for the ops that are not deltas):
   conv1d       GPT-2's Conv1D (fan_in_fan_out): W is [in, out], delta = (B @ A)^T
   embedding    A is [r, vocab], B is [dim, r], W is [vocab, dim], delta = (B @ A)^T
   bias         a bias vector, delta = scale * lora_B.bias
+  experts      PEFT's ParamWrapper on a parameter of E experts stored [E, out, in] (`target_parameters`):
+               A is [E r, in], B is [out, E r], expert e's delta is B_e @ A_e (plan/experts.py); the
+               tensor is the fused [E, out, in] (Op.expert -1), or expert Op.expert's block of it
+               (Op.block: rows r0:r1, columns c0:c1 of that expert's [out, in]), stored one by one
+  experts_t    the same on experts stored [E, in, out] (the module's `is_transposed`, gpt-oss):
+               expert e's delta is (B_e @ A_e)^T, a block is of its [in, out]
 
 Combine methods (`combine:` in the manifest): COMBINE_METHODS below, one row per method.
 """
@@ -37,11 +43,12 @@ KeyKind = Literal[
     "lora_A", "lora_B", "emb_A", "emb_B", "lora_bias", "magnitude", "tokens", "base_layer", "replace", "original"
 ]
 OpKind = Literal["replace", "base_layer", "delta", "dora", "rows"]
-Layout = Literal["", "linear", "conv1d", "embedding", "bias"]
+Layout = Literal["", "linear", "conv1d", "embedding", "bias", "experts", "experts_t"]
 
 OP_ORDER: dict[OpKind, int] = {"replace": 0, "base_layer": 1, "delta": 2, "dora": 2, "rows": 3}
 WHOLE_TENSOR: tuple[OpKind, ...] = ("replace", "base_layer")  # ops that give a tensor's value whole
 LORA_LAYOUTS: tuple[Layout, ...] = ("linear", "conv1d", "embedding")  # deltas made of two factors B @ A
+EXPERT_LAYOUTS: tuple[Layout, ...] = ("experts", "experts_t")  # PEFT's ParamWrapper on stacked experts
 
 # The parameters a combine method may take, in the order the manifest's checks name them.
 COMBINE_PARAMETERS = ("density", "majority_sign_method", "svd_rank", "svd_clamp", "svd_full_matrices", "seed")

@@ -88,6 +88,16 @@ _BART.update({"decoder_start_token_id": 2})
 _GPT2 = {"vocab_size": VOCAB, "n_embd": HIDDEN, "n_layer": 2, "n_head": 4, "n_positions": 64}
 _GPT2.update({"bos_token_id": 1, "eos_token_id": 2})
 _MOE = {"num_experts_per_tok": 2}
+
+
+def _qwen2_moe() -> dict[str, Any]:
+    return _decoder(moe_intermediate_size=16, shared_expert_intermediate_size=32, num_experts=4, **_MOE)
+
+
+def _qwen3_moe() -> dict[str, Any]:
+    return _decoder(head_dim=8, moe_intermediate_size=16, num_experts=4, **_MOE)
+
+
 _CLIP_PROCESSOR = {
     "class": "CLIPImageProcessor",
     "size": {"shortest_edge": 32},
@@ -137,13 +147,8 @@ ARCHES: dict[str, Arch] = {
     "stablelm": Arch("StableLmForCausalLM", lambda: _decoder()),
     "cohere": Arch("CohereForCausalLM", lambda: _decoder()),
     "starcoder2": Arch("Starcoder2ForCausalLM", lambda: _decoder()),
-    "qwen2_moe": Arch(
-        "Qwen2MoeForCausalLM",
-        lambda: _decoder(moe_intermediate_size=16, shared_expert_intermediate_size=32, num_experts=4, **_MOE),
-    ),
-    "qwen3_moe": Arch(
-        "Qwen3MoeForCausalLM", lambda: _decoder(head_dim=8, moe_intermediate_size=16, num_experts=4, **_MOE)
-    ),
+    "qwen2_moe": Arch("Qwen2MoeForCausalLM", lambda: _qwen2_moe()),
+    "qwen3_moe": Arch("Qwen3MoeForCausalLM", lambda: _qwen3_moe()),
     "mixtral": Arch("MixtralForCausalLM", lambda: _decoder(num_local_experts=4, **_MOE)),
     "gpt_oss": Arch(
         "GptOssForCausalLM",
@@ -154,6 +159,8 @@ ARCHES: dict[str, Arch] = {
     "gemma3": Arch("Gemma3ForConditionalGeneration", _gemma3, "image-text-to-text"),
     "qwen2_5_vl": Arch("Qwen2_5_VLForConditionalGeneration", _qwen2_5_vl, "image-text-to-text"),
     "mixtral_v5": Arch("MixtralForCausalLM", lambda: _decoder(num_local_experts=4, **_MOE), module_names=True),
+    "qwen2_moe_v5": Arch("Qwen2MoeForCausalLM", lambda: _qwen2_moe(), module_names=True),
+    "qwen3_moe_v5": Arch("Qwen3MoeForCausalLM", lambda: _qwen3_moe(), module_names=True),
     "t5": Arch("T5ForConditionalGeneration", lambda: dict(_T5), "seq2seq LM"),
     "bart": Arch("BartForConditionalGeneration", lambda: dict(_BART), "seq2seq LM"),
     "llama_seq_cls": Arch("LlamaForSequenceClassification", lambda: _decoder(num_labels=3), "sequence classification"),
@@ -180,15 +187,36 @@ def _all_linear(arch: str, **lora: Any) -> Case:
     return Case(arch, arch, {"target_modules": "all-linear", **lora})
 
 
+# PEFT 0.21 turns all-linear on these into target_parameters on the fused experts and the router
+# (ParamWrapper; the experts' on-disk tensors one by one, or fused in module-name checkpoints)
+MOE_ALL_LINEAR = ("mixtral", "mixtral_v5", "qwen3_moe", "qwen3_moe_v5")
+_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def _stored(arch: str) -> str:
+    return "experts fused on disk" if ARCHES[arch].module_names or arch == "gpt_oss" else "experts one by one on disk"
+
+
+def _moe_all_linear(arch: str) -> Case:
+    what = f"all-linear LoRA, which PEFT makes target_parameters on the experts and router ({_stored(arch)})"
+    return Case(arch, arch, {"target_modules": "all-linear"}, what)
+
+
+def _on_experts(case_id: str, arch: str, router: str) -> Case:
+    lora = {"target_modules": "all-linear", "target_parameters": [*_EXPERTS, router]}
+    return Case(case_id, arch, lora, f"all-linear LoRA + target_parameters on the experts and router ({_stored(arch)})")
+
+
 CASES: list[Case] = [
     *(
         _all_linear(a)
         for a in ARCHES
-        if ARCHES[a].task == "causal LM" and a not in ("qwen3_moe", "mixtral", "llama_tied", "mixtral_v5")
+        if ARCHES[a].task == "causal LM" and a not in ("llama_tied", "qwen2_moe_v5", *MOE_ALL_LINEAR)
     ),
-    # PEFT 0.21 turns all-linear on these into target_parameters on the fused experts: attention here
-    Case("qwen3_moe", "qwen3_moe", {"target_modules": ATTENTION}, "attention LoRA"),
-    Case("mixtral", "mixtral", {"target_modules": ATTENTION}, "attention LoRA"),
+    *(_moe_all_linear(a) for a in MOE_ALL_LINEAR),
+    _on_experts("qwen2_moe-experts", "qwen2_moe", "mlp.gate.weight"),
+    _on_experts("qwen2_moe_v5", "qwen2_moe_v5", "mlp.gate.weight"),
+    _on_experts("gpt_oss-experts", "gpt_oss", "mlp.router.weight"),
     Case(
         "llama-embed-head",
         "llama",
@@ -218,7 +246,6 @@ CASES: list[Case] = [
         {"target_modules": r".*language_model.*\.(q_proj|v_proj|down_proj)"},
         "language-model LoRA, module names on disk",
     ),
-    Case("mixtral_v5", "mixtral_v5", {"target_modules": ATTENTION}, "attention LoRA, fused experts on disk"),
     _all_linear("t5", task_type="SEQ_2_SEQ_LM"),
     _all_linear("bart", task_type="SEQ_2_SEQ_LM"),
     Case(

@@ -31,7 +31,7 @@ from architectures import (
     readme_section,
     readme_table,
 )
-from helpers import write_manifest
+from helpers import merged_state_dict, violations, write_manifest
 
 REL = 1e-5
 REPO = Path(__file__).resolve().parent.parent
@@ -174,14 +174,143 @@ def _detail(report: dict, name: str) -> str:
     return next(c["detail"] for c in report["checks"] if c["name"] == name)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
-def test_lora_on_fused_experts_is_refused_naming_the_feature(arch: str, arch_zoo: ArchZoo, tmp_path: Path) -> None:
-    """PEFT 0.21 makes all-linear on these target_parameters of the fused experts: refused, nothing written."""
-    case = Case(f"{arch}-all-linear", arch, {"target_modules": "all-linear"})
-    adapter = build_adapter(case, arch_zoo.base(arch), tmp_path / "adapter")
-    assert json.loads((adapter / "adapter_config.json").read_text())["target_parameters"]
-    manifest = write_manifest(tmp_path, arch_zoo.base(arch), [adapter], "float32")
-    with pytest.raises(MergekitError, match="`target_parameters` is set"):
+EXPERT_CASES = [c.id for c in CASES if "target_parameters" in c.what]
+
+
+def _expert_tensor(name: str) -> bool:
+    return ".experts." in name or name.endswith((".mlp.gate.weight", ".mlp.router.weight"))
+
+
+@pytest.mark.parametrize("case_id", EXPERT_CASES)
+def test_expert_tensors_match_peft_merge_and_unload(case_id: str, arch_zoo: ArchZoo) -> None:
+    """The release's experts and router, as transformers loads them (fused from per-expert tensors
+    where the base stores them one by one), equal PEFT's merge_and_unload tensor by tensor within the
+    float32 tolerance; the base's own tensors do not (negative control)."""
+    from peft import PeftModel
+
+    case = CASES_BY_ID[case_id]
+    out, _ = arch_zoo.release(case_id)
+    cls = getattr(transformers, ARCHES[case.arch].model_class)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base_model = cls.from_pretrained(arch_zoo.base(case.arch), dtype=torch.float32)
+        base = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+        peft_model = PeftModel.from_pretrained(base_model, arch_zoo.adapter(case_id))
+        reference = {k: v for k, v in merged_state_dict(peft_model, ["default"]).items() if _expert_tensor(k)}
+        ours = cls.from_pretrained(out, dtype=torch.float32).state_dict()
+    fused = [k for k in reference if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert len(fused) == 4 and len(reference) >= 6, sorted(reference)
+    assert not violations(ours, reference, base, torch.float32)
+    changed = {k for k in reference if not torch.equal(reference[k], base[k])}  # not the experts' biases
+    assert set(fused) <= changed and any(k.endswith((".gate.weight", ".router.weight")) for k in changed)
+    unmerged = violations(base, {k: reference[k] for k in changed}, base, torch.float32)
+    assert {v.name for v in unmerged} == changed, "negative control: the base equals the merge somewhere"
+
+
+@pytest.mark.parametrize("case_id", ["mixtral", "mixtral_v5", "gpt_oss-experts"])
+def test_gate_checks_every_expert(case_id: str, arch_zoo: ArchZoo, tmp_path: Path) -> None:
+    """One weight of one expert, off by far less than the adapter changes it, fails the per-tensor
+    algebra check, which names that expert's tensor (its block of a fused tensor: `name[e]`)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mergekit_lite.pipeline import verify_release
+
+    out, report = arch_zoo.release(case_id)
+    assert report["passed"]
+    tampered = tmp_path / "tampered"
+    shutil.copytree(out, tampered)
+    [shard] = list(tampered.glob("*.safetensors"))
+    tensors = load_file(shard)
+    legacy = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
+    name = legacy if legacy in tensors else "model.layers.1.mlp.experts.gate_up_proj"
+    tensors[name] = tensors[name].clone()
+    nudge = 1e-4 * float(tensors[name].abs().max())  # ~1700 ulps of the largest weight, far below the delta
+    [base_file] = list(arch_zoo.base(CASES_BY_ID[case_id].arch).glob("*.safetensors"))
+    assert float((tensors[name] - load_file(base_file)[name]).abs().max()) > 100 * nudge
+    if tensors[name].dim() == 3:
+        tensors[name][2, 5, 7] += nudge
+    else:
+        tensors[name][5, 7] += nudge
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    checked = verify_release(out, against=tampered).to_dict()
+    failed = [c for c in checked["checks"] if c["group"] == "algebra" and not c["passed"]]
+    assert failed, "the algebra check missed a changed expert weight"
+    expect = name if "experts.2." in name else f"{name}[2]"
+    assert any(expect in c["detail"] for c in failed), [c["detail"] for c in failed]
+
+
+def test_plan_splits_the_fused_delta_onto_the_stored_experts(arch_zoo: ArchZoo, tmp_path: Path) -> None:
+    """Experts stored one by one: each gets its expert's block of the fused delta (Mixtral's w1 and w3
+    are rows 0:64 and 64:128 of gate_up_proj [4, 128, 32]); stored fused: one op on the whole."""
+    from mergekit_lite.pipeline import run_plan
+    from mergekit_lite.plan.render import plan_table
+
+    plans = {}
+    for case_id in ("mixtral", "mixtral_v5"):
+        manifest = write_manifest(tmp_path / case_id, arch_zoo.base(case_id), [arch_zoo.adapter(case_id)], "float32")
+        plans[case_id] = {t.name: t.ops for t in run_plan(manifest).tensors}
+    legacy, fused = plans["mixtral"], plans["mixtral_v5"]
+    gate_up = "model.layers.0.mlp.experts.gate_up_proj"
+    [(op)] = fused[gate_up]
+    assert (op.layout, op.experts, op.expert, op.block, op.scale) == ("experts", 4, -1, (), 2.0)
+    assert op.keys[0].endswith("layers.0.mlp.experts.base_layer.lora_A.weight")  # the inner wrapper
+    w1, w3 = (legacy[f"model.layers.0.block_sparse_moe.experts.2.{w}.weight"] for w in ("w1", "w3"))
+    assert [(o.expert, o.block, o.keys) for o in w1 + w3] == [
+        (2, (0, 64, 0, 32), op.keys),
+        (2, (64, 128, 0, 32), op.keys),
+    ]
+    [down] = legacy["model.layers.0.block_sparse_moe.experts.3.w2.weight"]
+    assert (down.expert, down.block, down.keys[0]) == (3, (0, 32, 0, 64), op.keys[0].replace(".base_layer", ""))
+    [router] = legacy["model.layers.0.block_sparse_moe.gate.weight"]
+    assert (router.layout, router.experts) == ("linear", 0)
+    assert "a0 lora_expert[2/4] x2" in plan_table(run_plan(tmp_path / "mixtral" / "manifest.yaml"))
+
+
+def test_fused_experts_are_merged_one_expert_at_a_time(arch_zoo: ArchZoo, tmp_path: Path, monkeypatch) -> None:
+    """A fused expert tensor is merged expert by expert: the exact merge only ever sees one expert's
+    matrix (the plan's memory figure counts one such block, not a float copy of the whole)."""
+    from mergekit_lite.io.format import read_header
+    from mergekit_lite.io.reader import TensorReader
+    from mergekit_lite.merge import merge as merging
+
+    manifest = write_manifest(tmp_path, arch_zoo.base("mixtral_v5"), [arch_zoo.adapter("mixtral_v5")], "float32")
+    job = prepare(manifest, for_output=False)
+    [t] = [t for t in job.plan.tensors if t.name == "model.layers.1.mlp.experts.gate_up_proj"]
+    seen = []
+    exact_merge = merging.exact.merge
+
+    def recording(base, terms, out, *args, **kwargs):
+        seen.append((tuple(base.shape), tuple(out.shape)))
+        return exact_merge(base, terms, out, *args, **kwargs)
+
+    monkeypatch.setattr(merging.exact, "merge", recording)
+    cpu = torch.device("cpu")
+    factors = merging._Factors(job.adapters, cpu)
+    merged = merging.merge_tensor(t, TensorReader(job.checkpoint.tensors), factors, cpu)
+    factors.close()
+    assert seen == [((128, 32), (128, 32))] * 4
+    out, _ = arch_zoo.release("mixtral_v5")
+    released = TensorReader(read_header(out / "model.safetensors").tensors)
+    assert torch.equal(merged, released.get(t.name))  # what the release holds
+    assert not torch.equal(merged, TensorReader(job.checkpoint.tensors).get(t.source))
+
+
+@pytest.mark.parametrize("option", ["use_dora", "lora_bias"])
+def test_target_parameters_refused_where_peft_refuses(option: str, arch_zoo: ArchZoo, tmp_path: Path) -> None:
+    """PEFT's ParamWrapper cannot be built with DoRA or a LoRA bias: such a config is refused at read
+    time, naming the option, nothing written; the same adapter without it merges (the cases above)."""
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(arch_zoo.adapter("mixtral"), adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["target_parameters"]
+    config[option] = True
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    manifest = write_manifest(tmp_path, arch_zoo.base("mixtral"), [adapter], "float32")
+    with pytest.raises(MergekitError, match=f"`target_parameters` is set together with `{option}`.*ParamWrapper"):
         prepare(manifest)
     assert not (tmp_path / "out").exists()
 

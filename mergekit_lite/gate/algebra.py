@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from mergekit_lite.gate.elementwise import ElementCheck, Worst
+from mergekit_lite.gate.experts import KeptReader, canonical_factors, matrices
 from mergekit_lite.gate.report import GateReport
 from mergekit_lite.gate.rows import RowPasses, blocks, matmul, matmul_and_ulp_scale
 from mergekit_lite.io.format import DTYPES, TensorEntry
@@ -30,7 +31,7 @@ from mergekit_lite.merge import mathops
 from mergekit_lite.merge.combine import CombinedFactors
 from mergekit_lite.plan.plan import Op, Plan, PlannedTensor
 from mergekit_lite.sources.adapter import Adapter
-from mergekit_lite.vocabulary import WHOLE_TENSOR
+from mergekit_lite.vocabulary import EXPERT_LAYOUTS, WHOLE_TENSOR
 
 PROBES = 4
 READ_AHEAD = 64 * 2**20  # bytes: a larger tensor (an embedding) is mapped when its turn comes, not read ahead
@@ -62,7 +63,8 @@ def check_algebra(
     shard file, computed from the bytes the checks read, is put there under its path.
     """
     out = HashedReads(candidate)
-    factors = [a.reader() for a in adapters]
+    shared = {k for t in plan.tensors for op in t.ops if op.experts for k in op.keys}  # read by every expert
+    factors = [KeptReader(a.reader(), shared) for a in adapters]
     combined = CombinedFactors(plan.combine, adapters) if plan.combine is not None else None
     non_finite: list[str] = []
     differs: list[str] = []
@@ -94,12 +96,13 @@ def check_algebra(
                 elif not _equals_base(t, merged, w0):
                     differs.append(t.name)
                 continue
-            figure = _probe(t, merged, w0, factors, combined=combined, rows=rows)
-            if figure is None:
-                non_finite.append(t.name)
-            else:
-                figures.append(figure)
-                elements.check(t, merged, w0, get)
+            for m, merged_m, w0_m in matrices(t, merged, w0):  # fused experts: each expert's matrix
+                figure = _probe(m, merged_m, w0_m, factors, combined=combined, rows=rows)
+                if figure is None:
+                    non_finite.append(m.name)
+                else:
+                    figures.append(figure)
+                    elements.check(m, merged_m, w0_m, get)
     found = out.finish()  # the bytes after the last tensor checked; after the loop, as it read in order
     if digests is not None:
         digests.update(found)
@@ -222,7 +225,7 @@ def _probe(
     t: PlannedTensor,
     merged: torch.Tensor,
     w0: torch.Tensor,
-    factors: list[TensorReader],
+    factors: list[KeptReader],
     *,
     combined: CombinedFactors | None = None,
     rows: RowPasses | None = None,
@@ -298,7 +301,9 @@ def _apply(
     if op.layout == "bias":
         return y + op.scale * get(op, 0).reshape(-1, 1) * x
     a, b = get(op, 0), get(op, 1)
-    if op.layout == "linear" or transposed:  # canonical frame: W [out, in], delta = s B A
+    if op.layout in EXPERT_LAYOUTS:  # one expert's B_e, A_e (and their block), by PEFT's reshapes
+        b, a = canonical_factors(op, a, b)
+    if op.layout in ("linear", "experts") or transposed:  # canonical frame: W [out, in], delta = s B A
         change = op.scale * (b @ (a @ x))
     else:  # stored [in, out] (conv1d) or [vocab, dim] (embedding): delta = s (B A)^T
         change = op.scale * (a.T @ (b.T @ x))

@@ -42,9 +42,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from mergekit_lite.gate.experts import canonical_factors
 from mergekit_lite.merge import mathops
 from mergekit_lite.plan.plan import Op, PlannedTensor
-from mergekit_lite.vocabulary import WHOLE_TENSOR
+from mergekit_lite.vocabulary import EXPERT_LAYOUTS, WHOLE_TENSOR
 
 BLOCK_ELEMENTS = 2**17  # float64 elements of a block: v and its rounding stay near the L2 cache
 U64 = 2.0**-53
@@ -218,7 +219,9 @@ class Expectation:
                 cols = torch.ones(1, 1, dtype=torch.float64)
             else:
                 a, b = get(op, 0).to(torch.float64), get(op, 1).to(torch.float64)
-                if op.layout == "linear":
+                if op.layout in EXPERT_LAYOUTS:  # one expert's B_e, A_e (gate/experts.py)
+                    b, a = canonical_factors(op, a, b)
+                if op.layout in ("linear", "experts"):
                     rows, cols = b * op.scale, a  # W [out, in] += s B A
                 else:  # stored [in, out] or [vocab, dim]: W += s (B A)^T = (s A^T) B^T
                     rows, cols = (a.T * op.scale).contiguous(), b.T.contiguous()

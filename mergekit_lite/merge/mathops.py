@@ -24,6 +24,23 @@ def all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(t.sum()) or bool(torch.isfinite(t).all())
 
 
+def expert_factors(a: torch.Tensor, b: torch.Tensor, experts: int, expert: int, transposed: bool,
+                   block: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's ParamWrapper delta of one expert as (rows, cols), rows @ cols in the frame it is stored in.
+
+    A [E r, in] holds expert e's A_e in rows e r .. (e+1) r, B [out, E r] its B_e in columns e, E + e,
+    2 E + e, ...; the delta is B_e @ A_e, or its transpose for experts stored [in, out]. `block`
+    (r0, r1, c0, c1) cuts it to the part of the expert's matrix a tensor stored on its own holds.
+    """
+    rank = a.shape[0] // experts
+    a_e, b_e = a[expert * rank : (expert + 1) * rank], b[:, expert::experts]
+    rows, cols = (a_e.T, b_e.T) if transposed else (b_e, a_e)
+    if block:
+        r0, r1, c0, c1 = block
+        rows, cols = rows[r0:r1], cols[:, c0:c1]
+    return rows.contiguous(), cols.contiguous()
+
+
 def row_blocks(rows: int, cols: int, block_elems: int) -> list[tuple[int, int]]:
     """Row ranges of about `block_elems` elements that cover `rows` rows of width `cols`.
 

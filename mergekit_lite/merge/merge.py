@@ -8,7 +8,8 @@ byte for byte without a dtype round trip.
 from __future__ import annotations
 
 import math
-from collections import deque
+import threading
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,9 +25,10 @@ from mergekit_lite.io.reader import TensorReader
 from mergekit_lite.io.writer import ShardWriter
 from mergekit_lite.merge import exact, mathops
 from mergekit_lite.merge.combine import CombinedFactors
-from mergekit_lite.plan.memory import ROW_BLOCK, ROW_THREADS, WRITE_BEHIND, merges_by_rows
+from mergekit_lite.plan.memory import EXPERT_FACTORS_KEPT, ROW_BLOCK, ROW_THREADS, WRITE_BEHIND, merges_by_rows
 from mergekit_lite.plan.plan import CombinePlan, Op, Plan, PlannedTensor
 from mergekit_lite.sources.adapter import Adapter
+from mergekit_lite.vocabulary import EXPERT_LAYOUTS
 
 Progress = Callable[[PlannedTensor], None]
 
@@ -153,6 +155,8 @@ def merge_tensor(t: PlannedTensor, base: TensorReader, factors: _Factors, device
         # not finite: the path below computes the same values and says what went wrong
     if not t.ops:
         return base.get(t.source).to(out_dtype)
+    if len(t.shape) == 3 and all(op.layout in EXPERT_LAYOUTS for op in t.ops):
+        return _merge_experts(t, base, factors, device)
     if any(op.kind == "dora" for op in t.ops):
         acc = _dora_float64(t, base, factors, device)
         out = exact.correct_round(acc, out_dtype)
@@ -168,6 +172,26 @@ def merge_tensor(t: PlannedTensor, base: TensorReader, factors: _Factors, device
         inputs_finite = mathops.all_finite(w)
     if not ok:
         where = "overflows " + t.dtype if inputs_finite else "has NaN or Inf values"
+        raise MergeError(f"merged `{t.name}` {where}; nothing was published")
+    return out
+
+
+def _merge_experts(t: PlannedTensor, base: TensorReader, factors: _Factors, device: torch.device) -> torch.Tensor:
+    """A fused expert tensor [E, ., .], one expert's matrix at a time, each by blocks of rows: no
+    more than one expert's block is worked on in float64 or float32 at once."""
+    w = base.get(t.source).to(device)  # backed by a mapping of the file: each expert read as its turn comes
+    out = torch.empty(t.shape, dtype=DTYPES[t.dtype], device=device)
+    loaded = [(op, *factors.get_many(op.adapter, op.keys[:2])) for op in t.ops]
+    blocks = mathops.row_blocks(t.shape[1], t.shape[2], ROW_BLOCK)
+    ok = True
+    for e in range(t.shape[0]):
+        terms = [
+            exact.term(*mathops.expert_factors(a, b, op.experts, e, op.layout == "experts_t"), op.scale)
+            for op, a, b in loaded
+        ]
+        ok = exact.merge(w[e], terms, out[e], blocks) and ok
+    if not (ok and mathops.all_finite(out)):
+        where = "overflows " + t.dtype if mathops.all_finite(w) else "has NaN or Inf values"
         raise MergeError(f"merged `{t.name}` {where}; nothing was published")
     return out
 
@@ -212,6 +236,10 @@ def _term(op: Op, factors: _Factors) -> exact.Term:
     if op.layout == "bias":
         bias = factors.get(op.adapter, op.keys[0])
         return exact.term(bias.view(-1, 1), torch.ones(1, 1, device=bias.device), op.scale)
+    if op.layout in EXPERT_LAYOUTS:  # one expert's block, this tensor (ParamWrapper on experts stored one by one)
+        lora_a, lora_b = factors.get_kept(op.adapter, op.keys[:2])
+        rows, cols = mathops.expert_factors(lora_a, lora_b, op.experts, op.expert, op.layout == "experts_t", op.block)
+        return exact.term(rows, cols, op.scale)
     lora_a, lora_b = factors.get_many(op.adapter, op.keys[:2])
     if op.layout in ("conv1d", "embedding"):  # stored [in, out] / [vocab, dim]: delta = (B A)^T = A^T B^T
         return exact.term(lora_a.T, lora_b.T, op.scale)
@@ -360,6 +388,8 @@ class _Factors:
         self.readers = [TensorReader({k.key: k.entry for k in a.keys}) for a in adapters]
         self.labels = [a.label for a in adapters]
         self.combined = CombinedFactors(combine, adapters, device) if combine is not None else None
+        self.kept: OrderedDict[tuple[int, str], torch.Tensor] = OrderedDict()
+        self.lock = threading.Lock()
 
     def get(self, index: int, key: str) -> torch.Tensor:
         """Adapter `index`'s tensor `key` in fp32 on the compute device."""
@@ -377,7 +407,26 @@ class _Factors:
             tensors.append(tensor)
         return tensors
 
+    def get_kept(self, index: int, keys: tuple[str, ...]) -> list[torch.Tensor]:
+        """As get_many, keeping the last EXPERT_FACTORS_KEPT tensors: the factors of experts stored one
+        by one, which every expert's tensors read (the plan's memory figure counts them)."""
+        found = []
+        for key in keys:
+            with self.lock:
+                tensor = self.kept.get((index, key))
+                if tensor is not None:
+                    self.kept.move_to_end((index, key))
+            if tensor is None:
+                (tensor,) = self.get_many(index, (key,))
+                with self.lock:
+                    self.kept[index, key] = tensor
+                    while len(self.kept) > EXPERT_FACTORS_KEPT:
+                        self.kept.popitem(last=False)
+            found.append(tensor)
+        return found
+
     def close(self) -> None:
+        self.kept.clear()
         for reader in self.readers:
             reader.close()
         if self.combined is not None:

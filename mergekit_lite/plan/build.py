@@ -13,13 +13,14 @@ from typing import Any
 from mergekit_lite.errors import PlanError
 from mergekit_lite.io.format import FLOAT_DTYPES, TensorEntry
 from mergekit_lite.manifest.sections import CombineSpec
+from mergekit_lite.plan import experts
 from mergekit_lite.plan.combine import plan_combine
 from mergekit_lite.plan.memory import peak_bytes
 from mergekit_lite.plan.plan import CombinePlan, Op, Plan, PlannedTensor
 from mergekit_lite.plan.serving import serving_lint
 from mergekit_lite.sources.adapter import Adapter, AdapterKey
 from mergekit_lite.sources.checkpoint import Checkpoint
-from mergekit_lite.vocabulary import OP_ORDER, WHOLE_TENSOR, Layout
+from mergekit_lite.vocabulary import EXPERT_LAYOUTS, OP_ORDER, WHOLE_TENSOR, Layout
 
 _OUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
@@ -50,6 +51,15 @@ def build_plan(
     for t in tensors:
         _finalise(t, by_index, entries)
     base_shapes = {name: entry.shape for name, entry in ckpt.tensors.items()}
+    if (
+        combine is not None
+        and combine.method != "sum"
+        and any(op.layout in EXPERT_LAYOUTS for t in tensors for op in t.ops)
+    ):
+        raise PlanError(
+            f"`combine: {combine.method}` of adapters with `target_parameters` on experts is not supported; "
+            "merge them with the default `sum`"
+        )
     combined = plan_combine(combine, ckpt.path, adapters, tensors, base_shapes) if combine is not None else None
     if combined is not None:
         _fold_combined(tensors, combined)
@@ -143,7 +153,8 @@ def _lora_ops(
     adapter: Adapter, module: str, kinds: dict[str, AdapterKey], resolve: _Resolver, ops: dict[str, list[Op]]
 ) -> None:
     label = adapter.label
-    scale = adapter.weight * adapter.scaling(module)
+    wrapped = experts.wrapped_parameter(adapter, module, resolve.ckpt.architecture)  # target_parameters
+    scale = adapter.weight * adapter.scaling(wrapped or module)
     a, b = kinds.get("lora_A"), kinds.get("lora_B")
     ea, eb = kinds.get("emb_A"), kinds.get("emb_B")
     if (a is None) != (b is None) or (ea is None) != (eb is None):
@@ -160,19 +171,23 @@ def _lora_ops(
     fa, fb = (a, b) if a else (ea, eb)
     if fa is None or fb is None:
         return
+    if wrapped is not None and experts.stacked_shape(wrapped, resolve.ckpt.architecture) is not None:
+        for target, op in experts.expert_ops(adapter, wrapped, fa, fb, scale, resolve.ckpt, resolve.to_disk):
+            ops[target].append(op)
+        return
     if len(fa.entry.shape) != 2 or len(fb.entry.shape) != 2 or fa.entry.shape[0] != fb.entry.shape[1]:
         raise PlanError(
             f"{label}: `{module}` factors have shapes {list(fa.entry.shape)} and {list(fb.entry.shape)}, "
             "which do not form a product B @ A (only Linear, Conv1D and Embedding layers are supported)"
         )
     rank = fa.entry.shape[0]
-    want, _ = adapter.rank_alpha(module)
+    want, _ = adapter.rank_alpha(wrapped or module)
     if rank != want:
         raise PlanError(
             f"{label}: `{module}` has rank {rank} in its tensors but adapter_config.json says r={want} "
             "(`r` or `rank_pattern`); the config and the weights do not belong together"
         )
-    target = resolve(fa.target, fa, adapter)
+    target = resolve(wrapped or fa.target, fa, adapter)
     layout: Layout = "embedding" if ea else "linear"
     if "magnitude" in kinds:
         if layout == "embedding":
@@ -266,6 +281,9 @@ def _finalise(t: PlannedTensor, adapters: dict[int, Adapter], entries: dict[tupl
                 raise PlanError(
                     f"{where}: token rows {list(first)} at indices up to {max(op.indices)} do not fit `{t.name}` {list(shape)}"
                 )
+        elif op.layout in EXPERT_LAYOUTS:  # checked against the expert tensor by experts.expert_ops
+            if any(o.layout not in EXPERT_LAYOUTS for o in t.ops):
+                raise PlanError(f"{where}: `{t.name}` has expert deltas and other changes; this is not supported")
         elif op.layout == "bias":
             if first != shape:
                 raise PlanError(f"{where} has shape {list(first)} but `{t.name}` is {list(shape)}")

@@ -11,18 +11,27 @@ import math
 from mergekit_lite.io.dequant import CHUNK as DEQUANT_CHUNK
 from mergekit_lite.io.format import ITEMSIZE
 from mergekit_lite.io.writer import STAGING
-from mergekit_lite.plan.plan import CombinePlan, PlannedTensor
+from mergekit_lite.plan.plan import CombinePlan, Op, PlannedTensor
 from mergekit_lite.sources.adapter import Adapter
+from mergekit_lite.vocabulary import EXPERT_LAYOUTS
 
 ROW_BLOCK = 2**18  # elements of a weight merged at a time by one thread (a float64 block of 2 MiB)
 SCRATCH_BYTES = 24  # per element of a block: exact.Scratch's float64, float32 and integer buffers
 ROW_THREADS = 8  # at most this many threads merge the blocks of one tensor
 WRITE_BEHIND = 2  # the writer thread may be this many tensors behind the math
+# expert factors kept between tensors: the experts of a module stored one by one (interleaved with
+# another module's, gate/up and down) all read the same A and B, which are read once each
+EXPERT_FACTORS_KEPT = 4
 
 
 def merges_by_rows(t: PlannedTensor) -> bool:
-    """Whether the merge can take `t` one block of rows at a time: only linear LoRA deltas on a matrix."""
-    return len(t.shape) == 2 and bool(t.ops) and all(op.kind == "delta" and op.layout == "linear" for op in t.ops)
+    """Whether the merge can take `t` one block of rows at a time on its threads: only linear LoRA
+    deltas on a matrix (an expert's matrix stored on its own included)."""
+    return len(t.shape) == 2 and bool(t.ops) and all(op.kind == "delta" and _by_rows(op) for op in t.ops)
+
+
+def _by_rows(op: Op) -> bool:
+    return op.layout == "linear" or (op.layout in EXPERT_LAYOUTS and op.expert >= 0)
 
 
 def peak_bytes(tensors: list[PlannedTensor], adapters: list[Adapter], combined: CombinePlan | None = None) -> int:
@@ -47,6 +56,10 @@ def peak_bytes(tensors: list[PlannedTensor], adapters: list[Adapter], combined: 
         need += sum(factor_bytes[op.adapter, k] for op in t.ops for k in op.keys)
         if merges_by_rows(t):
             by_rows_out, by_rows_width = max(by_rows_out, t.nbytes), max(by_rows_width, t.shape[1])
+        elif len(t.shape) == 3 and all(op.layout in EXPERT_LAYOUTS for op in t.ops):
+            # fused experts, one expert's matrix at a time: the scratch block and the output
+            need += SCRATCH_BYTES * (ROW_BLOCK + 3 * t.shape[-1]) + t.nbytes
+            whole_out = max(whole_out, t.nbytes)
         elif any(op.kind == "dora" for op in t.ops):
             # float64 as a whole: accumulator, unmerged copy, delta, and the temporaries of the rescale
             need += numel * 8 * 7 + t.nbytes
@@ -60,4 +73,6 @@ def peak_bytes(tensors: list[PlannedTensor], adapters: list[Adapter], combined: 
     scratch = ROW_THREADS * SCRATCH_BYTES * (ROW_BLOCK + 3 * by_rows_width) if by_rows_out else 0
     reused = (WRITE_BEHIND + 1) * by_rows_out + scratch
     # and the staging buffers of the shard being written and of the one before it, while it closes
+    experts = {(op.adapter, k) for t in tensors if not t.copied for op in t.ops if op.experts for k in op.keys}
+    held += sum(sorted((factor_bytes[key] for key in experts), reverse=True)[:EXPERT_FACTORS_KEPT])
     return worst + reused + WRITE_BEHIND * whole_out + 2 * STAGING + held

@@ -28,6 +28,9 @@ class Op:
     scale: float = 1.0  # manifest weight * PEFT scaling, where it applies
     layout: Layout = ""
     indices: tuple[int, ...] = ()
+    experts: int = 0  # layouts experts / experts_t: the number of experts E of the factors
+    expert: int = -1  # the expert whose block the tensor is; -1: the tensor is all of them, [E, ...]
+    block: tuple[int, ...] = ()  # (r0, r1, c0, c1): the part of the expert's block the tensor is; (): all
 
 
 @dataclass

@@ -13,6 +13,8 @@ def describe_op(op: Op) -> str:
     tag = f"a{op.adapter}"
     if op.kind == "delta":
         name = {"bias": "lora_bias", "embedding": "lora_emb", "conv1d": "lora_conv1d"}.get(op.layout, "lora")
+        if op.experts:  # ParamWrapper on experts: all of them (a fused tensor), or one expert's block
+            name = f"lora_experts[{op.experts}]" if op.expert < 0 else f"lora_expert[{op.expert}/{op.experts}]"
         return f"{tag} {name} x{op.scale:.4g}"
     if op.kind == "dora":
         return f"{tag} dora x{op.scale:.4g}"

@@ -46,6 +46,7 @@ KNOWN_KEYS = {
     "rank_pattern",
     "revision",
     "target_modules",
+    "target_parameters",
     "task_type",
     "trainable_token_indices",
     "use_dora",
@@ -65,7 +66,6 @@ UNMERGEABLE = {
     "arrow_config": "Arrow routes between adapters per token",
     "use_qalora": "QA-LoRA pools inputs group-wise",
     "use_bdlora": "block-diagonal LoRA is not supported yet",
-    "target_parameters": "LoRA on bare parameters is not supported yet",
     "megatron_config": "Megatron-parallel LoRA layers are not supported",
     "kasa_config": "the KaSA variant is not supported",
     "monteclora_config": "the MonteCLoRA variant is not supported",
@@ -266,9 +266,28 @@ def _vet_config(config: dict[str, Any], label: str) -> None:
     for key, why in UNMERGEABLE.items():
         if config.get(key):
             raise AdapterError(f"{label}: `{key}` is set, and {why}; this adapter cannot be merged into dense weights")
+    if config.get("target_parameters"):
+        _vet_parameter_targets(config, label)
     unknown = sorted(set(config) - KNOWN_KEYS - set(UNMERGEABLE))
     if unknown:
         log.warning("%s: adapter_config.json keys unknown to mergekit-lite, ignored: %s", label, ", ".join(unknown))
+
+
+# What PEFT's lora.ParamWrapper (`target_parameters`) refuses to build, so no such adapter was trained.
+PARAMETER_WRAPPER_REFUSES = ("use_dora", "lora_bias", "fan_in_fan_out", "lora_dropout")
+
+
+def _vet_parameter_targets(config: dict[str, Any], label: str) -> None:
+    targets = config["target_parameters"]
+    if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
+        shown = repr(targets)[:60]
+        raise AdapterError(f"{label}: `target_parameters` is {shown}; it must be a list of parameter names")
+    for key in PARAMETER_WRAPPER_REFUSES:
+        if config.get(key):
+            raise AdapterError(
+                f"{label}: `target_parameters` is set together with `{key}`, which PEFT's ParamWrapper refuses "
+                "(it cannot build such an adapter), so this adapter cannot be merged as PEFT would run it"
+            )
 
 
 def _check_types(config: dict[str, Any], label: str) -> None:

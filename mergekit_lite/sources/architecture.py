@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergekit_lite.sources import fused as fused_layout
+
 log = logging.getLogger(__name__)
 
 # PEFT task types -> the transformers auto class PEFT's users load the base with.
@@ -49,6 +51,8 @@ class Architecture:
     renames: dict[str, str] = field(default_factory=dict)  # on-disk name -> module name, where they differ
     fused: dict[str, list[str]] = field(default_factory=dict)  # module tensor -> on-disk tensors it is built from
     output_on_disk: str | None = None  # the on-disk name an output embedding not stored would have
+    fusion: dict[str, dict[str, Any]] = field(default_factory=dict)  # how each fused tensor is built (fused.py)
+    parameters: dict[str, list[list[Any]]] = field(default_factory=dict)  # modules' nestable parameters (fused.py)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -59,6 +63,8 @@ class Architecture:
             "renames": self.renames,
             "fused": self.fused,
             "output_on_disk": self.output_on_disk,
+            "fusion": self.fusion,
+            "parameters": self.parameters,
         }
 
     @classmethod
@@ -75,6 +81,8 @@ class Architecture:
         if not isinstance(fused, dict) or not all(
             isinstance(v, list) and all(isinstance(s, str) for s in v) for v in fused.values()
         ):
+            return None
+        if not fused_layout.valid(doc["fusion"], doc["parameters"]):
             return None
         return cls(**doc)
 
@@ -146,7 +154,7 @@ def describe(path: Path, tensor_names: list[str], task_type: str | None) -> Arch
         tied = weight_in is weight_out
     else:
         tied = bool(getattr(cfg.get_text_config(), "tie_word_embeddings", False))
-    renames, fused = _key_mapping(model, tensor_names)
+    renames, fused, fusion = _key_mapping(model, tensor_names)
     return Architecture(
         model_class=type(model).__name__,
         tied=tied,
@@ -155,6 +163,8 @@ def describe(path: Path, tensor_names: list[str], task_type: str | None) -> Arch
         renames=renames,
         fused=fused,
         output_on_disk=_on_disk_name(model, out, renames) if out is not None else None,
+        fusion=fusion,
+        parameters=fused_layout.parameters(model),
     )
 
 
@@ -169,8 +179,11 @@ def _conversions(model: Any) -> tuple[list[Any], list[Any]]:
     )
 
 
-def _key_mapping(model: Any, tensor_names: list[str]) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """Each on-disk key as from_pretrained loads it (convert_and_load_state_dict_in_model's renaming)."""
+def _key_mapping(
+    model: Any, tensor_names: list[str]
+) -> tuple[dict[str, str], dict[str, list[str]], dict[str, dict[str, Any]]]:
+    """Each on-disk key as from_pretrained loads it (convert_and_load_state_dict_in_model's renaming),
+    and how the fused tensors are built (fused.py)."""
     from transformers.core_model_loading import rename_source_key
 
     renamings, converters = _conversions(model)
@@ -178,6 +191,7 @@ def _key_mapping(model: Any, tensor_names: list[str]) -> tuple[dict[str, str], d
     loaded = model.state_dict()
     renames: dict[str, str] = {}
     fused: dict[str, list[str]] = {}
+    fusion: dict[str, dict[str, Any]] = {}
     for key in tensor_names:
         name, pattern = rename_source_key(key, renamings, converters, prefix, loaded)
         if name not in loaded and key in loaded:
@@ -186,9 +200,10 @@ def _key_mapping(model: Any, tensor_names: list[str]) -> tuple[dict[str, str], d
             continue  # a tensor the model does not load (the structure check keeps it as it is)
         if pattern is not None:
             fused.setdefault(name, []).append(key)
+            fused_layout.record(fusion, converters, name, key, pattern)
         elif name != key:
             renames[key] = name
-    return renames, fused
+    return renames, fused, fusion
 
 
 def _on_disk_name(model: Any, module_name: str, renames: dict[str, str]) -> str:
