@@ -19,7 +19,7 @@ from mergekit_lite.gate.integrity import check_integrity
 from mergekit_lite.gate.packaging import check_packaging, check_processor_files
 from mergekit_lite.gate.portable import check_portable
 from mergekit_lite.gate.report import GateReport
-from mergekit_lite.gate.runtimes import check_transformers4
+from mergekit_lite.gate.runtimes import check_ctranslate2, check_transformers4
 from mergekit_lite.gate.structure import check_structure
 from mergekit_lite.gate.tolerances import thresholds
 from mergekit_lite.io.format import FLOAT_DTYPES
@@ -160,7 +160,11 @@ def run_gate(
         _guarded(report, "eval", lambda: check_eval(report, models(None), eval_data, eval_progress))
     if settings.runtimes:  # run whatever failed above: a runtime may be the only one to see a defect
         new = settings.max_new_tokens
-        _guarded(report, "runtimes", lambda: check_transformers4(report, candidate, _packaged(candidate), prompts, new))
+        for runtime in settings.runtimes:
+            check = check_transformers4 if runtime == "transformers4" else check_ctranslate2
+            _guarded(
+                report, "runtimes", lambda check=check: check(report, candidate, _packaged(candidate), prompts, new)
+            )
     if gguf is not None:
         new = settings.max_new_tokens
         _guarded(report, "gguf", lambda: check_gguf(report, candidate, gguf, _packaged(candidate), prompts, new))

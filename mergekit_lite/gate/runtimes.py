@@ -1,5 +1,12 @@
 """Gate check 5, runtimes (optional, `verify.runtimes`): the release in the runtime it is deployed to.
 
+`ctranslate2`: the release converted by CTranslate2's own TransformersConverter (what
+`ct2-transformers-converter` runs) at float32 into a temporary folder and run by its Generator on
+the CPU: the prompts' logits (`forward_batch`) and exactly max_new_tokens greedy tokens
+(`generate_batch`, top-1) against transformers 5's, as for transformers 4. This is what catches a
+config field CTranslate2's converter reads differently from transformers (a RoPE setting it
+ignores or misreads), which no transformers check can see.
+
 `transformers4`: the release loaded by transformers 4 in a Python of its own (a separate virtual
 environment: transformers 4 and 5 cannot share one), as its users load it, against transformers 5
 in this process, both in float32: the prompts encode alike, max |logit diff| on the gate's
@@ -13,6 +20,8 @@ in the working folder (what `make runtimes` builds: torch==2.13.0 CPU and transf
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import os
 import subprocess
@@ -21,6 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from mergekit_lite.errors import InputError
@@ -48,6 +58,14 @@ def check_runtimes_available(runtimes: list[str]) -> dict[str, str]:
     """Refuse, before anything is written, a runtime that is not installed; its version otherwise."""
     found = {}
     for runtime in runtimes:
+        if runtime == "ctranslate2":
+            if importlib.util.find_spec("ctranslate2") is None:
+                raise InputError(
+                    "`verify.runtimes: [ctranslate2]`: CTranslate2 is not installed; "
+                    "`pip install 'mergekit-lite[ctranslate2]'`"
+                )
+            found[runtime] = importlib.metadata.version("ctranslate2")
+            continue
         python = transformers4_python()
         if not python.is_file():
             raise InputError(f"`verify.runtimes: [{runtime}]`: no Python at `{python}`; {HOW_TO_INSTALL}")
@@ -78,7 +96,7 @@ def check_transformers4(
     ids, how = prompt_ids(tokenizer, prompts, vocab)
     texts = None if tokenizer is None else list(prompts or DEFAULT_PROMPTS)
     theirs, versions = _run_worker(candidate, texts, bool(getattr(tokenizer, "chat_template", None)), ids, new_tokens)
-    report.context["runtimes"] = {"transformers4": {**versions, "prompts": how}}
+    report.context.setdefault("runtimes", {})["transformers4"] = {**versions, "prompts": how}
     name = "transformers4"
     if texts is not None:
         differ = [i for i, seq in enumerate(ids) if theirs[f"encoded.{i}"].tolist() != seq.tolist()]
@@ -167,3 +185,67 @@ def _greedy_share(
                 continue
         first = first or f"prompt {i} differs at token {k}"
     return same / len(ids), first
+
+
+def check_ctranslate2(
+    report: GateReport, candidate: Path, tokenizer: Any, prompts: list[str] | None, new_tokens: int
+) -> None:
+    """Record the CTranslate2 check of `candidate` (its packaged `tokenizer`: CTranslate2 takes tokens
+    as text, so a release without one cannot be run)."""
+    import ctranslate2
+    from ctranslate2.converters import TransformersConverter
+    from transformers import AutoModelForCausalLM
+
+    if tokenizer is None:
+        raise RuntimeError("CTranslate2 takes tokens as text: the release ships no tokenizer to give them")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(candidate, dtype=torch.float32).eval()
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids, how = prompt_ids(tokenizer, prompts, vocab)
+    with tempfile.TemporaryDirectory(prefix="mergekit-ct2-") as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            TransformersConverter(str(candidate), load_as_float16=False).convert(
+                str(Path(tmp) / "model"), quantization="float32", force=True
+            )
+        generator = ctranslate2.Generator(str(Path(tmp) / "model"), device="cpu", compute_type="float32")
+        tokens = [tokenizer.convert_ids_to_tokens(seq.tolist()) for seq in ids]
+        theirs: dict[str, torch.Tensor] = {}
+        for i, toks in enumerate(tokens):
+            logits = generator.forward_batch([toks])
+            theirs[f"logits.{i}"] = torch.from_numpy(np.asarray(logits)[0]).double()
+            if new_tokens:
+                (result,) = generator.generate_batch(
+                    [toks],
+                    max_length=new_tokens,
+                    min_length=new_tokens,
+                    sampling_topk=1,
+                    include_prompt_in_result=False,
+                )
+                theirs[f"greedy.{i}"] = torch.tensor(result.sequences_ids[0])
+    report.context.setdefault("runtimes", {})["ctranslate2"] = {
+        "ctranslate2": importlib.metadata.version("ctranslate2"),
+        "prompts": how,
+    }
+    limit = RUNTIME_TOLERANCES["max_abs_logit_diff"]
+    ours = [_forward(model, seq) for seq in ids]
+    diffs = [float((a - theirs[f"logits.{i}"]).abs().max()) for i, a in enumerate(ours)]
+    worst = max(range(len(diffs)), key=diffs.__getitem__)
+    report.add(
+        "runtimes",
+        "ctranslate2: max_abs_logit_diff",
+        diffs[worst] <= limit,
+        figure=diffs[worst],
+        threshold=limit,
+        detail=f"worst: prompt {worst}; float32 both",
+    )
+    share, first = _greedy_share(model, ids, theirs, new_tokens, tie=2 * limit)
+    report.add(
+        "runtimes",
+        "ctranslate2: greedy_match",
+        share >= RUNTIME_TOLERANCES["greedy_match"],
+        figure=share,
+        threshold=RUNTIME_TOLERANCES["greedy_match"],
+        detail=first or f"share of prompts whose {new_tokens} greedy tokens agree (up to a tie)",
+    )
