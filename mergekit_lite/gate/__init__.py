@@ -19,7 +19,7 @@ from mergekit_lite.gate.integrity import check_integrity
 from mergekit_lite.gate.packaging import check_packaging, check_processor_files
 from mergekit_lite.gate.portable import check_portable
 from mergekit_lite.gate.report import GateReport
-from mergekit_lite.gate.runtimes import check_ctranslate2, check_transformers4
+from mergekit_lite.gate.runtimes import check_ctranslate2, check_onnxruntime_genai, check_transformers4
 from mergekit_lite.gate.structure import check_structure
 from mergekit_lite.gate.tolerances import thresholds
 from mergekit_lite.io.format import FLOAT_DTYPES
@@ -161,7 +161,11 @@ def run_gate(
     if settings.runtimes:  # run whatever failed above: a runtime may be the only one to see a defect
         new = settings.max_new_tokens
         for runtime in settings.runtimes:
-            check = check_transformers4 if runtime == "transformers4" else check_ctranslate2
+            check = {
+                "transformers4": check_transformers4,
+                "ctranslate2": check_ctranslate2,
+                "onnxruntime-genai": check_onnxruntime_genai,
+            }[runtime]
             _guarded(
                 report, "runtimes", lambda check=check: check(report, candidate, _packaged(candidate), prompts, new)
             )

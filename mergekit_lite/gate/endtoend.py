@@ -303,8 +303,22 @@ def _run(report: GateReport, check: EndToEnd, dtype: torch.dtype, limits: dict[s
             report.context["reference_base"] = f"dequantized by {dequantizer(check.base)}"
         loader = model_loader(check.model_class)
         merged = loader.from_pretrained(check.candidate, dtype=dtype, **for_release).eval()
+        same_stop_ids(reference, merged)
         report.context["placement"] = check.placement.describe(reference, merged)
         _judge(report, _whole_runs(reference, merged, check), check, limits)
+
+
+def same_stop_ids(reference: Any, release: Any) -> None:
+    """Give the reference the release's end-of-sequence ids. The greedy paths never choose one
+    (generate's min_new_tokens), and the release's may include the tokenizer's EOS, added by the plan
+    where the base's generation_config lacks it (a Llama 3 base and its instruct tokenizer): with the
+    base's own ids, the reference could choose a token the release may not, and a correct merge
+    would fail greedy_match."""
+    eos = getattr(getattr(release, "generation_config", None), "eos_token_id", None)
+    inner = reference.get_base_model() if hasattr(reference, "get_base_model") else reference
+    for model in {id(m): m for m in (reference, inner)}.values():
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.eos_token_id = eos
 
 
 LAYERED_ENV = "MERGEKIT_LITE_LAYER_BY_LAYER"  # 1: run the check layer by layer where it can; 0: never

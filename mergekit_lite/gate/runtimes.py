@@ -7,6 +7,12 @@ the CPU: the prompts' logits (`forward_batch`) and exactly max_new_tokens greedy
 config field CTranslate2's converter reads differently from transformers (a RoPE setting it
 ignores or misreads), which no transformers check can see.
 
+`onnxruntime-genai`: the release exported by onnxruntime-genai's own model builder
+(`python -m onnxruntime_genai.models.builder -p fp32 -e cpu`) into a temporary folder and run by
+its Generator: the prompts' logits (`get_output("logits")` after appending the prompt) and exactly
+max_new_tokens greedy tokens, against transformers 5's, as above. Its attention kernel needs a head
+size that is a multiple of 16: a release without one fails the check saying so.
+
 `transformers4`: the release loaded by transformers 4 in a Python of its own (a separate virtual
 environment: transformers 4 and 5 cannot share one), as its users load it, against transformers 5
 in this process, both in float32: the prompts encode alike, max |logit diff| on the gate's
@@ -25,6 +31,7 @@ import importlib.util
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -47,6 +54,11 @@ HOW_TO_INSTALL = (
     "the python of an environment that has transformers 4 (it cannot share one with transformers 5)"
 )
 TIMEOUT_S = 1800
+# runtime -> (modules it imports, its distribution, its name): the Python runtimes, in this environment
+PACKAGES = {
+    "ctranslate2": (("ctranslate2",), "ctranslate2", "CTranslate2"),
+    "onnxruntime-genai": (("onnxruntime_genai", "onnx", "onnx_ir"), "onnxruntime-genai", "onnxruntime-genai"),
+}
 
 
 def transformers4_python() -> Path:
@@ -58,13 +70,13 @@ def check_runtimes_available(runtimes: list[str]) -> dict[str, str]:
     """Refuse, before anything is written, a runtime that is not installed; its version otherwise."""
     found = {}
     for runtime in runtimes:
-        if runtime == "ctranslate2":
-            if importlib.util.find_spec("ctranslate2") is None:
+        if runtime in PACKAGES:
+            modules, distribution, name = PACKAGES[runtime]
+            if any(importlib.util.find_spec(m) is None for m in modules):
                 raise InputError(
-                    "`verify.runtimes: [ctranslate2]`: CTranslate2 is not installed; "
-                    "`pip install 'mergekit-lite[ctranslate2]'`"
+                    f"`verify.runtimes: [{runtime}]`: {name} is not installed; `pip install 'mergekit-lite[{runtime}]'`"
                 )
-            found[runtime] = importlib.metadata.version("ctranslate2")
+            found[runtime] = importlib.metadata.version(distribution)
             continue
         python = transformers4_python()
         if not python.is_file():
@@ -228,13 +240,72 @@ def check_ctranslate2(
         "ctranslate2": importlib.metadata.version("ctranslate2"),
         "prompts": how,
     }
+    _compare(report, "ctranslate2", model, ids, theirs, new_tokens)
+
+
+def check_onnxruntime_genai(
+    report: GateReport, candidate: Path, tokenizer: Any, prompts: list[str] | None, new_tokens: int
+) -> None:
+    """Record the onnxruntime-genai check of `candidate` (token ids in, so `tokenizer` may be None)."""
+    import onnxruntime_genai as og
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(candidate, dtype=torch.float32).eval()
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids, how = prompt_ids(tokenizer, prompts, vocab)
+    theirs: dict[str, torch.Tensor] = {}
+    with tempfile.TemporaryDirectory(prefix="mergekit-ortgenai-") as tmp:
+        out, cache = Path(tmp) / "model", Path(tmp) / "cache"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        build = subprocess.run(
+            [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(candidate), "-o", str(out)]
+            + ["-p", "fp32", "-e", "cpu", "-c", str(cache)],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+            env=env,
+            cwd=tmp,
+        )
+        if build.returncode != 0:
+            last = ([line for line in build.stderr.splitlines() if line.strip()] or ["no output"])[-1]
+            raise RuntimeError(f"onnxruntime-genai's model builder could not export the release: {last.strip()}")
+        runtime = og.Model(str(out))
+        for i, seq in enumerate(ids):
+            params = og.GeneratorParams(runtime)
+            length = len(seq) + max(new_tokens, 1)
+            params.set_search_options(max_length=length, min_length=length, do_sample=False)
+            generator = og.Generator(runtime, params)
+            generator.append_tokens(np.asarray([seq.tolist()], dtype=np.int32))
+            logits = np.asarray(generator.get_output("logits"))
+            theirs[f"logits.{i}"] = torch.from_numpy(logits.reshape(-1, logits.shape[-1])).double()
+            greedy = []
+            for _ in range(new_tokens):
+                if generator.is_done():
+                    break
+                generator.generate_next_token()
+                greedy.append(int(generator.get_next_tokens()[0]))
+            theirs[f"greedy.{i}"] = torch.tensor(greedy, dtype=torch.long)
+            del generator
+    report.context.setdefault("runtimes", {})["onnxruntime-genai"] = {
+        "onnxruntime-genai": importlib.metadata.version("onnxruntime-genai"),
+        "prompts": how,
+    }
+    _compare(report, "onnxruntime-genai", model, ids, theirs, new_tokens)
+
+
+def _compare(
+    report: GateReport, name: str, model, ids: list[torch.Tensor], theirs: dict[str, torch.Tensor], new_tokens: int
+) -> None:
+    """The two rows of a runtime: max |logit diff| on the prompts and the greedy tokens' agreement."""
     limit = RUNTIME_TOLERANCES["max_abs_logit_diff"]
     ours = [_forward(model, seq) for seq in ids]
     diffs = [float((a - theirs[f"logits.{i}"]).abs().max()) for i, a in enumerate(ours)]
     worst = max(range(len(diffs)), key=diffs.__getitem__)
     report.add(
         "runtimes",
-        "ctranslate2: max_abs_logit_diff",
+        f"{name}: max_abs_logit_diff",
         diffs[worst] <= limit,
         figure=diffs[worst],
         threshold=limit,
@@ -243,7 +314,7 @@ def check_ctranslate2(
     share, first = _greedy_share(model, ids, theirs, new_tokens, tie=2 * limit)
     report.add(
         "runtimes",
-        "ctranslate2: greedy_match",
+        f"{name}: greedy_match",
         share >= RUNTIME_TOLERANCES["greedy_match"],
         figure=share,
         threshold=RUNTIME_TOLERANCES["greedy_match"],

@@ -445,6 +445,9 @@ def opened(
         release_skeleton(candidate, release_entries, model_class),
         None if ideal is None else reference_skeleton(base, base_entries, adapters, model_class, ideal=ideal),
     )
+    for skeleton in (models.reference, models.ideal):  # the release's end-of-sequence ids (endtoend.same_stop_ids)
+        if skeleton is not None:
+            skeleton.root.generation_config.eos_token_id = models.release.root.generation_config.eos_token_id
     try:
         for skeleton in models.skeletons:
             load_outside(skeleton)
