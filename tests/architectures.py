@@ -247,6 +247,9 @@ CASES: list[Case] = [
         "language-model LoRA, module names on disk",
     ),
     _all_linear("t5", task_type="SEQ_2_SEQ_LM"),
+    Case(
+        "t5-head", "t5", {"target_modules": ["q", "lm_head"], "task_type": "SEQ_2_SEQ_LM"}, "LoRA on the tied lm_head"
+    ),
     _all_linear("bart", task_type="SEQ_2_SEQ_LM"),
     Case(
         "llama_seq_cls",

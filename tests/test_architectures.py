@@ -297,6 +297,41 @@ def test_fused_experts_are_merged_one_expert_at_a_time(arch_zoo: ArchZoo, tmp_pa
     assert not torch.equal(merged, TensorReader(job.checkpoint.tensors).get(t.source))
 
 
+@pytest.mark.parametrize(
+    ("arch", "module", "refusal"),
+    [
+        ("t5", "shared", r"changes `shared.weight`, which this T5ForConditionalGeneration ties to `encoder.embed"),
+        ("bart", "shared", r"changes `model.shared.weight`, which this BartForConditionalGeneration ties to"),
+        ("bart", "lm_head", r"no longer ties `model.encoder.embed_tokens.weight`, `model.decoder.embed_tokens"),
+    ],
+)
+def test_lora_on_tied_seq2seq_embeddings_is_refused_with_the_reason(
+    arch: str, module: str, refusal: str, arch_zoo: ArchZoo, tmp_path: Path
+) -> None:
+    """T5 and BART tie `shared` to the encoder's and decoder's `embed_tokens` and to `lm_head`. PEFT's
+    LoRA on `shared` changes only what runs through that module, here nothing (the unmerged model's
+    logits are the base's), which a merge into the one stored tensor cannot express; a LoRA on BART's
+    lm_head unties it, and untied BART no longer ties its `embed_tokens` either, which the checkpoint
+    does not store. Both refused at plan time, saying so, nothing written; T5's lm_head merges (t5-head)."""
+    from peft import PeftModel
+
+    case = Case(f"{arch}-{module}", arch, {"target_modules": [module], "task_type": "SEQ_2_SEQ_LM"})
+    adapter = build_adapter(case, arch_zoo.base(arch), tmp_path / "adapter")
+    if module == "shared":
+        cls = getattr(transformers, ARCHES[arch].model_class)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reference = PeftModel.from_pretrained(cls.from_pretrained(arch_zoo.base(arch)), adapter).eval()
+        inputs = _inputs(reference)
+        with reference.disable_adapter():
+            base = _logits(reference, inputs)
+        assert torch.equal(_logits(reference, inputs), base), "PEFT's LoRA on `shared` changed the logits"
+    manifest = write_manifest(tmp_path, arch_zoo.base(arch), [adapter], "float32")
+    with pytest.raises(MergekitError, match=refusal):
+        prepare(manifest)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("option", ["use_dora", "lora_bias"])
 def test_target_parameters_refused_where_peft_refuses(option: str, arch_zoo: ArchZoo, tmp_path: Path) -> None:
     """PEFT's ParamWrapper cannot be built with DoRA or a LoRA bias: such a config is refused at read

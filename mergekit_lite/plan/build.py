@@ -101,6 +101,7 @@ class _Resolver:
         self.fused = arch.fused
 
     def __call__(self, target: str, key: AdapterKey, adapter: Adapter) -> str:
+        self._refuse_tied_alias(target, key, adapter)
         disk = self.to_disk.get(target, target)
         if disk in self.ckpt.tensors or disk in self.virtual:
             return disk
@@ -118,6 +119,21 @@ class _Resolver:
         raise PlanError(
             f"{adapter.label}: `{key.key}` changes `{target}`, which the base model does not have "
             "(is the adapter made for another base?)" + (f"; the base loads as {loads_as}" if loads_as else "")
+        )
+
+    def _refuse_tied_alias(self, target: str, key: AdapterKey, adapter: Adapter) -> None:
+        """A module tied to others besides the input/output embedding pair (which the release unties
+        when they part): PEFT changes what runs through that module alone, a merge all of them."""
+        arch = self.ckpt.architecture
+        others = arch.aliases.get(target, [])
+        if target == arch.output_embedding or not set(others) - {arch.input_embedding, arch.output_embedding}:
+            return
+        module = target.rpartition(".")[0]
+        raise PlanError(
+            f"{adapter.label}: `{key.key}` changes `{target}`, which this {arch.model_class} ties to "
+            f"{', '.join(f'`{o}`' for o in others)}: one tensor on disk. PEFT changes only what runs through "
+            f"`{module}`, not through the modules tied to it, while a merge would change them all, so the "
+            "release could not behave as the unmerged adapter does; adapt the layers instead"
         )
 
 
@@ -256,9 +272,31 @@ def _reconcile_tied(ckpt: Checkpoint, ops: dict[str, list[Op]]) -> bool:
     emb_ops = ops.get(emb, [])
     stays_tied = not ops.get(head) and all(op.kind == "rows" for op in emb_ops)
     mirrored = [op for op in emb_ops if op.kind == "rows"]
+    if not stays_tied:
+        _refuse_lost_ties(ckpt)
     if head in ckpt.tensors or not stays_tied:
         ops[head] = ops.get(head, []) + mirrored
     return stays_tied
+
+
+def _refuse_lost_ties(ckpt: Checkpoint) -> None:
+    """Untied, some classes tie nothing else to the input embedding either (BART: its encoder's and
+    decoder's `embed_tokens`); where the checkpoint does not store those, they would load uninitialised."""
+    arch = ckpt.architecture
+    inp, head = arch.input_embedding, arch.output_embedding
+    if inp is None:
+        return
+    to_disk = {module: disk for disk, module in arch.renames.items()}
+    kept = set(arch.untied_aliases.get(inp, []))
+    lost = [
+        a for a in arch.aliases.get(inp, []) if a != head and a not in kept and to_disk.get(a, a) not in ckpt.tensors
+    ]
+    if lost:
+        raise PlanError(
+            f"the adapters change `{head}` and `{inp}` apart, which unties them; this {arch.model_class} then no "
+            f"longer ties {', '.join(f'`{a}`' for a in lost)} to `{inp}` either, and the checkpoint does not "
+            "store them, so the release would load them uninitialised; untying it is not supported (adapt the layers)"
+        )
 
 
 def _finalise(t: PlannedTensor, adapters: dict[int, Adapter], entries: dict[tuple[int, str], TensorEntry]) -> None:

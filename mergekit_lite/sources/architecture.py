@@ -53,6 +53,8 @@ class Architecture:
     output_on_disk: str | None = None  # the on-disk name an output embedding not stored would have
     fusion: dict[str, dict[str, Any]] = field(default_factory=dict)  # how each fused tensor is built (fused.py)
     parameters: dict[str, list[list[Any]]] = field(default_factory=dict)  # modules' nestable parameters (fused.py)
+    aliases: dict[str, list[str]] = field(default_factory=dict)  # module tensor -> the others tied to it
+    untied_aliases: dict[str, list[str]] = field(default_factory=dict)  # the same with tie_word_embeddings false
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -65,6 +67,8 @@ class Architecture:
             "output_on_disk": self.output_on_disk,
             "fusion": self.fusion,
             "parameters": self.parameters,
+            "aliases": self.aliases,
+            "untied_aliases": self.untied_aliases,
         }
 
     @classmethod
@@ -84,6 +88,11 @@ class Architecture:
             return None
         if not fused_layout.valid(doc["fusion"], doc["parameters"]):
             return None
+        for aliases in (doc["aliases"], doc["untied_aliases"]):
+            if not isinstance(aliases, dict) or not all(
+                isinstance(v, list) and all(isinstance(s, str) for s in v) for v in aliases.values()
+            ):
+                return None
         return cls(**doc)
 
 
@@ -155,6 +164,8 @@ def describe(path: Path, tensor_names: list[str], task_type: str | None) -> Arch
     else:
         tied = bool(getattr(cfg.get_text_config(), "tie_word_embeddings", False))
     renames, fused, fusion = _key_mapping(model, tensor_names)
+    aliases = _aliases(model)
+    beyond_pair = tied and any(set(v) - {inp, out} for v in aliases.values())  # T5's, BART's embed_tokens
     return Architecture(
         model_class=type(model).__name__,
         tied=tied,
@@ -165,7 +176,31 @@ def describe(path: Path, tensor_names: list[str], task_type: str | None) -> Arch
         output_on_disk=_on_disk_name(model, out, renames) if out is not None else None,
         fusion=fusion,
         parameters=fused_layout.parameters(model),
+        aliases=aliases,
+        untied_aliases=_untied_aliases(class_name, cfg) if beyond_pair else {},
     )
+
+
+def _untied_aliases(class_name: str, cfg: Any) -> dict[str, list[str]]:
+    """The ties left when the release unties lm_head (`tie_word_embeddings: false`): in BART none,
+    its encoder's and decoder's `embed_tokens` then load from tensors of their own; T5 keeps them."""
+    doc = cfg.to_dict()  # as transformers reads the release's config.json (T5's keeps its ties)
+    doc["tie_word_embeddings"] = False
+    if isinstance(doc.get("text_config"), dict):
+        doc["text_config"]["tie_word_embeddings"] = False
+    untied = type(cfg).from_dict(doc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _aliases(meta_model(class_name, untied))
+
+
+def _aliases(model: Any) -> dict[str, list[str]]:
+    """Module tensors that are one parameter (tied weights: T5's `shared`, `encoder.embed_tokens`,
+    `decoder.embed_tokens`, `lm_head`), each -> the others."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return {n: [o for o in g if o != n] for g in groups.values() if len(g) > 1 for n in g}
 
 
 def _conversions(model: Any) -> tuple[list[Any], list[Any]]:
