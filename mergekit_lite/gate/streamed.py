@@ -21,6 +21,7 @@ once to the output dtype (gate/calibrate.py does the same to the whole model).
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -438,6 +439,7 @@ def opened(
     read for the block and dropped after it (the layers are read pass by pass)."""
     from mergekit_lite.sources.checkpoint import read_tensors
 
+    _map_large_allocations()
     _, base_entries = read_tensors(base)
     _, release_entries = read_tensors(candidate)
     models = Models(
@@ -455,6 +457,20 @@ def opened(
     finally:
         for skeleton in models.skeletons:
             drop_outside(skeleton)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def _map_large_allocations() -> None:
+    """Have glibc map every allocation of 1 MiB or more and unmap it when freed (for the rest of the
+    process). Layer tensors of many sizes, freed and made again layer after layer, otherwise
+    fragment the heap: measured on the 1 GB synthetic model, RSS crept from 1.8 to 2.6 GiB over four
+    passes without this, and stayed at 1.8-1.84 GiB with it. A no-op where the C library is not glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
 
 
 def logits(
