@@ -450,6 +450,10 @@ def opened(
     for skeleton in (models.reference, models.ideal):  # the release's end-of-sequence ids (endtoend.same_stop_ids)
         if skeleton is not None:
             skeleton.root.generation_config.eos_token_id = models.release.root.generation_config.eos_token_id
+    eos = models.release.root.generation_config.eos_token_id  # as endtoend.same_stop_ids: the release's
+    for skeleton in (models.reference, models.ideal):
+        if skeleton is not None:
+            skeleton.root.generation_config.eos_token_id = eos
     try:
         for skeleton in models.skeletons:
             load_outside(skeleton)
