@@ -120,27 +120,7 @@ def check_transformers4(
             threshold=0,
             detail=f"first: prompt {differ[0]}" if differ else "",
         )
-    limit = RUNTIME_TOLERANCES["max_abs_logit_diff"]
-    ours = [_forward(model, seq) for seq in ids]
-    diffs = [float((a - theirs[f"logits.{i}"].double()).abs().max()) for i, a in enumerate(ours)]
-    worst = max(range(len(diffs)), key=diffs.__getitem__)
-    report.add(
-        "runtimes",
-        f"{name}: max_abs_logit_diff",
-        diffs[worst] <= limit,
-        figure=diffs[worst],
-        threshold=limit,
-        detail=f"worst: prompt {worst}; float32 both",
-    )
-    share, first = _greedy_share(model, ids, theirs, new_tokens, tie=2 * limit)
-    report.add(
-        "runtimes",
-        f"{name}: greedy_match",
-        share >= RUNTIME_TOLERANCES["greedy_match"],
-        figure=share,
-        threshold=RUNTIME_TOLERANCES["greedy_match"],
-        detail=first or f"share of prompts whose {new_tokens} greedy tokens agree (up to a tie)",
-    )
+    _compare(report, name, model, ids, theirs, new_tokens)
 
 
 def _run_worker(
@@ -301,7 +281,7 @@ def _compare(
     """The two rows of a runtime: max |logit diff| on the prompts and the greedy tokens' agreement."""
     limit = RUNTIME_TOLERANCES["max_abs_logit_diff"]
     ours = [_forward(model, seq) for seq in ids]
-    diffs = [float((a - theirs[f"logits.{i}"]).abs().max()) for i, a in enumerate(ours)]
+    diffs = [float((a - theirs[f"logits.{i}"].double()).abs().max()) for i, a in enumerate(ours)]
     worst = max(range(len(diffs)), key=diffs.__getitem__)
     report.add(
         "runtimes",
