@@ -12,27 +12,18 @@ margins of tolerances.CALIBRATION_MARGINS; the fixed table stays as the floor of
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from mergekit_lite.gate.tolerances import CALIBRATION_MARGINS, HIGHER_IS_BETTER, TOLERANCES
+from mergekit_lite.gate.tolerances import CALIBRATION_MARGINS, HIGHER_IS_BETTER
 
 OUTPUT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
-def ideal_merge(
-    reference: Any, output_dtype: str, unrounded: Callable[[Any], float] | None = None
-) -> tuple[Any | None, str]:
+def ideal_merge(reference: Any, output_dtype: str) -> tuple[Any | None, str]:
     """PEFT's merge_and_unload of `reference`, in place, every float weight rounded once to the
     output dtype (and held in the compute dtype); None and the reason when that cannot be done here.
-
-    `unrounded(model)`, when given, is the float32 merge's max |logit diff| from the reference,
-    measured before the rounding: where PEFT's own merge is farther than float32's threshold from
-    its unmerged model (a model whose tied or shared weights its merge gets wrong), it is no
-    yardstick, and None is returned with that reason (the table's thresholds then apply: a release
-    as wrong as PEFT's merge must not pass because PEFT's merge is wrong too).
 
     The reference is consumed: after this call only the returned model is valid.
     """
@@ -42,13 +33,6 @@ def ideal_merge(
     if any(p.device.type == "meta" for p in reference.parameters()):
         return None, "the reference is offloaded to disk (its weights cannot be merged in place)"
     model = reference.merge_and_unload(safe_merge=False)
-    if unrounded is not None:
-        limit = TOLERANCES["F32"]["max_abs_logit_diff"]
-        if (off := unrounded(model.eval())) > limit:
-            return None, (
-                f"PEFT's own float32 merge_and_unload is {off:.3g} from its unmerged model (over float32's "
-                f"{limit:g}): it is no yardstick for this model, so the table's thresholds apply"
-            )
     with torch.no_grad():
         for param in model.parameters():  # the weights the release stores (buffers such as rotary
             if param.is_floating_point() and param.dtype != target:  # frequencies are recomputed)
