@@ -99,13 +99,7 @@ def check_transformers4(
     report: GateReport, candidate: Path, tokenizer: Any, prompts: list[str] | None, new_tokens: int
 ) -> None:
     """Record the transformers 4 check of `candidate` (its packaged `tokenizer`, or None)."""
-    from transformers import AutoModelForCausalLM
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(candidate, dtype=torch.float32).eval()
-    vocab = model.get_input_embeddings().weight.shape[0]
-    ids, how = prompt_ids(tokenizer, prompts, vocab)
+    model, ids, how = _release_and_prompts(candidate, tokenizer, prompts)
     texts = None if tokenizer is None else list(prompts or DEFAULT_PROMPTS)
     theirs, versions = _run_worker(candidate, texts, bool(getattr(tokenizer, "chat_template", None)), ids, new_tokens)
     report.context.setdefault("runtimes", {})["transformers4"] = {**versions, "prompts": how}
@@ -186,15 +180,10 @@ def check_ctranslate2(
     as text, so a release without one cannot be run)."""
     import ctranslate2
     from ctranslate2.converters import TransformersConverter
-    from transformers import AutoModelForCausalLM
 
     if tokenizer is None:
         raise RuntimeError("CTranslate2 takes tokens as text: the release ships no tokenizer to give them")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(candidate, dtype=torch.float32).eval()
-    vocab = model.get_input_embeddings().weight.shape[0]
-    ids, how = prompt_ids(tokenizer, prompts, vocab)
+    model, ids, how = _release_and_prompts(candidate, tokenizer, prompts)
     with tempfile.TemporaryDirectory(prefix="mergekit-ct2-") as tmp:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -228,13 +217,8 @@ def check_onnxruntime_genai(
 ) -> None:
     """Record the onnxruntime-genai check of `candidate` (token ids in, so `tokenizer` may be None)."""
     import onnxruntime_genai as og
-    from transformers import AutoModelForCausalLM
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(candidate, dtype=torch.float32).eval()
-    vocab = model.get_input_embeddings().weight.shape[0]
-    ids, how = prompt_ids(tokenizer, prompts, vocab)
+    model, ids, how = _release_and_prompts(candidate, tokenizer, prompts)
     theirs: dict[str, torch.Tensor] = {}
     with tempfile.TemporaryDirectory(prefix="mergekit-ortgenai-") as tmp:
         out, cache = Path(tmp) / "model", Path(tmp) / "cache"
@@ -273,6 +257,20 @@ def check_onnxruntime_genai(
         "prompts": how,
     }
     _compare(report, "onnxruntime-genai", model, ids, theirs, new_tokens)
+
+
+def _release_and_prompts(
+    candidate: Path, tokenizer: Any, prompts: list[str] | None
+) -> tuple[Any, list[torch.Tensor], str]:
+    """The release in transformers 5, float32, and the prompts' token ids (and how they were made)."""
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(candidate, dtype=torch.float32).eval()
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids, how = prompt_ids(tokenizer, prompts, vocab)
+    return model, ids, how
 
 
 def _compare(
