@@ -98,6 +98,46 @@ def _qwen3_moe() -> dict[str, Any]:
     return _decoder(head_dim=8, moe_intermediate_size=16, num_experts=4, **_MOE)
 
 
+_BERT = {"vocab_size": VOCAB, "hidden_size": HIDDEN, "num_hidden_layers": 2, "num_attention_heads": 4}
+_BERT.update({"intermediate_size": 2 * HIDDEN, "max_position_embeddings": 64, "pad_token_id": 0})
+_DISTILBERT = {"vocab_size": VOCAB, "dim": HIDDEN, "n_layers": 2, "n_heads": 4, "hidden_dim": 2 * HIDDEN}
+_DISTILBERT.update({"max_position_embeddings": 64})
+_WHISPER = {"vocab_size": VOCAB, "d_model": HIDDEN, "encoder_layers": 2, "decoder_layers": 2}
+_WHISPER.update(
+    {"encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64}
+)
+_WHISPER.update({"num_mel_bins": 8, "max_source_positions": 16, "max_target_positions": 32})
+_WHISPER.update({"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 1})
+
+
+def _deepseek_v3() -> dict[str, Any]:
+    attention = {"kv_lora_rank": 8, "q_lora_rank": 8, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "v_head_dim": 8}
+    experts = {"n_routed_experts": 4, "moe_intermediate_size": 16, "first_k_dense_replace": 1, "n_group": 1}
+    return _decoder(topk_group=1, **attention, **experts, **_MOE)
+
+
+def _mistral3() -> dict[str, Any]:
+    vision = dict(_VISION, model_type="pixtral", head_dim=8)
+    return {"text_config": _decoder(model_type="mistral"), "vision_config": vision, "image_token_index": 95}
+
+
+def _qwen2_vl() -> dict[str, Any]:
+    vision = {"depth": 1, "embed_dim": 16, "hidden_size": HIDDEN, "num_heads": 2, "patch_size": 4}
+    vision.update({"spatial_merge_size": 2, "temporal_patch_size": 2})
+    text = _decoder(rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
+    return {"text_config": text, "vision_config": vision, "image_token_id": 95, "video_token_id": 94}
+
+
+def _idefics3() -> dict[str, Any]:
+    return {"text_config": _decoder(model_type="llama"), "vision_config": dict(_VISION), "image_token_id": 95}
+
+
+def _paligemma() -> dict[str, Any]:
+    vision = dict(_VISION, model_type="siglip_vision_model", projection_dim=HIDDEN)
+    text = _decoder(model_type="gemma", head_dim=8)
+    return {"text_config": text, "vision_config": vision, "image_token_index": 95, "projection_dim": HIDDEN}
+
+
 _CLIP_PROCESSOR = {
     "class": "CLIPImageProcessor",
     "size": {"shortest_edge": 32},
@@ -166,6 +206,35 @@ ARCHES: dict[str, Arch] = {
     "llama_seq_cls": Arch("LlamaForSequenceClassification", lambda: _decoder(num_labels=3), "sequence classification"),
     "qwen2_seq_cls": Arch("Qwen2ForSequenceClassification", lambda: _decoder(num_labels=3), "sequence classification"),
     "llama_token_cls": Arch("LlamaForTokenClassification", lambda: _decoder(num_labels=5), "token classification"),
+    "smollm3": Arch("SmolLM3ForCausalLM", lambda: _decoder()),
+    "glm4": Arch("Glm4ForCausalLM", lambda: _decoder(head_dim=8)),
+    "olmoe": Arch("OlmoeForCausalLM", lambda: _decoder(num_experts=4, **_MOE)),
+    "granitemoe": Arch("GraniteMoeForCausalLM", lambda: _decoder(num_local_experts=4, **_MOE)),
+    "phimoe": Arch("PhimoeForCausalLM", lambda: _decoder(num_local_experts=4, **_MOE)),
+    "deepseek_v3": Arch("DeepseekV3ForCausalLM", _deepseek_v3),
+    "mistral3": Arch("Mistral3ForConditionalGeneration", _mistral3, "image-text-to-text"),
+    "qwen2_vl": Arch("Qwen2VLForConditionalGeneration", _qwen2_vl, "image-text-to-text"),
+    "idefics3": Arch("Idefics3ForConditionalGeneration", _idefics3, "image-text-to-text"),
+    "paligemma": Arch("PaliGemmaForConditionalGeneration", _paligemma, "image-text-to-text"),
+    "whisper": Arch("WhisperForConditionalGeneration", lambda: dict(_WHISPER), "speech seq2seq"),
+    "bert_seq_cls": Arch("BertForSequenceClassification", lambda: dict(_BERT, num_labels=3), "sequence classification"),
+    "roberta_seq_cls": Arch(
+        "RobertaForSequenceClassification",
+        lambda: dict(_BERT, num_labels=3, pad_token_id=1, max_position_embeddings=70),
+        "sequence classification",
+    ),
+    "deberta_v2_seq_cls": Arch(
+        "DebertaV2ForSequenceClassification", lambda: dict(_BERT, num_labels=3), "sequence classification"
+    ),
+    "modernbert_seq_cls": Arch(
+        "ModernBertForSequenceClassification",
+        lambda: dict(_BERT, num_labels=3, global_attn_every_n_layers=1, local_attention=8),
+        "sequence classification",
+    ),
+    "distilbert_token_cls": Arch(
+        "DistilBertForTokenClassification", lambda: dict(_DISTILBERT, num_labels=5), "token classification"
+    ),
+    "bert": Arch("BertModel", lambda: dict(_BERT), "feature extraction"),
 }
 
 
@@ -211,7 +280,7 @@ CASES: list[Case] = [
     *(
         _all_linear(a)
         for a in ARCHES
-        if ARCHES[a].task == "causal LM" and a not in ("llama_tied", "qwen2_moe_v5", *MOE_ALL_LINEAR)
+        if ARCHES[a].task == "causal LM" and a not in ("llama_tied", "qwen2_moe_v5", "phimoe", *MOE_ALL_LINEAR)
     ),
     *(_moe_all_linear(a) for a in MOE_ALL_LINEAR),
     _on_experts("qwen2_moe-experts", "qwen2_moe", "mlp.gate.weight"),
@@ -266,6 +335,41 @@ CASES: list[Case] = [
     Case(
         "llama_token_cls", "llama_token_cls", {"target_modules": ATTENTION, "task_type": "TOKEN_CLS"}, "attention LoRA"
     ),
+    # PhiMoE's router returns a tuple, which PEFT's LoRA layer cannot wrap (its forward fails, so
+    # no such adapter can be trained): attention and the experts' matrices only
+    Case("phimoe", "phimoe", {"target_modules": [*ATTENTION, "w1", "w2", "w3"]}, "attention and expert LoRA"),
+    _all_linear("mistral3"),
+    _all_linear("qwen2_vl"),
+    _all_linear("idefics3"),
+    _all_linear("paligemma"),
+    Case(
+        "whisper",
+        "whisper",
+        {"target_modules": ["q_proj", "v_proj", "fc1"], "task_type": None},  # as PEFT's Whisper recipe
+        "encoder and decoder LoRA",
+    ),
+    *(
+        Case(
+            a,
+            a,
+            {"target_modules": "all-linear", "task_type": "SEQ_CLS"},
+            "all-linear LoRA + modules_to_save classifier",
+        )
+        for a in ("bert_seq_cls", "roberta_seq_cls", "modernbert_seq_cls")
+    ),
+    Case(
+        "deberta_v2_seq_cls",
+        "deberta_v2_seq_cls",
+        {"target_modules": ["query_proj", "value_proj"], "task_type": "SEQ_CLS"},
+        "attention LoRA + modules_to_save classifier",
+    ),
+    Case(
+        "distilbert_token_cls",
+        "distilbert_token_cls",
+        {"target_modules": ["q_lin", "v_lin", "ffn.lin1"], "task_type": "TOKEN_CLS"},
+        "attention and FFN LoRA + modules_to_save classifier",
+    ),
+    Case("bert", "bert", {"target_modules": ["query", "value"], "task_type": "FEATURE_EXTRACTION"}, "attention LoRA"),
 ]
 CASES_BY_ID = {c.id: c for c in CASES}
 assert len(CASES_BY_ID) == len(CASES), "two cases share an id"

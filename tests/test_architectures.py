@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -91,14 +92,19 @@ def arch_zoo(tmp_path_factory) -> ArchZoo:
 def _inputs(model) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(7)
     ids = torch.randint(*PROMPT_IDS, (2, 9), generator=gen)
+    if model.main_input_name == "input_features":  # a speech encoder: log-mel-shaped features
+        features = torch.randn(2, model.config.num_mel_bins, 2 * model.config.max_source_positions, generator=gen)
+        return {"input_features": features, "decoder_input_ids": ids}
     if getattr(model.config, "is_encoder_decoder", False):
         return {"input_ids": ids, "decoder_input_ids": torch.randint(*PROMPT_IDS, (2, 5), generator=gen)}
     return {"input_ids": ids}
 
 
 def _logits(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits, or the hidden states of a model without a head (feature extraction)."""
     with torch.no_grad():
-        return model(**inputs).logits.to(torch.float64)
+        out = model(**inputs)
+    return (out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state).to(torch.float64)
 
 
 def _close(ours: torch.Tensor, ref: torch.Tensor) -> bool:
@@ -168,6 +174,48 @@ def test_modules_the_prompts_do_not_reach_are_named(arch_zoo: ArchZoo) -> None:
     _, language = arch_zoo.release("llava-language")
     assert "modules_not_reached" not in language["context"]
     assert "never ran" not in _detail(language, "max_abs_logit_diff")
+
+
+@pytest.mark.parametrize(("case_id", "module"), [("whisper", "encoder.layers.0.fc1"), ("bert", "layer.1.attention")])
+def test_end_to_end_runs_speech_encoders_and_bare_models(
+    case_id: str, module: str, arch_zoo: ArchZoo, tmp_path: Path
+) -> None:
+    """Whisper's encoder reads the gate's synthetic log-mel features and a model without a head
+    (feature extraction) is compared on its hidden states: every changed module runs, and a release
+    with one of them left unmerged (its base tensor restored) fails the end-to-end check."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mergekit_lite.gate.endtoend import EndToEnd, Placement, check_end_to_end
+    from mergekit_lite.gate.report import GateReport
+    from mergekit_lite.gate.tolerances import TOLERANCES
+
+    out, report = arch_zoo.release(case_id)
+    assert report["passed"] and "modules_not_reached" not in report["context"]
+    assert report["context"]["adapter_effect_max_abs_logit_diff"] > 0
+    tampered = tmp_path / "tampered"
+    shutil.copytree(out, tampered)
+    [shard] = list(tampered.glob("*.safetensors"))
+    [base_file] = list(arch_zoo.base(CASES_BY_ID[case_id].arch).glob("*.safetensors"))
+    tensors, base = load_file(shard), load_file(base_file)
+    restored = [k for k in tensors if module in k and k in base and not torch.equal(tensors[k], base[k])]
+    assert restored, f"no merged tensor under {module}"
+    tensors.update({k: base[k] for k in restored})
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+
+    def end_to_end(candidate: Path) -> GateReport:  # the check alone (the algebra check fails first)
+        report = GateReport(dtype="F32")
+        limits = dict(TOLERANCES["F32"])
+        adapters = [(arch_zoo.adapter(case_id), 1.0)]
+        check = EndToEnd(candidate, arch_zoo.base(case.arch), adapters, Placement(), None, None, 4, limits)
+        check_end_to_end(report, replace(check, model_class=ARCHES[case.arch].model_class))
+        return report
+
+    case = CASES_BY_ID[case_id]
+    assert end_to_end(out).passed  # control: the same check on the release as merged
+    failed = {c.name for c in end_to_end(tampered).failures}
+    assert "max_abs_logit_diff" in failed, f"the end-to-end check missed {restored}"
 
 
 def _detail(report: dict, name: str) -> str:

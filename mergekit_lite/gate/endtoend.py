@@ -580,13 +580,32 @@ def _forward(model, ids: torch.Tensor, continuation: list[int] | None = None) ->
     if _is_seq2seq(model):
         tail = continuation if continuation is not None else ids[:-1].tolist()
         decoder = torch.tensor([_decoder_start(model), *tail], dtype=ids.dtype)
-        inputs = {"input_ids": ids.unsqueeze(0), "decoder_input_ids": decoder.unsqueeze(0)}
+        inputs = {**_encoder_inputs(model, ids), "decoder_input_ids": decoder.unsqueeze(0)}
     else:
         seq = ids if continuation is None else torch.cat([ids, torch.tensor(continuation, dtype=ids.dtype)])
         inputs = {"input_ids": seq.unsqueeze(0)}
     with torch.no_grad():
-        logits = model(**{k: v.to(device) for k, v in inputs.items()}).logits
+        out = model(**{k: v.to(device) for k, v in inputs.items()})
+    # a model without a head (feature extraction) is compared on what it outputs: its hidden states
+    logits = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
     return logits.reshape(-1, logits.shape[-1]).to("cpu", torch.float64)
+
+
+AUDIO_SEED = 0
+
+
+def _encoder_inputs(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What an encoder-decoder's encoder reads: the prompt's ids, or for a speech model (Whisper,
+    whose encoder takes log-mel features, `input_features`) one fixed synthetic recording: seeded
+    Gaussian features of the shape its encoder takes (num_mel_bins x 2 x max_source_positions
+    frames), the same for every prompt and every model, so that the encoder's LoRA runs while the
+    decoder reads the prompt."""
+    if getattr(model, "main_input_name", "input_ids") != "input_features":
+        return {"input_ids": ids.unsqueeze(0)}
+    config = model.config
+    frames = 2 * int(config.max_source_positions)  # Whisper's two convolutions, the second of stride 2
+    gen = torch.Generator().manual_seed(AUDIO_SEED)
+    return {"input_features": torch.randn(1, int(config.num_mel_bins), frames, generator=gen)}
 
 
 @contextmanager
@@ -680,9 +699,22 @@ def _generate(model, seq: torch.Tensor, n: int) -> list[int]:
     """Exactly n greedy tokens (no early stop), through transformers' own generate."""
     from transformers import GenerationConfig
 
+    if getattr(model, "main_input_name", "input_ids") == "input_features":
+        return _argmax_path(model, seq, n)
     ids = seq.unsqueeze(0).to(_input_device(model))
     config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
     # an encoder-decoder's output is its decoder's: the start token, then the new tokens
     return out[0, 1:].tolist() if _is_seq2seq(model) else out[0, ids.shape[1] :].tolist()
+
+
+def _argmax_path(model, seq: torch.Tensor, n: int) -> list[int]:
+    """n greedy tokens of a speech encoder-decoder, its decoder reading the start token and what it
+    chose so far: Whisper's generate adds its own language, task and timestamp logic (and returns
+    its tokens without the decoder's prompt), so its argmax is taken here, the same way for every
+    model compared."""
+    path: list[int] = []
+    for _ in range(n):
+        path.append(int(_forward(model, seq, path)[-1].argmax()))
+    return path
