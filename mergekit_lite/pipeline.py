@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mergekit_lite.errors import InputError, MergekitError
+from mergekit_lite.errors import InputError, MergekitError, PlanError
 from mergekit_lite.gate import GateReport, run_gate
 from mergekit_lite.gate.eval import EvalProgress
 from mergekit_lite.gate.gguf import GgufFile
@@ -117,6 +117,7 @@ def prepare(manifest_path: str | Path, for_output: bool = True, hash_inputs: boo
         checkpoint = read_checkpoint(loaded.base_path, task_type=task_type(adapters), dequantize=m.base.dequantize)
         plan = build_plan(checkpoint, adapters, m.dtype, loaded.max_shard_bytes, combine=m.combine)
         resolve_device(m.device_map)
+        _check_fp8_release(plan, m)
         if m.verify.runtimes and m.verify.enabled:
             check_runtimes_available(m.verify.runtimes)  # a runtime not installed is refused before any write
         converter = None
@@ -144,6 +145,23 @@ def prepare(manifest_path: str | Path, for_output: bool = True, hash_inputs: boo
         eval_data=eval_data,
         converter=converter,
     )
+
+
+def _check_fp8_release(plan: Plan, m: Any) -> None:
+    """An FP8 release (`dtype: float8_e4m3fn`) is for transformers, vLLM and SGLang: the GGUF converter
+    and the other runtimes the gate can run are refused before anything is written."""
+    if plan.quantization_config is None:
+        return
+    if m.output.gguf is not None:
+        raise PlanError(
+            "`output.gguf` with `dtype: float8_e4m3fn` is not supported: llama.cpp's converter would "
+            "re-quantize FP8 weights; merge with `dtype: bfloat16` for a GGUF release"
+        )
+    if m.verify.runtimes and m.verify.enabled:
+        raise PlanError(
+            f"`verify.runtimes: {list(m.verify.runtimes)}` with `dtype: float8_e4m3fn` is not supported: those "
+            "runtimes do not load FP8 block-scaled weights; drop `runtimes` or merge with `dtype: bfloat16`"
+        )
 
 
 GGUF_BYTES = {"bf16": 2.0, "f16": 2.0, "f32": 4.0, "q8_0": 34 / 32}  # per element; q8_0: 32 int8 + an f16 scale

@@ -12,7 +12,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 from mergekit_lite.sizes import parse_size
 from mergekit_lite.vocabulary import COMBINE_METHODS, COMBINE_NAMES, COMBINE_PARAMETERS, methods_taking
 
-DType = Literal["float32", "float16", "bfloat16", "auto"]
+DType = Literal["float32", "float16", "bfloat16", "auto", "float8_e4m3fn"]
 METRICS = (
     "max_abs_logit_diff",
     "mean_kl",

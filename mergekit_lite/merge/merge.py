@@ -12,7 +12,7 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -23,7 +23,7 @@ from mergekit_lite.errors import AdapterError, MergeError
 from mergekit_lite.io.format import DTYPES
 from mergekit_lite.io.reader import TensorReader
 from mergekit_lite.io.writer import ShardWriter
-from mergekit_lite.merge import exact, mathops
+from mergekit_lite.merge import exact, fp8, mathops
 from mergekit_lite.merge.combine import CombinedFactors
 from mergekit_lite.plan.memory import EXPERT_FACTORS_KEPT, ROW_BLOCK, ROW_THREADS, WRITE_BEHIND, merges_by_rows
 from mergekit_lite.plan.plan import CombinePlan, Op, Plan, PlannedTensor
@@ -104,13 +104,22 @@ class ShardMerger:
         entries = [(t.name, t.dtype, t.shape) for t in tensors]
         writer = ShardWriter(self.folder / self.plan.shard_names[index], entries, {"format": "pt"}, digest=self.digest)
         self.writers.append(writer)
+        scales: dict[str, torch.Tensor] = {}  # FP8 block scales, written right after their weight
         for t in tensors:
             if t.copied:
                 src = self.base.locate(t.source)
+                if t.part:  # a stored part of a quantized tensor (an FP8 weight or its scales)
+                    assert src.quant is not None
+                    src = src.quant.part(t.part)
                 self.behind.submit(writer.copy_range, t.name, src.file, src.begin, src.nbytes)
+            elif t.scale_of:
+                self.behind.submit(writer.write_tensor, t.name, scales.pop(t.scale_of))
             else:
-                with mathops.intra_op_threads(self.own if merges_by_rows(t) else self.threads):
-                    out = merge_tensor(t, self.base, self.factors, self.device, self.workspace)
+                dense = replace(t, dtype="F32", fp8_block=()) if t.fp8_block else t
+                with mathops.intra_op_threads(self.own if merges_by_rows(dense) else self.threads):
+                    out = merge_tensor(dense, self.base, self.factors, self.device, self.workspace)
+                    if t.fp8_block:
+                        out, scales[t.name] = fp8.quantize_blocks(out, (t.fp8_block[0], t.fp8_block[1]))
                 self.behind.submit(writer.write_tensor, t.name, out)
             if self.progress is not None:
                 self.progress(t)

@@ -15,6 +15,7 @@ from mergekit_lite.io.format import FLOAT_DTYPES, TensorEntry
 from mergekit_lite.manifest.sections import CombineSpec
 from mergekit_lite.plan import experts
 from mergekit_lite.plan.combine import plan_combine
+from mergekit_lite.plan.fp8 import DENSE_DTYPE, FP8_DTYPE, plan_fp8
 from mergekit_lite.plan.memory import peak_bytes
 from mergekit_lite.plan.plan import CombinePlan, Op, Plan, PlannedTensor
 from mergekit_lite.plan.serving import serving_lint
@@ -33,6 +34,7 @@ def build_plan(
     With a `combine` method other than sum, each module's LoRA deltas become one delta of the
     combined adapter (adapter index len(adapters)), whose factors merge/combine.py computes in the merge.
     """
+    fp8, dtype = dtype == FP8_DTYPE, DENSE_DTYPE if dtype == FP8_DTYPE else dtype
     ops: dict[str, list[Op]] = defaultdict(list)
     accounted: list[str] = []
     resolve = _Resolver(ckpt)
@@ -63,6 +65,9 @@ def build_plan(
     combined = plan_combine(combine, ckpt.path, adapters, tensors, base_shapes) if combine is not None else None
     if combined is not None:
         _fold_combined(tensors, combined)
+    quantization_config = None
+    if fp8:
+        tensors, quantization_config = plan_fp8(ckpt, tensors)
     shapes = {t.name: t for t in tensors}
     shard_names = _assign_shards(tensors, max_shard_bytes)
     rows = shapes[ckpt.input_embedding].shape[0] if ckpt.input_embedding in shapes else None
@@ -79,6 +84,7 @@ def build_plan(
         combine=combined,
         serving=serving_lint(adapters),
         base_quantization=ckpt.quantization,
+        quantization_config=quantization_config,
     )
 
 
@@ -372,7 +378,7 @@ def _assign_shards(tensors: list[PlannedTensor], max_bytes: int) -> list[str]:
     """Greedy split in order, like huggingface_hub's: a tensor larger than the limit gets a shard of its own."""
     shard, size = 0, 0
     for t in tensors:
-        if size and size + t.nbytes > max_bytes:
+        if size and size + t.nbytes > max_bytes and not t.scale_of:  # FP8 block scales stay with their weight
             shard, size = shard + 1, 0
         t.shard = shard
         size += t.nbytes

@@ -16,9 +16,12 @@ V5_ONLY_TOKENIZER_KEYS = ("backend", "is_local", "local_files_only")
 
 
 def reconciled_config(base_config: dict[str, Any], plan: Plan) -> dict[str, Any]:
-    """The base config with dtype, vocab_size and tie_word_embeddings made true of the output tensors."""
+    """The base config with dtype, vocab_size, tie_word_embeddings and quantization_config made true of
+    the output tensors (an FP8 release's quantization_config is the plan's, plan/fp8.py)."""
     config = dict(base_config)
     config.pop("quantization_config", None)
+    if plan.quantization_config is not None:
+        config["quantization_config"] = dict(plan.quantization_config)
     floats = [t.dtype for t in plan.tensors if t.dtype in TORCH_NAMES]
     if floats:
         dtype = TORCH_NAMES[max(set(floats), key=lambda d: sum(t.nbytes for t in plan.tensors if t.dtype == d))]

@@ -49,25 +49,31 @@ def peak_bytes(tensors: list[PlannedTensor], adapters: list[Adapter], combined: 
     for t in tensors:
         if t.copied:
             continue  # copied file to file
+        if t.scale_of:
+            continue  # computed with its FP8 weight, counted there
         numel = math.prod(t.shape)
         need = numel * ITEMSIZE[t.src_dtype]  # the source, as far as it is read (dequantized: its values)
+        out_bytes = t.nbytes
+        if t.fp8_block:  # merged in float32, then quantized one row of blocks at a time (merge/fp8.py):
+            out_bytes = numel * 4  # the float32 merge is the output buffer, the codes and scales come beside it
+            need += numel + 4 * math.prod(t.fp8_block) * 3 * -(-t.shape[1] // t.fp8_block[1])
         if t.quantized:  # and its stored parts (at most a byte a value), and one chunk's codes and products
             need += numel + DEQUANT_CHUNK * 12
         need += sum(factor_bytes[op.adapter, k] for op in t.ops for k in op.keys)
         if merges_by_rows(t):
-            by_rows_out, by_rows_width = max(by_rows_out, t.nbytes), max(by_rows_width, t.shape[1])
+            by_rows_out, by_rows_width = max(by_rows_out, out_bytes), max(by_rows_width, t.shape[1])
         elif len(t.shape) == 3 and all(op.layout in EXPERT_LAYOUTS for op in t.ops):
             # fused experts, one expert's matrix at a time: the scratch block and the output
-            need += SCRATCH_BYTES * (ROW_BLOCK + 3 * t.shape[-1]) + t.nbytes
-            whole_out = max(whole_out, t.nbytes)
+            need += SCRATCH_BYTES * (ROW_BLOCK + 3 * t.shape[-1]) + out_bytes
+            whole_out = max(whole_out, out_bytes)
         elif any(op.kind == "dora" for op in t.ops):
             # float64 as a whole: accumulator, unmerged copy, delta, and the temporaries of the rescale
-            need += numel * 8 * 7 + t.nbytes
-            whole_out = max(whole_out, t.nbytes)
+            need += numel * 8 * 7 + out_bytes
+            whole_out = max(whole_out, out_bytes)
         else:
             # by blocks of rows: a float32 starting copy (replaced tensors), the scratch block, the output
-            need += numel * 4 + SCRATCH_BYTES * (ROW_BLOCK + 3 * t.shape[-1]) + t.nbytes
-            whole_out = max(whole_out, t.nbytes)
+            need += numel * 4 + SCRATCH_BYTES * (ROW_BLOCK + 3 * t.shape[-1]) + out_bytes
+            whole_out = max(whole_out, out_bytes)
         worst = max(worst, need)
     # output buffers taken in turn, and per thread a scratch block of ROW_BLOCK elements (plus up to three rows)
     scratch = ROW_THREADS * SCRATCH_BYTES * (ROW_BLOCK + 3 * by_rows_width) if by_rows_out else 0

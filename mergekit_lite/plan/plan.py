@@ -45,6 +45,9 @@ class PlannedTensor:
     ops: list[Op] = field(default_factory=list)
     shard: int = 0
     quantized: str = ""  # the source's quantization method (io/dequant.METHODS), "" when stored dense
+    fp8_block: tuple[int, ...] = ()  # (rows, cols): written as FP8 e4m3 with these block scales (plan/fp8.py)
+    scale_of: str = ""  # this is the `weight_scale_inv` of that FP8 tensor, planned right after it
+    part: str = ""  # copied from this stored part of a quantized source (`weight`, `weight_scale_inv`)
 
     @property
     def nbytes(self) -> int:
@@ -52,8 +55,10 @@ class PlannedTensor:
 
     @property
     def copied(self) -> bool:
-        """Whether the output is the source's stored bytes, copied file to file."""
-        return not self.ops and self.dtype == self.src_dtype and not self.quantized
+        """Whether the output is the source's stored bytes (or those of its stored `part`), copied file to file."""
+        if self.part:
+            return not self.ops
+        return not self.ops and self.dtype == self.src_dtype and not self.quantized and not self.scale_of
 
     @property
     def changed(self) -> bool:
@@ -74,6 +79,7 @@ class Plan:
     combine: CombinePlan | None = None  # several adapters combined into one (`combine:` other than sum)
     serving: list[dict[str, Any]] = field(default_factory=list)  # could each adapter be served unmerged (serving.py)
     base_quantization: str = ""  # how the base is stored quantized (merged into its dequantized values); "" if dense
+    quantization_config: dict[str, Any] | None = None  # the release's config.json `quantization_config` (FP8)
 
     @property
     def total_bytes(self) -> int:

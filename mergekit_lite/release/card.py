@@ -79,6 +79,7 @@ def model_card(
             if plan.base_quantization
             else []
         ),
+        *([_fp8_line(plan)] if plan.quantization_config is not None else []),
         f"- adapters combined: {_combine_line(summary['combine'])}",
         f"- tokenizer: {tokenizer or 'none shipped'}",
         "",
@@ -164,3 +165,15 @@ def _usage(name: str, shipped: bool) -> list[str]:
         f"vllm serve {where}" + ("" if shipped else " --tokenizer <the base's tokenizer>"),
         "```",
     ]
+
+
+def _fp8_line(plan: Plan) -> str:
+    """What `dtype: float8_e4m3fn` wrote: which tensors are FP8, and which of them were re-quantized."""
+    fp8 = [t for t in plan.tensors if t.fp8_block]
+    blocks = sorted({f"{t.fp8_block[0]}x{t.fp8_block[1]}" for t in fp8})
+    recomputed = sum(1 for t in fp8 if not t.part)
+    return (
+        f"- written as: fine-grained FP8 (float8_e4m3fn, {', '.join(blocks)} block scales `weight_scale_inv`) for "
+        f"{len(fp8)} weights, {recomputed} of them re-quantized from the merge, the rest the base's bytes; "
+        "config.json's `quantization_config` says so (`quant_method: fp8`)"
+    )
