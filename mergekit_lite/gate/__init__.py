@@ -145,8 +145,9 @@ def run_gate(
             combine=plan.combine,
             dequantized=checkpoint.tensors if checkpoint.quantization else None,
             model_class=checkpoint.architecture.model_class,
-            parameters=sum(math.prod(t.shape) for t in plan.tensors if t.dtype in FLOAT_DTYPES),
+            parameters=sum(math.prod(t.shape) for t in plan.tensors if t.dtype in FLOAT_DTYPES or t.fp8_block),
             layer_by_layer=settings.layer_by_layer,
+            fp8=tuple((t.name, (t.fp8_block[0], t.fp8_block[1])) for t in plan.tensors if t.fp8_block),
         )
 
     if not settings.logits:

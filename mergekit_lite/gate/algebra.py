@@ -22,13 +22,15 @@ import torch
 
 from mergekit_lite.gate.elementwise import ElementCheck, Worst
 from mergekit_lite.gate.experts import KeptReader, canonical_factors, matrices
+from mergekit_lite.gate.fp8 import Fp8Worst, check_fp8
 from mergekit_lite.gate.report import GateReport
 from mergekit_lite.gate.rows import RowPasses, blocks, matmul, matmul_and_ulp_scale
 from mergekit_lite.io.format import DTYPES, TensorEntry
 from mergekit_lite.io.readback import HashedReads
-from mergekit_lite.io.reader import AlignedBuffer, TensorReader
+from mergekit_lite.io.reader import AlignedBuffer, TensorReader, read_entry
 from mergekit_lite.merge import mathops
 from mergekit_lite.merge.combine import CombinedFactors
+from mergekit_lite.plan.fp8 import grid
 from mergekit_lite.plan.plan import Op, Plan, PlannedTensor
 from mergekit_lite.sources.adapter import Adapter
 from mergekit_lite.vocabulary import EXPERT_LAYOUTS, WHOLE_TENSOR
@@ -68,6 +70,7 @@ def check_algebra(
     combined = CombinedFactors(plan.combine, adapters) if plan.combine is not None else None
     non_finite: list[str] = []
     differs: list[str] = []
+    fp8_worst = Fp8Worst()
     figures: list[TensorFigures] = []
     # missing ones, or of another shape or dtype, are already reported by the structure checks
     tensors = [
@@ -90,6 +93,17 @@ def check_algebra(
         mathops.intra_op_threads(1),
     ):
         for t, (merged, w0) in zip(tensors, ahead, strict=True):
+            if t.scale_of or t.part:  # FP8 block scales, or a stored part copied (a recomputed scale: below)
+                if t.part and not _same_bytes(merged, w0):
+                    differs.append(t.name)
+                continue
+            if t.fp8_block:
+                scale = candidate.get(t.name + "_scale_inv")
+                if scale is None or scale.shape != grid(t.shape, (t.fp8_block[0], t.fp8_block[1])):
+                    fp8_worst.failing.append(t.name)  # the structure checks say what is wrong with it
+                    continue
+                check_fp8(t, merged, read_entry(scale), w0, get, fp8_worst)
+                continue
             if not t.ops:
                 if merged.is_floating_point() and not mathops.all_finite(merged):
                     non_finite.append(t.name)
@@ -114,7 +128,9 @@ def check_algebra(
         threshold=0,
         detail=", ".join(non_finite[:3]),
     )
-    untouched = sum(1 for t in plan.tensors if not t.ops)
+    if fp8_worst.tensors or fp8_worst.failing:
+        _record_fp8(report, fp8_worst)
+    untouched = sum(1 for t in plan.tensors if not t.ops and not t.fp8_block and not t.scale_of or t.part)
     report.add(
         "algebra",
         f"{untouched} unchanged tensors equal the base",
@@ -145,6 +161,34 @@ def check_algebra(
         )
 
 
+def _record_fp8(report: GateReport, worst: Fp8Worst) -> None:
+    """The FP8 tensors' rows: every element within its rounding bound (gate/fp8.py), every block's scale its own."""
+    counted = f"{worst.elements} elements in {worst.tensors} FP8 tensors"
+    detail = (
+        f"worst: {worst.name}[{worst.index[0]}, {worst.index[1]}] = {worst.written:.9g}, expected {worst.expected:.9g}"
+    )
+    if worst.failing:
+        detail += f"; {worst.beyond} past the bound, in {', '.join(worst.failing[:3])}"
+    report.add(
+        "algebra",
+        "every FP8 element within half an e4m3 ulp (at its block scale) of W + delta (float64), share of the bound",
+        not worst.failing,
+        figure=worst.share,
+        threshold=1.0,
+        detail=f"{detail}; {counted}",
+        id="algebra.fp8_elements",
+    )
+    report.add(
+        "algebra",
+        "FP8 block scales recomputed: each block's largest |code| is 448",
+        not worst.bad_blocks,
+        figure=len(worst.bad_blocks),
+        threshold=0,
+        detail=", ".join(worst.bad_blocks[:3]) or f"all {worst.blocks} blocks",
+        id="algebra.fp8_scales",
+    )
+
+
 def _record_elements(report: GateReport, worst: Worst, element_ulps: float) -> None:
     """The elementwise check's row: the farthest element in ulps, failing on any past the bound."""
     counted = f"{worst.elements} elements in {worst.tensors} tensors"
@@ -166,6 +210,20 @@ def _record_elements(report: GateReport, worst: Worst, element_ulps: float) -> N
     )
 
 
+def _own_base(t: PlannedTensor) -> bool:
+    """Whether t's base side is not its source's values: a stored part it copies, or none (recomputed FP8 scales)."""
+    return bool(t.part or t.scale_of)
+
+
+def _stored(base: TensorReader, t: PlannedTensor) -> torch.Tensor:
+    """The bytes of the stored part t copies (an FP8 base's weight or scales); none for a recomputed scale."""
+    if not t.part:
+        return torch.empty(0, dtype=torch.uint8)
+    entry = base.locate(t.source)
+    assert entry.quant is not None
+    return read_entry(entry.quant.part(t.part))
+
+
 class ReadAhead:
     """Each tensor's candidate and base weights, in order, read on a thread of its own while the
     tensor before is checked, so that the disk and the CPU work at the same time: a release just
@@ -182,7 +240,9 @@ class ReadAhead:
     def _read(self, t: PlannedTensor, slot: tuple[AlignedBuffer, AlignedBuffer]) -> tuple[Future, Future]:
         return (
             self.pool.submit(self.candidate.load_into, t.name, slot[0], True),
-            self.pool.submit(self.base.load_into, t.source, slot[1]),
+            self.pool.submit(_stored, self.base, t)
+            if _own_base(t)
+            else self.pool.submit(self.base.load_into, t.source, slot[1]),
         )
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -191,7 +251,7 @@ class ReadAhead:
         for i, t in enumerate(self.tensors):
             large = self._large(t)
             if large:  # mapped, and let go with the tensors: the buffers stay small
-                pair = self.candidate.get(t.name), self.base.get(t.source)
+                pair = self.candidate.get(t.name), _stored(self.base, t) if _own_base(t) else self.base.get(t.source)
             else:
                 reads = ahead if ahead is not None else self._read(t, slots[i % 2])
                 wait(reads)  # both done with their buffers before an error is raised
@@ -213,6 +273,10 @@ class ReadAhead:
 
     def __exit__(self, *exc: object) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
 def _equals_base(t: PlannedTensor, merged: torch.Tensor, w0: torch.Tensor) -> bool:

@@ -143,7 +143,12 @@ EXPLAINED: list[Explained] = [
         "the output's tying (an adapter that changes the embedding or lm_head unties them)",
         lambda d, f: _same(d.new, f.plan.tied_out),
     ),
-    Explained("config.json", "quantization_config", "dense weights carry none", lambda d, f: d.new is MISSING),
+    Explained(
+        "config.json",
+        "quantization_config",
+        "dense weights carry none; FP8 ones the plan's (`dtype: float8_e4m3fn`)",
+        lambda d, f: d.new is MISSING if f.plan.quantization_config is None else d.new == f.plan.quantization_config,
+    ),
     Explained("config.json", "transformers_version", "the library version that wrote the file", _version),
     *[
         Explained("config.json", pattern, f"{V4}: `rope_parameters.{key}`", _v4_rope_key(key))

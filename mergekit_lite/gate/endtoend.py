@@ -266,6 +266,7 @@ class EndToEnd:
     output_dtype: str = "F32"  # the release's dtype, as the report names it: the ideal merge is rounded to it
     parameters: int = 0  # the release's planned parameter count (what the two float32 models take)
     layer_by_layer: bool | None = None  # `verify.layer_by_layer`: None lets choose_runner decide
+    fp8: tuple[tuple[str, tuple[int, int]], ...] = ()  # an FP8 release's FP8 weights and their blocks
 
 
 def check_end_to_end(report: GateReport, check: EndToEnd) -> None:
@@ -302,10 +303,22 @@ def _run(report: GateReport, check: EndToEnd, dtype: torch.dtype, limits: dict[s
         if check.dequantized is not None:
             report.context["reference_base"] = f"dequantized by {dequantizer(check.base)}"
         loader = model_loader(check.model_class)
-        merged = loader.from_pretrained(check.candidate, dtype=dtype, **for_release).eval()
+        if check.fp8:
+            report.context["release_load"] = "transformers FineGrainedFP8Config(dequantize=True)"
+        merged = loader.from_pretrained(check.candidate, dtype=dtype, **release_loading(check, for_release)).eval()
         same_stop_ids(reference, merged)
         report.context["placement"] = check.placement.describe(reference, merged)
         _judge(report, _whole_runs(reference, merged, check), check, limits)
+
+
+def release_loading(check: EndToEnd, for_release: dict[str, Any]) -> dict[str, Any]:
+    """from_pretrained's arguments for the release: an FP8 one dequantized by transformers, as it
+    loads FP8 on a CPU (and here on any device, so that the figures do not depend on it)."""
+    if not check.fp8:
+        return for_release
+    from transformers import FineGrainedFP8Config
+
+    return {**for_release, "quantization_config": FineGrainedFP8Config(dequantize=True)}
 
 
 def same_stop_ids(reference: Any, release: Any) -> None:
@@ -375,6 +388,8 @@ def _not_layered(check: EndToEnd) -> str | None:
         return "the reference is PEFT's add_weighted_adapter of the adapters"
     if check.dequantized is not None:
         return "the base is stored quantized"
+    if check.fp8:
+        return "the release is stored as FP8"
     config = json.loads((check.base / "config.json").read_text())
     rows = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
     if check.embedding_rows is not None and check.embedding_rows != rows:
@@ -427,7 +442,7 @@ def _whole_runs(reference: Any, merged: Any, check: EndToEnd) -> Runs:
         n,
         type(merged).__name__,
     )
-    ideal_model, runs.ideal_how = ideal_merge(reference, check.output_dtype)
+    ideal_model, runs.ideal_how = ideal_merge(reference, check.output_dtype, dict(check.fp8))
     if ideal_model is not None:
         runs.ideal = [_forward(ideal_model, seq) for seq in ids]
         runs.ideal_tokens = [_generate(ideal_model, seq, n) if n else [] for seq in ids]

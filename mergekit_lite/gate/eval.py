@@ -38,6 +38,7 @@ from mergekit_lite.gate.endtoend import (
     choose_runner,
     model_loader,
     reference_model,
+    release_loading,
 )
 from mergekit_lite.gate.report import GateReport
 from mergekit_lite.gate.tolerances import CALIBRATION_MARGINS, within
@@ -93,7 +94,7 @@ def _score(check: EndToEnd, data: EvalData, tick: _Ticker) -> tuple[dict[str, to
         losses["reference"] = token_losses(reference, data, tick)
         with reference.disable_adapter():
             losses["base"] = token_losses(reference, data, tick)
-        ideal, how = ideal_merge(reference, check.output_dtype)  # consumes the reference
+        ideal, how = ideal_merge(reference, check.output_dtype, dict(check.fp8))  # consumes the reference
         del reference
         if ideal is not None:
             losses["ideal"] = token_losses(ideal, data, tick)
@@ -101,7 +102,8 @@ def _score(check: EndToEnd, data: EvalData, tick: _Ticker) -> tuple[dict[str, to
             tick(data.tokens)
         del ideal
         gc.collect()
-        release = model_loader(check.model_class).from_pretrained(check.candidate, dtype=COMPUTE_DTYPE, **for_release)
+        loading = release_loading(check, for_release)
+        release = model_loader(check.model_class).from_pretrained(check.candidate, dtype=COMPUTE_DTYPE, **loading)
         losses["release"] = token_losses(release.eval(), data, tick)
         del release
     return losses, how

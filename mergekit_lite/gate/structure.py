@@ -125,8 +125,11 @@ def _check_config(
     for key in ("vocab_size", "tie_word_embeddings", "dtype"):
         if key in want and config.get(key) != want[key]:
             problems.append(f"{key}={config.get(key)!r}, the tensors need {want[key]!r}")
-    if "quantization_config" in config:
+    planned = plan.quantization_config
+    if planned is None and "quantization_config" in config:
         problems.append("quantization_config on dense weights")
+    elif planned is not None and config.get("quantization_config") != planned:
+        problems.append(f"quantization_config={config.get('quantization_config')!r}, the FP8 tensors need {planned!r}")
     floats = {TORCH_NAMES[e.dtype] for e in tensors.values() if e.dtype in TORCH_NAMES}
     if "dtype" in config and floats and config["dtype"] not in floats:
         problems.append(f"dtype={config['dtype']!r} but the tensors are {sorted(floats)}")
