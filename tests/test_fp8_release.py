@@ -1,0 +1,396 @@
+"""`dtype: float8_e4m3fn`: a LoRA merged into a fine-grained FP8 base and written back in its FP8 layout.
+
+The oracle for the bytes: PEFT's merge_and_unload (in float64, rounded once to float32) on the base
+as transformers dequantizes it, quantized by transformers' own FP8 quantizer (`Fp8Quantize`). The
+release must be those bytes, load with transformers as the base does, be as small as the base, and
+pass the gate; a release with one block's scale damaged, or quantized without the delta, must not.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import pytest
+import torch
+from click.testing import CliRunner
+from fp8_builders import (
+    BLOCK,
+    QUANTIZATION_CONFIG,
+    Fp8Zoo,
+    dequantized_base,
+    own_dequantized,
+    transformers_quantize,
+)
+from safetensors.torch import load_file, save_file
+
+from mergekit_lite.cli import main
+from mergekit_lite.pipeline import run_merge, verify_release
+
+from helpers import attach_adapters, half_ulps, load_output, logits, write_manifest
+
+
+@pytest.fixture(scope="session")
+def fp8zoo(tmp_path_factory):
+    return Fp8Zoo(tmp_path_factory.mktemp("fp8"))
+
+
+@pytest.fixture(scope="session")
+def released(fp8zoo, tmp_path_factory):
+    """kind -> the FP8 release of the kind's FP8 base + its adapter (the ragged one without the
+    end-to-end check: transformers does not dequantize partial blocks)."""
+    done = {}
+
+    def build(kind: str):
+        if kind not in done:
+            folder = tmp_path_factory.mktemp(f"release-{kind}")
+            verify = None if kind == "square" else {"logits": False}
+            manifest = write_manifest(
+                folder, fp8zoo.fp8(kind), [(fp8zoo.adapter(kind), None)], "float8_e4m3fn", verify=verify
+            )
+            done[kind] = run_merge(manifest)
+        return done[kind]
+
+    return build
+
+
+def peft_merged(dense_folder, base_values: dict[str, torch.Tensor], adapter) -> dict[str, torch.Tensor]:
+    """PEFT's merge_and_unload on `base_values`, in float64, rounded once to float32."""
+    return {k: v.float() for k, v in peft_merged64(dense_folder, base_values, adapter).items()}
+
+
+def peft_merged64(dense_folder, base_values: dict[str, torch.Tensor], adapter) -> dict[str, torch.Tensor]:
+    """PEFT's merge_and_unload on `base_values`, in float64."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(dense_folder), dtype=torch.float64)
+    model.load_state_dict({k: v.double() for k, v in base_values.items()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model, names = attach_adapters(model.eval(), [(adapter, 1.0)])
+        peft_model.double()
+        merged = peft_model.merge_and_unload(adapter_names=names)
+    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+def base_values(fp8zoo, kind: str) -> dict[str, torch.Tensor]:
+    if kind == "square":  # transformers' own dequantization
+        return {k: v.detach() for k, v in dequantized_base(fp8zoo.fp8(kind)).state_dict().items()}
+    return own_dequantized(fp8zoo.fp8(kind))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8)
+
+
+@pytest.mark.parametrize("kind", ["square", "ragged"])
+def test_release_bytes_are_transformers_quantizer_on_peft_merge(fp8zoo, released, kind):
+    out = released(kind)
+    release = load_output(out)
+    base = load_file(fp8zoo.fp8(kind) / "model.safetensors")
+    merged = peft_merged(fp8zoo.dense(kind), base_values(fp8zoo, kind), fp8zoo.adapter(kind))
+    assert sorted(release) == sorted(base)  # the same FP8 tensors and scales, nothing else
+    requantized = copied = 0
+    for name, tensor in release.items():
+        assert tensor.dtype == base[name].dtype, name
+        if name.endswith("_scale_inv") or tensor.dtype != torch.float8_e4m3fn:
+            continue
+        changed = any(f".{t}." in name for t in ("q_proj", "v_proj", "down_proj", "gate_proj"))
+        if changed:
+            codes, scale = transformers_quantize(merged[name])
+            requantized += 1
+        else:  # no adapter changes it: the base's bytes
+            codes, scale = base[name], base[name + "_scale_inv"]
+            copied += 1
+        assert torch.equal(_bits(tensor), _bits(codes)), name
+        assert torch.equal(_bits(release[name + "_scale_inv"]), _bits(scale)), name
+    assert (requantized, copied) == (8, 6)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == QUANTIZATION_CONFIG
+    assert config["dtype"] == "bfloat16"
+    sizes = [sum(t.numel() * t.element_size() for t in d.values()) for d in (release, base)]
+    print(f"{kind}: release weights {sizes[0]} bytes, base {sizes[1]} bytes")
+    assert sizes[0] == sizes[1]
+    index_free = (out / "model.safetensors").stat().st_size
+    assert abs(index_free - (fp8zoo.fp8(kind) / "model.safetensors").stat().st_size) < 4096  # headers differ
+
+
+def test_control_release_bytes_differ_without_the_delta(fp8zoo, released):
+    """Negative control: the base's weights quantized afresh (no delta) are not the release's bytes."""
+    release = load_output(released("square"))
+    values = base_values(fp8zoo, "square")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    codes, _ = transformers_quantize(values[name].float())
+    assert not torch.equal(_bits(release[name]), _bits(codes))
+
+
+def test_release_loads_with_transformers_and_matches_peft(fp8zoo, released):
+    """The release as transformers loads it (FP8 config, dequantized on the CPU) against PEFT's
+    unmerged base + adapter on the dequantized base: within half the adapter's own effect (the gate's
+    rule for the logit threshold; FP8 rounding of this random tiny model is most of the distance)."""
+    from transformers import AutoModelForCausalLM
+
+    out = released("square")
+    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        release = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()  # no quantization_config given
+        peft_model, _ = attach_adapters(
+            dequantized_base(fp8zoo.fp8("square"), torch.float32), [(fp8zoo.adapter("square"), 1.0)]
+        )
+    assert type(release.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # dequantized on the CPU
+    ref = logits(peft_model, ids)
+    with peft_model.disable_adapter():
+        base = logits(peft_model, ids)
+    got = logits(release, ids)
+    distance, effect = float((got - ref).abs().max()), float((base - ref).abs().max())
+    print(f"max |logit diff| release vs PEFT {distance:.4f}, adapter effect {effect:.4f}")
+    assert distance < 0.5 * effect
+
+
+def test_gate_passes_and_checks_fp8(released):
+    out = released("square")
+    report = json.loads((out / "verification.json").read_text())
+    assert report["passed"] is True
+    checks = {c["id"]: c for c in report["checks"]}
+    assert checks["algebra.fp8_elements"]["passed"] and checks["algebra.fp8_elements"]["figure"] <= 1.0
+    assert checks["algebra.fp8_scales"]["detail"] == "all 36 blocks"  # 18 a layer: q 2x2, v 1x2, gate 3x2, down 2x3
+    assert report["context"]["release_load"].startswith("transformers FineGrainedFP8Config")
+    ragged = json.loads((released("ragged") / "verification.json").read_text())
+    assert ragged["passed"] is True
+
+
+def _rewrite(folder, change) -> None:
+    path = folder / "model.safetensors"
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.fixture
+def candidate(released, tmp_path):
+    def copy(kind: str = "square"):
+        out = tmp_path / "candidate"
+        shutil.copytree(released(kind), out)
+        return out
+
+    return copy
+
+
+NAME = "model.layers.1.mlp.down_proj.weight"
+
+
+def _wrong_block_scale(tensors) -> None:
+    tensors[NAME + "_scale_inv"][0, 1] *= 2
+
+
+def _without_delta(fp8zoo):
+    values = base_values(fp8zoo, "square")
+
+    def change(tensors) -> None:
+        tensors[NAME], tensors[NAME + "_scale_inv"] = transformers_quantize(values[NAME].float())
+
+    return change
+
+
+def _verify(fp8zoo, folder, tmp_path):
+    manifest = write_manifest(
+        tmp_path, fp8zoo.fp8("square"), [(fp8zoo.adapter("square"), None)], "float8_e4m3fn", verify={"logits": False}
+    )
+    return verify_release(manifest, folder).to_dict()
+
+
+@pytest.mark.parametrize("defect", ["wrong block scale", "quantized without the delta"])
+def test_control_gate_fails_a_damaged_fp8_tensor(fp8zoo, candidate, tmp_path, defect):
+    folder = candidate()
+    _rewrite(folder, _wrong_block_scale if defect == "wrong block scale" else _without_delta(fp8zoo))
+    report = _verify(fp8zoo, folder, tmp_path)
+    failed = {c["id"]: c for c in report["checks"] if not c["passed"] and c["group"] != "integrity"}
+    assert report["passed"] is False  # integrity fails too: the files no longer match SHA256SUMS
+    assert set(failed) == {"algebra.fp8_elements"}, failed
+    assert NAME in failed["algebra.fp8_elements"]["detail"]
+
+
+def test_control_gate_fails_a_scale_not_from_its_block(fp8zoo, candidate, tmp_path):
+    """A block whose codes were quantized with a scale twice its own (the same values, half the range)
+    passes the element bound where rounding allows, but not the scale check."""
+    folder = candidate()
+
+    def change(tensors) -> None:
+        scale = tensors[NAME + "_scale_inv"]
+        codes = tensors[NAME]
+        block = codes[:128, 128:256].float() / 2
+        codes[:128, 128:256] = block.to(torch.float8_e4m3fn)
+        scale[0, 1] *= 2
+
+    _rewrite(folder, change)
+    report = _verify(fp8zoo, folder, tmp_path)
+    failed = {c["id"]: c for c in report["checks"] if not c["passed"] and c["group"] != "integrity"}
+    assert set(failed) == {"algebra.fp8_scales"}, failed
+    assert failed["algebra.fp8_scales"]["detail"] == f"{NAME}[0, 1]"
+
+
+def test_clean_copy_passes_verify(fp8zoo, candidate, tmp_path):
+    """The undamaged release, checked the same way as the controls, passes."""
+    assert _verify(fp8zoo, candidate(), tmp_path)["passed"] is True
+
+
+def test_plan_predicts_the_release_size(fp8zoo, released, tmp_path):
+    from mergekit_lite.pipeline import prepare
+
+    manifest = write_manifest(tmp_path, fp8zoo.fp8("square"), [(fp8zoo.adapter("square"), None)], "float8_e4m3fn")
+    plan = prepare(manifest, for_output=False).plan
+    release = load_output(released("square"))
+    assert plan.total_bytes == sum(t.numel() * t.element_size() for t in release.values())
+    dense = prepare(write_manifest(tmp_path, fp8zoo.fp8("square"), [(fp8zoo.adapter("square"), None)], "bfloat16",
+                                   name="dense.yaml"), for_output=False).plan  # fmt: skip
+    assert plan.total_bytes < 0.6 * dense.total_bytes
+    assert plan.quantization_config == QUANTIZATION_CONFIG and dense.quantization_config is None
+    assert {t.fp8_block for t in plan.tensors if t.fp8_block} == {BLOCK}
+
+
+def _cli_merge(manifest):
+    return CliRunner().invoke(main, ["merge", str(manifest)])
+
+
+@pytest.mark.parametrize(
+    ("base", "sections", "needle"),
+    [
+        ("nf4", {}, "writes fine-grained FP8 from an FP8 or a dense base, but base"),
+        ("dense", {}, "that transformers' FP8 quantizer converts has both dimensions multiples of 128x128"),
+        (
+            "fp8",
+            {"output": {"path": "./out", "gguf": {"outtype": "bf16"}}},
+            "`output.gguf` with `dtype: float8_e4m3fn`",
+        ),
+        ("fp8", {"verify": {"runtimes": ["transformers4"]}}, "`verify.runtimes: ['transformers4']` with"),
+    ],
+)
+def test_bad_fp8_requests_one_line_exit_2(fp8zoo, qzoo, tmp_path, base, sections, needle):
+    folder = {"nf4": lambda: qzoo.quantized("nf4-dq"), "dense": qzoo.dense}.get(base, lambda: fp8zoo.fp8("square"))()
+    adapter = fp8zoo.adapter("square") if base == "fp8" else qzoo.adapter(qzoo.dense(), ["q_proj"])
+    manifest = write_manifest(tmp_path, folder, [(adapter, None)], "float8_e4m3fn", **sections)
+    result = _cli_merge(manifest)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.output
+    assert not (tmp_path / "out").exists()
+
+
+def _ue8m0(folder) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["scale_fmt"] = "ue8m0"
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _bf16_scales(folder) -> None:
+    _rewrite(folder, lambda t: t.update({k: v.to(torch.bfloat16) for k, v in t.items() if k.endswith("_scale_inv")}))
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [(_ue8m0, "has `scale_fmt: ue8m0` (power-of-two scales)"), (_bf16_scales, "_scale_inv` as BF16; only float32")],
+)
+def test_fp8_base_scales_not_recomputed_one_line_exit_2(fp8zoo, tmp_path, damage, needle):
+    base = tmp_path / "base"
+    shutil.copytree(fp8zoo.fp8("square"), base)
+    damage(base)
+    manifest = write_manifest(tmp_path, base, [(fp8zoo.adapter("square"), None)], "float8_e4m3fn")
+    result = _cli_merge(manifest)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_control_good_fp8_request_merges_from_the_cli(fp8zoo, tmp_path):
+    manifest = write_manifest(
+        tmp_path, fp8zoo.fp8("ragged"), [(fp8zoo.adapter("ragged"), None)], "float8_e4m3fn", verify={"logits": False}
+    )
+    result = _cli_merge(manifest)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------- a dense base
+
+
+@pytest.fixture(scope="session")
+def released_dense(fp8zoo, tmp_path_factory):
+    """The FP8 release of the bfloat16 `ragged` base + its adapter: q/k/v/o_proj (multiples of 128) in
+    FP8, the MLP's 320-wide weights dense; the gate's end-to-end check on."""
+    folder = tmp_path_factory.mktemp("release-dense")
+    manifest = write_manifest(folder, fp8zoo.dense("ragged"), [(fp8zoo.adapter("ragged"), None)], "float8_e4m3fn")
+    return run_merge(manifest)
+
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def test_dense_base_release_bytes_are_transformers_quantizer_on_peft_merge(fp8zoo, released_dense):
+    out = released_dense
+    release = load_output(out)
+    base = load_file(fp8zoo.dense("ragged") / "model.safetensors")
+    merged = peft_merged64(fp8zoo.dense("ragged"), base, fp8zoo.adapter("ragged"))
+    fp8 = sorted(n for n, t in release.items() if t.dtype == torch.float8_e4m3fn)
+    changed_dense = {f"model.layers.{i}.mlp.{m}.weight" for i in range(2) for m in ("down_proj", "gate_proj")}
+    assert fp8 == sorted(n for n in base if n.endswith(tuple(f"{m}.weight" for m in ATTENTION)))
+    assert sorted(release) == sorted([*base, *(n + "_scale_inv" for n in fp8)])
+    for name in fp8:  # changed (q, v) or not (k, o): quantized from the weight as transformers does
+        codes, scale = transformers_quantize(merged[name].float())
+        assert torch.equal(_bits(release[name]), _bits(codes)), name
+        assert torch.equal(_bits(release[name + "_scale_inv"]), _bits(scale)), name
+    for name in sorted(set(base) - set(fp8)):  # dense: the merge rounded once to bfloat16 (unchanged: the base)
+        assert release[name].dtype == torch.bfloat16
+        assert float(half_ulps(release[name], merged[name], torch.bfloat16).max()) <= 1.0, name
+        if name not in changed_dense:
+            assert torch.equal(_bits(release[name]), _bits(base[name])), name
+    config = json.loads((out / "config.json").read_text())
+    qc = config["quantization_config"]
+    mlp = [f"model.layers.{i}.mlp.{m}" for i in range(2) for m in ("down_proj", "gate_proj", "up_proj")]
+    assert qc == {**QUANTIZATION_CONFIG, "modules_to_not_convert": sorted(["lm_head", *mlp])}
+    sizes = [sum(t.numel() * t.element_size() for t in d.values()) for d in (release, base)]
+    print(f"dense base: release weights {sizes[0]} bytes, bfloat16 base {sizes[1]} bytes")
+    assert sizes[0] < sizes[1]
+
+
+def test_dense_base_release_converts_what_transformers_converts(released_dense):
+    """transformers, loading the release's quantization_config as a pre-quantized FP8 model (on a GPU, where
+    it does not dequantize), makes FP8Linear modules of exactly the release's FP8 weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM, FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import FP8Linear, replace_with_fp8_linear
+    from transformers.quantizers.base import HfQuantizer
+
+    config = AutoConfig.from_pretrained(released_dense)
+    qc = FineGrainedFP8Config(**{k: v for k, v in config.quantization_config.items() if k != "quant_method"})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    skip = HfQuantizer.get_modules_to_not_convert(model, qc.modules_to_not_convert, model._keep_in_fp32_modules)
+    replace_with_fp8_linear(model, modules_to_not_convert=skip, quantization_config=qc, pre_quantized=True)
+    converted = sorted(f"{n}.weight" for n, m in model.named_modules() if isinstance(m, FP8Linear))
+    release = load_output(released_dense)
+    assert converted == sorted(n for n, t in release.items() if t.dtype == torch.float8_e4m3fn)
+    assert len(converted) == 8
+
+
+def test_dense_base_release_loads_and_matches_peft(fp8zoo, released_dense):
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        release = AutoModelForCausalLM.from_pretrained(released_dense, dtype=torch.float32).eval()
+        base = AutoModelForCausalLM.from_pretrained(fp8zoo.dense("ragged"), dtype=torch.float32).eval()
+        peft_model, _ = attach_adapters(base, [(fp8zoo.adapter("ragged"), 1.0)])
+    ref = logits(peft_model, ids)
+    with peft_model.disable_adapter():
+        effect = float((logits(peft_model, ids) - ref).abs().max())
+    distance = float((logits(release, ids) - ref).abs().max())
+    print(f"dense base: max |logit diff| release vs PEFT {distance:.4f}, adapter effect {effect:.4f}")
+    assert distance < 0.5 * effect
+    report = json.loads((released_dense / "verification.json").read_text())
+    assert report["passed"] is True
+    checks = {c["id"]: c for c in report["checks"]}
+    assert "8 FP8 tensors" in checks["algebra.fp8_elements"]["detail"]
+    assert checks["end_to_end.max_abs_logit_diff"]["passed"]
