@@ -128,6 +128,15 @@ def _qwen2_vl() -> dict[str, Any]:
     return {"text_config": text, "vision_config": vision, "image_token_id": 95, "video_token_id": 94}
 
 
+def _qwen3_vl() -> dict[str, Any]:
+    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": HIDDEN}
+    vision.update({"patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2})
+    vision.update({"deepstack_visual_indexes": [0], "num_position_embeddings": 16})
+    rope = {"rope_type": "default", "mrope_section": [1, 1, 2], "mrope_interleaved": True}
+    text = _decoder(head_dim=8, rope_scaling=rope)
+    return {"text_config": text, "vision_config": vision, "image_token_id": 95, "video_token_id": 94}
+
+
 def _idefics3() -> dict[str, Any]:
     return {"text_config": _decoder(model_type="llama"), "vision_config": dict(_VISION), "image_token_id": 95}
 
@@ -214,6 +223,7 @@ ARCHES: dict[str, Arch] = {
     "deepseek_v3": Arch("DeepseekV3ForCausalLM", _deepseek_v3),
     "mistral3": Arch("Mistral3ForConditionalGeneration", _mistral3, "image-text-to-text"),
     "qwen2_vl": Arch("Qwen2VLForConditionalGeneration", _qwen2_vl, "image-text-to-text"),
+    "qwen3_vl": Arch("Qwen3VLForConditionalGeneration", _qwen3_vl, "image-text-to-text"),
     "idefics3": Arch("Idefics3ForConditionalGeneration", _idefics3, "image-text-to-text"),
     "paligemma": Arch("PaliGemmaForConditionalGeneration", _paligemma, "image-text-to-text"),
     "whisper": Arch("WhisperForConditionalGeneration", lambda: dict(_WHISPER), "speech seq2seq"),
@@ -340,6 +350,7 @@ CASES: list[Case] = [
     Case("phimoe", "phimoe", {"target_modules": [*ATTENTION, "w1", "w2", "w3"]}, "attention and expert LoRA"),
     _all_linear("mistral3"),
     _all_linear("qwen2_vl"),
+    _all_linear("qwen3_vl"),
     _all_linear("idefics3"),
     _all_linear("paligemma"),
     Case(

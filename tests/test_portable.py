@@ -73,6 +73,29 @@ def test_portable_config_reads_alike(kind: str) -> None:
         assert [p for p in config_disagreements(changed)[0] if "rope.factor" in p]
 
 
+def test_mrope_of_the_default_type_goes_to_rope_scaling() -> None:
+    """Qwen3-VL's text config, as transformers 5 saves it: M-RoPE with `rope_type: default` and its
+    `mrope_section` / `mrope_interleaved` beside. transformers 4.57 reads those from `rope_scaling`
+    (its own default section otherwise), so they must be written there although the type is
+    `default`; before, the release shipped without them and the gate's agreement check refused it."""
+    from transformers import Qwen3VLConfig
+
+    rope = {"mrope_interleaved": True, "mrope_section": [1, 1, 2], "rope_theta": 500000.0, "rope_type": "default"}
+    text = {"hidden_size": 32, "num_attention_heads": 4, "head_dim": 8, "rope_parameters": rope}
+    source = Qwen3VLConfig(text_config=text).to_dict()
+    portable = portable_config(source)
+    scaling = portable["text_config"]["rope_scaling"]
+    assert scaling == {"mrope_interleaved": True, "mrope_section": [1, 1, 2], "rope_type": "default"}
+    assert portable["text_config"]["rope_theta"] == 500000.0
+    assert config_disagreements(portable)[0] == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert dict(Qwen3VLConfig.from_dict(portable).text_config.rope_parameters) == rope  # v5 reads it alike
+    # negative control: the section in transformers 5's layout only
+    dropped = {**portable, "text_config": {**portable["text_config"], "rope_scaling": None}}
+    assert any("rope.mrope_section" in p for p in config_disagreements(dropped)[0])
+
+
 def test_nested_rope_parameters_are_left_alone() -> None:
     nested = {"rope_parameters": {"full_attention": {"rope_theta": 1e6}, "sliding_attention": {"rope_theta": 1e4}}}
     assert portable_config(nested) == nested

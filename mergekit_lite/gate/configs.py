@@ -99,7 +99,9 @@ def _v4_rope_scaling(d: Difference, facts: Facts) -> bool:
     rope = _rope(d)
     if not rope:
         return False
-    if all(rope.get(k, "default") == "default" for k in ("rope_type", "type")):  # not M-RoPE's `type: mrope`
+    names = ("rope_type", "type")
+    scaled = set(rope) - {*names, "rope_theta", "partial_rotary_factor"}  # M-RoPE's `mrope_section`, ...
+    if not scaled and all(rope.get(k, "default") == "default" for k in names):  # not M-RoPE's `type: mrope`
         return d.new is None
     return _same(d.new, {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")})
 

@@ -49,14 +49,22 @@ def portable_config(config: dict[str, Any]) -> dict[str, Any]:
         out["rope_theta"] = rope["rope_theta"]
     if "partial_rotary_factor" in rope:
         out["partial_rotary_factor"] = rope["partial_rotary_factor"]
-    # default only when neither name says otherwise: transformers 5 saves Qwen2-VL's M-RoPE as
-    # {rope_type: default, type: mrope, mrope_section}, which 4.x reads from `rope_scaling`
-    if all(rope.get(k, "default") == "default" for k in ("rope_type", "type")):
+    # default only when neither name says otherwise and no scaling parameter is left: transformers 5
+    # saves Qwen2-VL's M-RoPE as {rope_type: default, type: mrope, mrope_section} and Qwen3-VL's as
+    # {rope_type: default, mrope_section, mrope_interleaved}, which 4.x reads from `rope_scaling`
+    if _default_rope(rope):
         if out.get("rope_scaling") is not None:  # v5 would read it in place of rope_parameters
             out["rope_scaling"] = None
     else:
         out["rope_scaling"] = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
     return out
+
+
+def _default_rope(rope: dict[str, Any]) -> bool:
+    """Plain RoPE: the default type under both names, nothing but theta and the partial factor besides."""
+    names = ("rope_type", "type")
+    plain = set(rope) <= {*names, "rope_theta", "partial_rotary_factor"}
+    return plain and all(rope.get(k, "default") == "default" for k in names)
 
 
 def portable_tokenizer_config(doc: dict[str, Any], chat_template: str | None) -> dict[str, Any]:
