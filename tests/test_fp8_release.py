@@ -247,6 +247,9 @@ def test_plan_predicts_the_release_size(fp8zoo, released, tmp_path):
                                    name="dense.yaml"), for_output=False).plan  # fmt: skip
     assert plan.total_bytes < 0.6 * dense.total_bytes
     assert plan.quantization_config == QUANTIZATION_CONFIG and dense.quantization_config is None
+    from mergekit_lite.plan.render import plan_table
+
+    assert "release   fine-grained FP8: 14 weights in 128x128 blocks, 8 quantized from the merge" in plan_table(plan)
     assert {t.fp8_block for t in plan.tensors if t.fp8_block} == {BLOCK}
 
 
@@ -311,6 +314,27 @@ def test_control_good_fp8_request_merges_from_the_cli(fp8zoo, tmp_path):
     result = _cli_merge(manifest)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_sharded_release_by_processes_keeps_each_scale_with_its_weight(fp8zoo, released, tmp_path):
+    """Small shards merged by worker processes: every weight_scale_inv in its weight's shard (a worker
+    writes one shard), the bytes those of the one-shard release, and the gate passes. The shard size
+    fits an MLP weight (98,304 bytes) but not its 24-byte scales too: they join it all the same."""
+    manifest = write_manifest(
+        tmp_path, fp8zoo.fp8("square"), [(fp8zoo.adapter("square"), None)], "float8_e4m3fn", max_shard_size="98320B",
+        verify={"logits": False}, executor={"kind": "processes", "workers": 2},
+    )  # fmt: skip
+    out = run_merge(manifest)
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(weight_map.values())) > 4
+    scales = [n for n in weight_map if n.endswith("_scale_inv")]
+    assert len(scales) == 14 and all(weight_map[n] == weight_map[n[: -len("_scale_inv")]] for n in scales)
+    gate = "model.layers.0.mlp.gate_proj.weight"
+    assert sorted(n for n, f in weight_map.items() if f == weight_map[gate]) == [gate, gate + "_scale_inv"]
+    sharded, whole = load_output(out), load_output(released("square"))
+    assert sorted(sharded) == sorted(whole)
+    assert all(torch.equal(_bits(sharded[n]), _bits(whole[n])) for n in whole)
+    assert json.loads((out / "verification.json").read_text())["passed"] is True
 
 
 # --------------------------------------------------------------------------- a dense base

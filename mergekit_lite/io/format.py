@@ -37,6 +37,8 @@ NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 # The float dtypes, as config.json (and torch) name them; LoRA changes only these.
 TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 FLOAT_DTYPES = frozenset(TORCH_NAMES)
+# every dtype an output may have, as torch names it (an FP8 release's weights: float8_e4m3fn)
+DTYPE_NAMES = {**TORCH_NAMES, "F8_E4M3": "float8_e4m3fn"}
 ITEMSIZE: dict[str, int] = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}
 
 

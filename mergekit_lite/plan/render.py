@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mergekit_lite.io.format import TORCH_NAMES
+from mergekit_lite.io.format import DTYPE_NAMES
 from mergekit_lite.plan.plan import Op, Plan
 from mergekit_lite.plan.serving import lint_lines
 from mergekit_lite.sizes import human_bytes
@@ -29,6 +29,13 @@ def plan_table(plan: Plan, limit: int | None = None) -> str:
     lines = [f"base      {plan.base}"]
     if plan.base_quantization:
         lines.append(f"          {plan.base_quantization}: merged into the dequantized weights")
+    fp8 = [t for t in plan.tensors if t.fp8_block]
+    if fp8:
+        blocks = ", ".join(sorted({f"{t.fp8_block[0]}x{t.fp8_block[1]}" for t in fp8}))
+        lines.append(
+            f"release   fine-grained FP8: {len(fp8)} weights in {blocks} blocks, {sum(1 for t in fp8 if not t.part)} "
+            "quantized from the merge, the rest copied; config.json `quantization_config.quant_method: fp8`"
+        )
     for a in plan.adapters:
         lines.append(
             f"adapter {a['index']} {a['path']}  ({a['variant']}, r={a['r']}, alpha={a['lora_alpha']}, "
@@ -40,7 +47,7 @@ def plan_table(plan: Plan, limit: int | None = None) -> str:
             f"adapter {plan.combine.index} = `{plan.combine.method}` of the adapters above ({params}), "
             "as PEFT's add_weighted_adapter"
         )
-    dtypes = sorted({TORCH_NAMES.get(t.dtype, t.dtype) for t in plan.tensors})
+    dtypes = sorted({DTYPE_NAMES.get(t.dtype, t.dtype) for t in plan.tensors})
     tie = (
         "tied"
         if plan.tied_out
@@ -59,7 +66,7 @@ def plan_table(plan: Plan, limit: int | None = None) -> str:
     shown = changed if limit is None else changed[:limit]
     for t in shown:
         rows.append(
-            (t.name, "x".join(map(str, t.shape)), TORCH_NAMES.get(t.dtype, t.dtype), ", ".join(map(describe_op, t.ops)))
+            (t.name, "x".join(map(str, t.shape)), DTYPE_NAMES.get(t.dtype, t.dtype), ", ".join(map(describe_op, t.ops)))
         )
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:

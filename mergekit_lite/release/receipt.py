@@ -12,7 +12,7 @@ import yaml
 
 from mergekit_lite._version import __version__
 from mergekit_lite.io.digests import file_records
-from mergekit_lite.io.format import TORCH_NAMES
+from mergekit_lite.io.format import DTYPE_NAMES
 from mergekit_lite.plan.plan import Plan
 from mergekit_lite.release.configs import write_json
 
@@ -39,7 +39,7 @@ def plan_summary(plan: Plan) -> dict[str, Any]:
         "changed_tensors": sum(1 for t in plan.tensors if t.changed),
         "shards": plan.shard_names,
         "total_size": plan.total_bytes,
-        "dtypes": sorted({TORCH_NAMES.get(t.dtype, t.dtype) for t in plan.tensors}),
+        "dtypes": sorted({DTYPE_NAMES.get(t.dtype, t.dtype) for t in plan.tensors}),
         "tie_word_embeddings": {"base": plan.tied_in, "release": plan.tied_out},
         "embedding_rows": plan.embedding_rows,
         "combine": plan.combine.summary() if plan.combine is not None else {"method": "sum"},
