@@ -418,3 +418,47 @@ def test_dense_base_release_loads_and_matches_peft(fp8zoo, released_dense):
     checks = {c["id"]: c for c in report["checks"]}
     assert "8 FP8 tensors" in checks["algebra.fp8_elements"]["detail"]
     assert checks["end_to_end.max_abs_logit_diff"]["passed"]
+
+
+# --------------------------------------------------------------------------- the gate's bound, alone
+
+
+def _bound_case(seed: int, shape: tuple[int, int], spread: float):
+    """A float32 weight whose magnitudes span 2^-spread .. 1 (so that blocks hold e4m3 subnormals and
+    values on binade edges), quantized by transformers, and the plan entry the gate checks it as."""
+    from mergekit_lite.plan.plan import PlannedTensor
+
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=gen) * torch.exp2(-spread * torch.rand(shape, generator=gen))
+    w[:3, :3] = torch.tensor([1.0, 0.5, 2.0**-6])  # powers of two: e4m3 ties and the smallest normal
+    codes, scale = transformers_quantize(w)
+    t = PlannedTensor("x.weight", "x.weight", "F32", "F8_E4M3", shape, fp8_block=BLOCK)
+    return t, w, codes, scale
+
+
+@pytest.mark.parametrize(("seed", "shape", "spread"), [(0, (256, 384), 4.0), (1, (200, 130), 12.0), (2, (128, 128), 0.0)])
+def test_gate_bound_accepts_transformers_quantization_and_is_tight(seed, shape, spread):
+    from mergekit_lite.gate.fp8 import Fp8Worst, check_fp8
+
+    t, w, codes, scale = _bound_case(seed, shape, spread)
+    worst = Fp8Worst()
+    check_fp8(t, codes, scale, w, lambda op, i: None, worst)
+    assert worst.beyond == 0 and not worst.bad_blocks, (worst.name, worst.index, worst.share)
+    assert worst.share > 0.9  # half an e4m3 step is reached: the bound is not loose
+    assert worst.elements == w.numel()
+
+
+@pytest.mark.parametrize("step", ["code one step up", "scale one float32 ulp up x 2^-3"])
+def test_control_gate_bound_refuses_one_step_off(step):
+    from mergekit_lite.gate.fp8 import Fp8Worst, check_fp8
+
+    t, w, codes, scale = _bound_case(3, (256, 256), 4.0)
+    if step == "code one step up":  # the next e4m3 value of one element (|code| < 448)
+        bits = codes.view(torch.uint8)
+        i = int(((codes.float().abs() < 400) & (codes.float() > 0.1)).view(-1).nonzero()[0])
+        bits.view(-1)[i] += 1
+    else:  # the block's scale 1/8 larger: every element moves about 1.6 e4m3 steps
+        scale[1, 0] *= 1.125
+    worst = Fp8Worst()
+    check_fp8(t, codes, scale, w, lambda op, i: None, worst)
+    assert worst.beyond > 0 and worst.failing == ["x.weight"]
