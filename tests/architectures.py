@@ -8,7 +8,6 @@ in README.md, and test_architectures.py checks the README matches.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import warnings
@@ -147,11 +146,110 @@ def _paligemma() -> dict[str, Any]:
     return {"text_config": text, "vision_config": vision, "image_token_index": 95, "projection_dim": HIDDEN}
 
 
-_CLIP_PROCESSOR = {
-    "class": "CLIPImageProcessor",
-    "size": {"shortest_edge": 32},
-    "crop_size": {"height": 32, "width": 32},
+# A vision-language base's processor, saved beside it: a word-level tokenizer over the gate's prompts
+# (the family's image tokens at the config's ids), an image processor small enough for the tiny
+# vision tower, and the processor with a chat template that places the image
+_WORDS = (
+    "Hello ! How are you today ? What is the capital of France Write a short poem about sea . "
+    "Explain in one sentence what neural network Describe this image"
+).split()
+_CHAT = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|> ' }}{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ IMAGE }}{% else %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{{ ' <|end|> ' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Processor:
+    """A tiny processor of one family: its image tokens (attribute -> (token, id)), the image
+    processor's class and settings, the processor's class and settings (None: the image processor
+    and tokenizer are saved alone) and what the chat template puts where the image goes."""
+
+    tokens: dict[str, tuple[str, int]]
+    image_processor: tuple[str, dict[str, Any]]
+    processor: tuple[str, dict[str, Any]] | None
+    image: str
+
+
+_PROCESSORS = {
+    "llava": Processor(
+        {"image_token": ("<image>", 95)},
+        ("CLIPImageProcessor", {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}),
+        (
+            "LlavaProcessor",
+            {"patch_size": 8, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1},
+        ),
+        "<image>",
+    ),
+    "gemma3": Processor(
+        {
+            "boi_token": ("<start_of_image>", 93),
+            "eoi_token": ("<end_of_image>", 94),
+            "image_token": ("<image_soft_token>", 95),
+        },
+        ("Gemma3ImageProcessor", {"size": {"height": 32, "width": 32}}),
+        ("Gemma3Processor", {"image_seq_length": 4}),
+        "<start_of_image>",
+    ),
+    # transformers' Qwen2.5-VL processor needs torchvision (its video processor): the image processor
+    # and the tokenizer are saved alone, as a checkpoint without processor_config.json has them
+    "qwen2_5_vl": Processor(
+        {
+            "vision_start_token": ("<|vision_start|>", 93),
+            "video_token": ("<|video_pad|>", 94),
+            "image_token": ("<|image_pad|>", 95),
+            "vision_end_token": ("<|vision_end|>", 92),
+        },
+        (
+            "Qwen2VLImageProcessor",
+            {"patch_size": 4, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": 256, "max_pixels": 256},
+        ),
+        None,
+        "<|vision_start|><|image_pad|><|vision_end|>",
+    ),
 }
+
+
+def _save_processor(spec: Processor, out: Path) -> None:
+    """The family's tokenizer, image processor and processor, saved into `out` by save_pretrained."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    for word in _WORDS:
+        vocab.setdefault(word, len(vocab))
+    taken = {i for _, i in spec.tokens.values()}
+    free = (i for i in range(len(vocab), VOCAB) if i not in taken)
+    vocab.update({f"<unused{i}>": i for i in free})
+    vocab.update(dict(spec.tokens.values()))
+    assert sorted(vocab.values()) == list(range(VOCAB))
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.decoder = decoders.WordPiece(prefix="##")
+    raw.add_special_tokens([t for t in vocab if t.startswith("<")])
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens={name: token for name, (token, _) in spec.tokens.items()},
+    )
+    template = _CHAT.replace("IMAGE", repr(spec.image))
+    name, settings = spec.image_processor
+    images = getattr(transformers, name)(**settings)
+    if spec.processor is None:
+        tokenizer.chat_template = template
+        tokenizer.save_pretrained(out)
+        images.save_pretrained(out)
+        return
+    name, settings = spec.processor
+    getattr(transformers, name)(images, tokenizer, chat_template=template, **settings).save_pretrained(out)
+
+
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -163,7 +261,7 @@ class Arch:
     config: Callable[[], dict[str, Any]]
     task: str = "causal LM"
     module_names: bool = False  # stored under the module names (transformers 5's layout), not save_pretrained's
-    processor: dict[str, Any] | None = None  # preprocessor_config.json beside it: its class and settings
+    processor: Processor | None = None  # saved beside it: tokenizer, image processor (and processor)
     portable: bool = True  # False: merged with `output.compat: false`
 
 
@@ -203,10 +301,12 @@ ARCHES: dict[str, Arch] = {
         "GptOssForCausalLM",
         lambda: _decoder(head_dim=8, num_local_experts=4, layer_types=["full_attention"] * 2, **_MOE),
     ),
-    "llava": Arch("LlavaForConditionalGeneration", _llava, "image-text-to-text", processor=_CLIP_PROCESSOR),
+    "llava": Arch("LlavaForConditionalGeneration", _llava, "image-text-to-text", processor=_PROCESSORS["llava"]),
     "llava_v5": Arch("LlavaForConditionalGeneration", _llava, "image-text-to-text", module_names=True),
-    "gemma3": Arch("Gemma3ForConditionalGeneration", _gemma3, "image-text-to-text"),
-    "qwen2_5_vl": Arch("Qwen2_5_VLForConditionalGeneration", _qwen2_5_vl, "image-text-to-text"),
+    "gemma3": Arch("Gemma3ForConditionalGeneration", _gemma3, "image-text-to-text", processor=_PROCESSORS["gemma3"]),
+    "qwen2_5_vl": Arch(
+        "Qwen2_5_VLForConditionalGeneration", _qwen2_5_vl, "image-text-to-text", processor=_PROCESSORS["qwen2_5_vl"]
+    ),
     "mixtral_v5": Arch("MixtralForCausalLM", lambda: _decoder(num_local_experts=4, **_MOE), module_names=True),
     "qwen2_moe_v5": Arch("Qwen2MoeForCausalLM", lambda: _qwen2_moe(), module_names=True),
     "qwen3_moe_v5": Arch("Qwen3MoeForCausalLM", lambda: _qwen3_moe(), module_names=True),
@@ -286,6 +386,13 @@ def _on_experts(case_id: str, arch: str, router: str) -> Case:
     return Case(case_id, arch, lora, f"all-linear LoRA + target_parameters on the experts and router ({_stored(arch)})")
 
 
+# LoRA on the vision tower (and Qwen2.5-VL's patch merger) only: what only an image prompt runs
+VISION_TOWER = {
+    "llava": r".*vision_tower.*\.(q_proj|v_proj|fc1)",
+    "gemma3": r".*vision_tower.*\.(q_proj|v_proj|fc1)",
+    "qwen2_5_vl": r".*visual\.(blocks\.\d+\.attn\.(qkv|proj)|merger\.mlp\.0)",
+}
+
 CASES: list[Case] = [
     *(
         _all_linear(a)
@@ -313,6 +420,10 @@ CASES: list[Case] = [
     _all_linear("llava"),
     _all_linear("gemma3"),
     _all_linear("qwen2_5_vl"),
+    *(
+        Case(f"{arch}-vision", arch, {"target_modules": targets}, "vision-tower LoRA, run by the gate's image prompt")
+        for arch, targets in VISION_TOWER.items()
+    ),
     Case(
         "llava-language",
         "llava",
@@ -403,6 +514,8 @@ def build_base(arch: str, out: Path) -> Path:
             for param in model.parameters():
                 if param.ndim == 1:
                     param.add_(0.1 * torch.randn(param.shape, generator=gen))
+                elif not param.any():  # a weight initialised to zeros (Gemma 3's image projection) passes nothing on
+                    param.copy_(0.02 * torch.randn(param.shape, generator=gen))
         model.save_pretrained(out)
         if spec.module_names:  # the state dict as the model holds it: transformers 5's names and fused experts
             from safetensors.torch import save_file
@@ -412,10 +525,8 @@ def build_base(arch: str, out: Path) -> Path:
                 state.pop(tied, None)
             (out / "model.safetensors").unlink()
             save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-        if spec.processor is not None:  # as the image processor's save_pretrained writes it
-            doc = {"image_processor_type": spec.processor["class"], "do_resize": True, "do_normalize": True}
-            doc.update({k: v for k, v in spec.processor.items() if k != "class"})
-            (out / "preprocessor_config.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        if spec.processor is not None:
+            _save_processor(spec.processor, out)
     return out
 
 

@@ -1,9 +1,10 @@
 """Every architecture of tests/architectures.py, merged through the whole pipeline and its gate.
 
 Each case: the float32 release's logits (class logits for a classification head, decoder logits
-over the encoded prompt for an encoder-decoder) equal the unmerged PeftModel's within 1e-5
-relative; the gate passed; and the base without the adapter fails that same comparison (the
-negative control: the adapter really changes the model, and the comparison can fail).
+over the encoded prompt for an encoder-decoder; for a vision-language base with an image processor,
+on the gate's image prompt too) equal the unmerged PeftModel's within 1e-5 relative; the gate
+passed; and the base without the adapter fails that same comparison (the negative control: the
+adapter really changes the model, and the comparison can fail).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from architectures import (
     CASES_BY_ID,
     PROMPT_IDS,
     README_START,
+    VISION_TOWER,
     Case,
     build_adapter,
     build_base,
@@ -128,20 +130,39 @@ def test_release_matches_unmerged_peft(case_id: str, arch_zoo: ArchZoo) -> None:
         merged = cls.from_pretrained(out, dtype=torch.float32).eval()
         reference = PeftModel.from_pretrained(cls.from_pretrained(arch_zoo.base(case.arch)), arch_zoo.adapter(case_id))
     reference.eval()
-    inputs = _inputs(merged)
-    ref = _logits(reference, inputs)
-    ours = _logits(merged, inputs)
-    assert ours.shape == ref.shape
-    diff = float((ours - ref).abs().max())
-    assert _close(ours, ref), f"release vs unmerged PeftModel: max |diff| {diff:.3g}, max |ref| {ref.abs().max():.3g}"
-    with reference.disable_adapter():
-        base = _logits(reference, inputs)
-    assert not _close(base, ref), "negative control: the base without the adapter matches base + adapter"
+    prompts = [_inputs(merged)]
+    if ARCHES[case.arch].processor is not None:  # the gate's image prompt (gate/images.py), as the gate ran it
+        assert report["context"]["image_prompt"]["used"], report["context"]["image_prompt"]
+        prompts.append(_image_inputs(arch_zoo.base(case.arch), reference.get_base_model()))
+    refs, bases = [], []
+    for inputs in prompts:
+        ref = _logits(reference, inputs)
+        ours = _logits(merged, inputs)
+        assert ours.shape == ref.shape
+        diff = float((ours - ref).abs().max())
+        assert _close(ours, ref), (
+            f"release vs unmerged PeftModel: max |diff| {diff:.3g}, max |ref| {ref.abs().max():.3g}"
+        )
+        with reference.disable_adapter():
+            bases.append(_logits(reference, inputs))
+        refs.append(ref)
+    assert not all(_close(b, r) for b, r in zip(bases, refs)), "negative control: the base matches base + adapter"
+    if case.id.endswith("-vision"):  # only the image prompt runs the vision tower
+        assert _close(bases[0], refs[0]) and not _close(bases[1], refs[1])
 
     # the release keeps the base's on-disk names: a drop-in replacement for it
     base_index = _tensor_names(arch_zoo.base(case.arch))
     assert _tensor_names(out) - base_index <= {"lm_head.weight", "language_model.lm_head.weight"}
     assert base_index <= _tensor_names(out)
+
+
+def _image_inputs(base: Path, model) -> dict[str, torch.Tensor]:
+    from mergekit_lite.gate.images import image_prompt
+    from mergekit_lite.sources.tokenizer import load_tokenizer
+
+    prompt = image_prompt(base, model, load_tokenizer(base))
+    assert prompt.ids is not None, prompt.reason
+    return {"input_ids": prompt.ids.unsqueeze(0), **prompt.inputs}
 
 
 def _tensor_names(folder: Path) -> set[str]:
@@ -155,21 +176,38 @@ def _tensor_names(folder: Path) -> set[str]:
 
 
 def test_modules_the_prompts_do_not_reach_are_named(arch_zoo: ArchZoo) -> None:
-    """Text prompts never run a vision tower: the report names its changed modules as covered by
-    the algebra check only; a vision-only adapter passes on the dtype's threshold (not on 0 <= 0)
-    and says that it changes none of the logits; a language-only adapter reports none (control)."""
-    _, mixed = arch_zoo.release("llava")
+    """Without an image processor (llava_v5 ships none) the prompts are text only and never run the
+    vision tower: the report names its changed modules as covered by the algebra check only, and
+    says there is no image prompt and why; a vision-only adapter passes on the dtype's threshold
+    (not on 0 <= 0) and says that it changes none of the logits. With the image prompt the same
+    LoRA is reached (none named), and a module that no input runs stays named (Gemma 3's unused
+    SigLIP head); a language-only adapter reports none (control)."""
+    _, mixed = arch_zoo.release(Case("llava_v5-all", "llava_v5", {"target_modules": "all-linear"}))
     unreached = mixed["context"].get("modules_not_reached", [])
     assert unreached and all("vision" in m or "projector" in m for m in unreached), unreached
-    assert "only the per-tensor algebra check covers them" in _detail(mixed, "max_abs_logit_diff")
+    detail = _detail(mixed, "max_abs_logit_diff")
+    assert "only the per-tensor algebra check covers them" in detail
+    assert "no image prompt: the base ships no image processor" in detail
+    assert mixed["context"]["image_prompt"] == {
+        "used": False,
+        "reason": "the base ships no image processor (preprocessor_config.json)",
+    }
 
-    vision = Case("llava-vision", "llava", {"target_modules": r".*vision_tower.*\.(q_proj|v_proj)"})
+    vision = Case("llava_v5-vision", "llava_v5", {"target_modules": VISION_TOWER["llava"]})
     _, report = arch_zoo.release(vision)
     assert report["passed"]
-    assert len(report["context"]["modules_not_reached"]) == 2  # q_proj and v_proj of its one layer
+    assert len(report["context"]["modules_not_reached"]) == 3  # q_proj, v_proj and fc1 of its one layer
     assert "the adapters change none of these logits" in _detail(report, "max_abs_logit_diff")
     assert report["context"]["adapter_effect_max_abs_logit_diff"] == 0
     assert next(c for c in report["checks"] if c["name"] == "max_abs_logit_diff")["threshold"] > 0
+
+    for case_id in ("llava", "llava-vision", "qwen2_5_vl-vision", "gemma3-vision"):
+        _, reached = arch_zoo.release(case_id)
+        assert "modules_not_reached" not in reached["context"], (case_id, reached["context"]["modules_not_reached"])
+        assert reached["context"]["adapter_effect_max_abs_logit_diff"] > 0
+        assert "image prompt (prompt 4)" in _detail(reached, "max_abs_logit_diff")
+    _, gemma = arch_zoo.release("gemma3")
+    assert gemma["context"]["modules_not_reached"] == ["model.vision_tower.head.attention.out_proj"]
 
     _, language = arch_zoo.release("llava-language")
     assert "modules_not_reached" not in language["context"]
@@ -422,9 +460,9 @@ def test_both_checkpoint_layouts_are_kept(arch_zoo: ArchZoo) -> None:
 
 
 def test_processor_files_ship_and_are_checked(arch_zoo: ArchZoo, tmp_path: Path) -> None:
-    """The base's preprocessor_config.json ships byte for byte, and the gate checks it: a release
-    whose copy differs or is missing fails the check (negative controls); a base without one gets
-    no such check."""
+    """The base's processor_config.json (LLaVA's processor, its image processor inside) ships byte
+    for byte, and the gate checks it: a release whose copy differs or is missing fails the check
+    (negative controls); a base without one gets no such check."""
     import shutil
 
     from mergekit_lite.gate.packaging import check_processor_files
@@ -432,7 +470,7 @@ def test_processor_files_ship_and_are_checked(arch_zoo: ArchZoo, tmp_path: Path)
 
     base = arch_zoo.base("llava")
     out, report = arch_zoo.release("llava")
-    name = "preprocessor_config.json"
+    name = "processor_config.json"
     assert (out / name).read_bytes() == (base / name).read_bytes()
     assert name in (out / "SHA256SUMS").read_text()
     [row] = [c for c in report["checks"] if c["name"] == "processor files as the source"]
@@ -449,3 +487,94 @@ def test_processor_files_ship_and_are_checked(arch_zoo: ArchZoo, tmp_path: Path)
     assert not missing.passed and "missing" in missing.checks[0].detail
     _, plain = arch_zoo.release("llama")
     assert not [c for c in plain["checks"] if c["name"] == "processor files as the source"]
+
+
+def _end_to_end(case_id: str, arch_zoo: ArchZoo, candidate: Path, processor: Path | None):
+    """The gate's end-to-end check alone, of `candidate` against PeftModel on the case's base."""
+    from mergekit_lite.gate.endtoend import EndToEnd, Placement, check_end_to_end
+    from mergekit_lite.gate.report import GateReport
+    from mergekit_lite.gate.tolerances import thresholds
+    from mergekit_lite.sources.tokenizer import load_tokenizer
+
+    case = CASES_BY_ID[case_id]
+    base = arch_zoo.base(case.arch)
+    check = EndToEnd(
+        candidate=candidate,
+        base=base,
+        adapters=[(arch_zoo.adapter(case_id), 1.0)],
+        placement=Placement(),
+        tokenizer=load_tokenizer(base),
+        prompts=None,
+        new_tokens=4,
+        limits=thresholds("F32"),
+        model_class=ARCHES[case.arch].model_class,
+        processor=processor,
+    )
+    report = GateReport(dtype="F32")
+    check_end_to_end(report, check)
+    return report
+
+
+@pytest.mark.parametrize("arch", sorted(VISION_TOWER))
+def test_a_release_without_its_vision_lora_fails_on_the_image_prompt(
+    arch: str, arch_zoo: ArchZoo, tmp_path: Path
+) -> None:
+    """The release of a vision-tower LoRA with that LoRA dropped (the base's tensors shipped under
+    the release's files) fails the end-to-end check, on the image prompt, while the same check on the
+    text prompts alone passes it (what the gate did before the image prompt); the release itself
+    passes both (control)."""
+    import shutil
+
+    case_id = f"{arch}-vision"
+    out, _ = arch_zoo.release(case_id)
+    base = arch_zoo.base(arch)
+    dropped = tmp_path / "dropped"
+    shutil.copytree(out, dropped)
+    shutil.copyfile(base / "model.safetensors", dropped / "model.safetensors")
+
+    failed = _end_to_end(case_id, arch_zoo, dropped, base)
+    assert not failed.passed
+    [row] = [c for c in failed.checks if c.name == "max_abs_logit_diff"]
+    assert not row.passed and row.detail.startswith("worst: prompt 4 (the image prompt)"), row.detail
+    assert failed.context["image_prompt"]["used"]
+
+    text_only = _end_to_end(case_id, arch_zoo, dropped, None)
+    assert text_only.passed, [(c.name, c.figure, c.detail) for c in text_only.checks if not c.passed]
+    assert text_only.context["adapter_effect_max_abs_logit_diff"] == 0
+    assert len(text_only.context["modules_not_reached"]) >= 3
+
+    assert _end_to_end(case_id, arch_zoo, out, base).passed
+
+
+def test_the_image_prompt_is_on_the_model_card_and_runs_whole_models(arch_zoo: ArchZoo, tmp_path: Path) -> None:
+    """The model card's gate table says the image prompt ran (the logit row names it and the image);
+    layer by layer asked for, a vision-language base runs whole models, saying why, with the image
+    prompt (the layered runner takes token ids only)."""
+    from mergekit_lite.gate.images import IMAGE_SHA256
+
+    out, _ = arch_zoo.release("llava-vision")
+    card = (out / "README.md").read_text()
+    [row] = [line for line in card.splitlines() if "max_abs_logit_diff" in line]
+    assert "image prompt (prompt 4)" in row and IMAGE_SHA256[:12] in row and "LlavaProcessor" in row
+
+    manifest = write_manifest(
+        tmp_path,
+        arch_zoo.base("llava"),
+        [arch_zoo.adapter("llava-vision")],
+        "float32",
+        verify={"max_new_tokens": 2, "layer_by_layer": True},
+    )
+    report = execute(prepare(manifest)).report.to_dict()
+    assert report["passed"]
+    assert report["context"]["runner"].startswith("whole models: layer by layer was wanted, but")
+    assert report["context"]["image_prompt"]["used"]
+
+
+def test_the_synthetic_image_is_fixed() -> None:
+    """The same bytes on every run (its digest is pinned here), so a report's figures reproduce."""
+    from mergekit_lite.gate.images import IMAGE_SHA256, synthetic_image
+
+    image = synthetic_image()
+    assert image.shape == (32, 32, 3) and str(image.dtype) == "uint8"
+    assert IMAGE_SHA256 == "631069a8602a3879d5afb52724f0a512878a201a59dc697e3935e796e5f4f24d"
+    assert len({tuple(p) for p in image.reshape(-1, 3).tolist()}) > 100  # not a flat colour

@@ -29,7 +29,7 @@ from mergekit_lite.plan.plan import Plan
 from mergekit_lite.sources.adapter import Adapter
 from mergekit_lite.sources.checkpoint import Checkpoint
 from mergekit_lite.sources.evaldata import EvalData
-from mergekit_lite.sources.tokenizer import has_tokenizer, load_tokenizer, processor_source
+from mergekit_lite.sources.tokenizer import has_tokenizer, load_tokenizer, processor_files, processor_source
 
 __all__ = ["GateReport", "output_dtype", "run_gate"]
 
@@ -148,6 +148,7 @@ def run_gate(
             parameters=sum(math.prod(t.shape) for t in plan.tensors if t.dtype in FLOAT_DTYPES or t.fp8_block),
             layer_by_layer=settings.layer_by_layer,
             fp8=tuple((t.name, (t.fp8_block[0], t.fp8_block[1])) for t in plan.tensors if t.fp8_block),
+            processor=candidate if processor_files(candidate) else processor,
         )
 
     if not settings.logits:

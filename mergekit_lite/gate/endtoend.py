@@ -3,7 +3,9 @@
 Both are loaded the way a user would (transformers, PEFT), placed with the manifest's device_map
 (or `verify.device_map`, with `max_memory` and disk offload through accelerate for models larger
 than memory), and run on the same prompts: max |logit difference|, mean KL, top-1 agreement, and greedy
-continuations compared token by token.
+continuations compared token by token. A vision-language base with an image processor also gets an
+image prompt, a fixed synthetic image through its processor (gate/images.py), so that a LoRA on its
+vision tower runs too.
 
 Both run in float32, whatever the release's dtype: the base's stored weights upcast exactly, so
 the only difference left is the merge itself (its one rounding to the output dtype). Running both
@@ -28,6 +30,7 @@ import torch
 
 from mergekit_lite.gate.calibrate import calibrated, ideal_merge
 from mergekit_lite.gate.dequantized import dequantized_base, dequantizer
+from mergekit_lite.gate.images import ImagePrompt, extended, image_prompt, is_vision_language
 from mergekit_lite.gate.report import GateReport
 from mergekit_lite.gate.streamed import scale_adapters
 from mergekit_lite.gate.tolerances import CALIBRATION_MARGINS, within
@@ -267,6 +270,7 @@ class EndToEnd:
     parameters: int = 0  # the release's planned parameter count (what the two float32 models take)
     layer_by_layer: bool | None = None  # `verify.layer_by_layer`: None lets choose_runner decide
     fp8: tuple[tuple[str, tuple[int, int]], ...] = ()  # an FP8 release's FP8 weights and their blocks
+    processor: Path | None = None  # the processor files' folder: a vision-language base's image prompt
 
 
 def check_end_to_end(report: GateReport, check: EndToEnd) -> None:
@@ -394,7 +398,11 @@ def _not_layered(check: EndToEnd) -> str | None:
     rows = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
     if check.embedding_rows is not None and check.embedding_rows != rows:
         return f"the adapters resize the vocabulary ({rows} -> {check.embedding_rows} rows)"
-    return unsupported_reason(config, check.model_class)
+    if (reason := unsupported_reason(config, check.model_class)) is not None:
+        return reason
+    if check.processor is not None and "vision_config" in config:  # the layered runner takes token ids only
+        return "the image prompt of a vision-language base runs on whole models only"
+    return None
 
 
 @dataclass
@@ -417,17 +425,29 @@ class Runs:
     ideal: list[torch.Tensor] | None = None
     ideal_tokens: list[list[int]] | None = None
     ideal_how: str = ""
+    image: ImagePrompt | None = None  # a vision-language model's image prompt (the last prompt), or why none
 
 
 def _whole_runs(reference: Any, merged: Any, check: EndToEnd) -> Runs:
-    """The figures of two whole models (the reference is consumed by the ideal merge)."""
+    """The figures of two whole models (the reference is consumed by the ideal merge). A
+    vision-language model also gets the image prompt (gate/images.py), made with the base model's
+    own processor and config, as the last prompt."""
     vocab = merged.get_input_embeddings().weight.shape[0]
     ids, how = prompt_ids(check.tokenizer, check.prompts, vocab, placeholder_ids(merged.config))
+    extras: list[dict[str, torch.Tensor]] = [{} for _ in ids]
+    image = None
+    if is_vision_language(merged.config):
+        image = image_prompt(check.processor, reference.get_base_model(), check.tokenizer)
+        if image.ids is not None:
+            ids.append(image.ids)
+            extras.append(image.inputs)
+            how += " + 1 image prompt"
+    prompts = list(zip(ids, extras))
     with _modules_run(reference) as reached:
-        ref_logits = [_forward(reference, seq) for seq in ids]
-    out_logits = [_forward(merged, seq) for seq in ids]
+        ref_logits = [_forward(reference, seq, extra=x) for seq, x in prompts]
+    out_logits = [_forward(merged, seq, extra=x) for seq, x in prompts]
     with reference.disable_adapter():
-        base_logits = [_forward(reference, seq) for seq in ids]
+        base_logits = [_forward(reference, seq, extra=x) for seq, x in prompts]
     n = check.new_tokens if merged.can_generate() else 0  # a classification head: its logits are compared
     runs = Runs(
         ids,
@@ -437,15 +457,16 @@ def _whole_runs(reference: Any, merged: Any, check: EndToEnd) -> Runs:
         base_logits,
         reached,
         _changed_modules(reference),
-        [_reference_path(reference, seq, n) for seq in ids],
-        [_generate(merged, seq, n) if n else [] for seq in ids],
+        [_reference_path(reference, seq, n, x) for seq, x in prompts],
+        [_generate(merged, seq, n, x) if n else [] for seq, x in prompts],
         n,
         type(merged).__name__,
+        image=image,
     )
     ideal_model, runs.ideal_how = ideal_merge(reference, check.output_dtype, dict(check.fp8))
     if ideal_model is not None:
-        runs.ideal = [_forward(ideal_model, seq) for seq in ids]
-        runs.ideal_tokens = [_generate(ideal_model, seq, n) if n else [] for seq in ids]
+        runs.ideal = [_forward(ideal_model, seq, extra=x) for seq, x in prompts]
+        runs.ideal_tokens = [_generate(ideal_model, seq, n, x) if n else [] for seq, x in prompts]
     return runs
 
 
@@ -496,6 +517,7 @@ def _judge(report: GateReport, runs: Runs, check: EndToEnd, limits: dict[str, fl
             f"; {len(unreached)} changed module(s) never ran on these prompts ({', '.join(unreached[:3])}"
             f"{', ...' if len(unreached) > 3 else ''}): only the per-tensor algebra check covers them"
         )
+    image_note = _image_note(report, runs)
     if effect == 0:  # nothing to scale by: the comparison covers only what the adapters left unchanged
         threshold_note += "; the adapters change none of these logits"
     elif "max_abs_logit_diff" not in check.fixed and EFFECT_SHARE * effect < limits["max_abs_logit_diff"]:
@@ -518,7 +540,8 @@ def _judge(report: GateReport, runs: Runs, check: EndToEnd, limits: dict[str, fl
     ideal, vs_ideal = _against_ideal(report, runs, tie)
     limits, rules = calibrated(limits, ideal, check.fixed)
     detail = {
-        "max_abs_logit_diff": f"worst: prompt {figures.pop('worst_prompt')}; base vs reference: {effect:.3g}{threshold_note}",
+        "max_abs_logit_diff": f"worst: prompt {_named(figures.pop('worst_prompt'), runs)}; base vs reference: "
+        f"{effect:.3g}{threshold_note}{image_note}",
         "mean_kl": "KL(reference || merged), mean over positions",
         "top1_agreement": f"share of positions with the same argmax (ties within {tie:.3g} agree)",
         "greedy_match": first_diff or f"share of prompts whose {new_tokens} greedy tokens agree (up to a tie)",
@@ -531,6 +554,24 @@ def _judge(report: GateReport, runs: Runs, check: EndToEnd, limits: dict[str, fl
         report.add(
             "end_to_end", metric, within(metric, value, limit), figure=value, threshold=limit, detail=detail[metric]
         )
+
+
+def _image_note(report: GateReport, runs: Runs) -> str:
+    """The image prompt, or why a vision-language model has none, recorded in the report's context;
+    the same in words for the logit row (and so the model card)."""
+    if runs.image is None:
+        return ""
+    if runs.image.ids is None:
+        report.context["image_prompt"] = {"used": False, "reason": runs.image.reason}
+        return f"; no image prompt: {runs.image.reason}"
+    report.context["image_prompt"] = {"used": True, "prompt": len(runs.ids) - 1, "how": runs.image.how}
+    return f"; image prompt (prompt {len(runs.ids) - 1}): {runs.image.how}"
+
+
+def _named(prompt: int, runs: Runs) -> str:
+    """A prompt's number, `(the image prompt)` after it when it is that one."""
+    image = runs.image is not None and runs.image.ids is not None and prompt == len(runs.ids) - 1
+    return f"{prompt} (the image prompt)" if image else str(prompt)
 
 
 _PLACEHOLDERS = ("image_token", "video_token", "audio_token", "vision_start", "vision_end", "boi_token", "eoi_token")
@@ -581,14 +622,16 @@ def _decoder_start(model) -> int:
     return int(start if start is not None else getattr(model.config, "pad_token_id", None) or 0)
 
 
-def _forward(model, ids: torch.Tensor, continuation: list[int] | None = None) -> torch.Tensor:
+def _forward(
+    model, ids: torch.Tensor, continuation: list[int] | None = None, *, extra: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
     """Logits [positions, classes] in float64 on the CPU.
 
     A decoder-only model reads the prompt (then the continuation); an encoder-decoder reads the
     prompt in its encoder and, in its decoder, the start token followed by the continuation, or by
     the prompt itself without its last token when none is given (so every decoder position runs
     cross-attention over the encoded prompt). A classification head gives one row per sequence
-    (or per token).
+    (or per token). `extra`: the image prompt's other inputs (pixel values, token types).
     """
     device = _input_device(model)
     inputs: dict[str, torch.Tensor]
@@ -598,7 +641,7 @@ def _forward(model, ids: torch.Tensor, continuation: list[int] | None = None) ->
         inputs = {**_encoder_inputs(model, ids), "decoder_input_ids": decoder.unsqueeze(0)}
     else:
         seq = ids if continuation is None else torch.cat([ids, torch.tensor(continuation, dtype=ids.dtype)])
-        inputs = {"input_ids": seq.unsqueeze(0)}
+        inputs = {"input_ids": seq.unsqueeze(0), **extended(extra or {}, len(ids), len(seq) - len(ids))}
     with torch.no_grad():
         out = model(**{k: v.to(device) for k, v in inputs.items()})
     # a model without a head (feature extraction) is compared on what it outputs: its hidden states
@@ -679,13 +722,15 @@ def _agrees(ref_logits: torch.Tensor, chosen: torch.Tensor, tie: float) -> torch
     return best - picked <= tie
 
 
-def _reference_path(reference, seq: torch.Tensor, n: int) -> tuple[list[int], torch.Tensor]:
+def _reference_path(
+    reference, seq: torch.Tensor, n: int, extra: dict[str, torch.Tensor] | None = None
+) -> tuple[list[int], torch.Tensor]:
     """The reference's n greedy tokens after `seq`, and its logits along that path: row k holds the
     logits from which token k was chosen (what a divergence at token k is judged against)."""
     if n == 0:
         return [], torch.empty(0)
-    path = _generate(reference, seq, n)
-    logits = _forward(reference, seq, path)  # an encoder-decoder's row 0 is its start token's
+    path = _generate(reference, seq, n, extra)
+    logits = _forward(reference, seq, path, extra=extra)  # an encoder-decoder's row 0 is its start token's
     start = 0 if _is_seq2seq(reference) else len(seq) - 1
     return path, logits[start : start + n]
 
@@ -710,7 +755,7 @@ def _greedy(
     return same / len(paths), first
 
 
-def _generate(model, seq: torch.Tensor, n: int) -> list[int]:
+def _generate(model, seq: torch.Tensor, n: int, extra: dict[str, torch.Tensor] | None = None) -> list[int]:
     """Exactly n greedy tokens (no early stop), through transformers' own generate."""
     from transformers import GenerationConfig
 
@@ -719,7 +764,8 @@ def _generate(model, seq: torch.Tensor, n: int) -> list[int]:
     ids = seq.unsqueeze(0).to(_input_device(model))
     config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        more = {k: v.to(ids.device) for k, v in (extra or {}).items()}
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config, **more)
     # an encoder-decoder's output is its decoder's: the start token, then the new tokens
     return out[0, 1:].tolist() if _is_seq2seq(model) else out[0, ids.shape[1] :].tolist()
 
