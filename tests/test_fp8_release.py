@@ -436,7 +436,9 @@ def _bound_case(seed: int, shape: tuple[int, int], spread: float):
     return t, w, codes, scale
 
 
-@pytest.mark.parametrize(("seed", "shape", "spread"), [(0, (256, 384), 4.0), (1, (200, 130), 12.0), (2, (128, 128), 0.0)])
+@pytest.mark.parametrize(
+    ("seed", "shape", "spread"), [(0, (256, 384), 4.0), (1, (200, 130), 12.0), (2, (128, 128), 0.0)]
+)
 def test_gate_bound_accepts_transformers_quantization_and_is_tight(seed, shape, spread):
     from mergekit_lite.gate.fp8 import Fp8Worst, check_fp8
 
