@@ -148,8 +148,8 @@ def prepare(manifest_path: str | Path, for_output: bool = True, hash_inputs: boo
 
 
 def _check_fp8_release(plan: Plan, m: Any) -> None:
-    """An FP8 release (`dtype: float8_e4m3fn`) is for transformers, vLLM and SGLang: the GGUF converter
-    and the other runtimes the gate can run are refused before anything is written."""
+    """An FP8 release (`dtype: float8_e4m3fn`) is loaded by transformers, as its FP8 base is: the GGUF
+    converter and the other runtimes the gate can run are refused before anything is written."""
     if plan.quantization_config is None:
         return
     if m.output.gguf is not None:

@@ -1,5 +1,5 @@
 """`dtype: float8_e4m3fn`: which output tensors are written as fine-grained FP8, and the release's
-`quantization_config` (transformers' FineGrainedFP8 layout, which vLLM and SGLang load too).
+`quantization_config` (transformers' FineGrainedFP8 layout, as DeepSeek-V3 and Qwen3-FP8 publish it).
 
 A fine-grained FP8 base (`quant_method: fp8`, float32 `weight_scale_inv` block scales) keeps its
 layout: every tensor it stores as FP8 is written as FP8 with its block size, its scales
@@ -13,8 +13,8 @@ makes of it: the Linear weights it converts (sources/fp8_targets.py: not lm_head
 or its modules_to_not_convert) in FP8 where both dimensions are multiples of 128, the scales
 computed from the merged weight; a Linear whose dimensions are not stays dense (bfloat16), as
 transformers' quantizer leaves it, and is named in the written `modules_to_not_convert` (with
-transformers' own defaults, which a written list replaces on load), so that transformers and vLLM
-load it as a plain Linear.
+transformers' own defaults, which a written list replaces on load), so that transformers loads it
+as a plain Linear.
 
 Bases stored in another quantized format (bitsandbytes, MXFP4) and ue8m0 or bfloat16 scales are
 refused: their release is written dense instead (`dtype: bfloat16`).
