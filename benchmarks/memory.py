@@ -8,6 +8,7 @@ The figure must not grow with the model: every mode holds about one tensor at a 
 
     .venv/bin/python benchmarks/memory.py                       # about 1 GB and 4 GB, every mode
     .venv/bin/python benchmarks/memory.py --sizes 1 2 --modes gated verify
+    .venv/bin/python benchmarks/memory.py --sizes 0.5 1.5 --modes merge gated --dtype float8_e4m3fn
 """
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ from speed import measure_usage
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
 MODES = ("merge", "gated", "verify")
-MANIFEST = "base: ./base\nadapters: [./adapter]\ndtype: bfloat16\ntokenizer: none\noutput: ./merged\n"
+MANIFEST = "base: ./base\nadapters: [./adapter]\ndtype: {dtype}\ntokenizer: none\noutput: ./merged\n"
 
 
-def build(folder: Path, size: float) -> tuple[Path, Path]:
+def build(folder: Path, size: float, dtype: str = "bfloat16") -> tuple[Path, Path]:
     """Build the checkpoint in a child process, so this process stays small: a forked child's
     peak RSS includes the parent's pages until it execs, which would inflate the measurement."""
     subprocess.run([sys.executable, str(HERE / "synthetic.py"), str(folder), str(size)], check=True)
-    (folder / "manifest.yaml").write_text(MANIFEST)
-    (folder / "manifest-gate.yaml").write_text(MANIFEST + "verify: {logits: false}\n")
+    manifest = MANIFEST.format(dtype=dtype)
+    (folder / "manifest.yaml").write_text(manifest)
+    (folder / "manifest-gate.yaml").write_text(manifest + "verify: {logits: false}\n")
     return folder / "base", folder / "adapter"
 
 
@@ -44,10 +46,10 @@ def command(mode: str, folder: Path) -> list[str]:
     return [*cli, "verify", str(folder / "merged")]  # the gated release's own manifest: logits off
 
 
-def run_size(size: float, modes: list[str]) -> list[tuple[str, float, float, float]]:
+def run_size(size: float, modes: list[str], dtype: str = "bfloat16") -> list[tuple[str, float, float, float]]:
     """(mode, wall s, peak RSS GiB, CPU s) of each mode, one fresh process each."""
     folder = WORK / f"llama-{size:g}GB"
-    build(folder, size)
+    build(folder, size, dtype)
     out = folder / "merged"
     shutil.rmtree(out, ignore_errors=True)
     rows = []
@@ -67,12 +69,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=float, nargs="+", default=[1.0, 4.0], help="checkpoint sizes in GB")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="which modes to run")
+    parser.add_argument("--dtype", default="bfloat16", help="the manifest's dtype (float8_e4m3fn: an FP8 release)")
     args = parser.parse_args()
     modes = [m for m in MODES if m in args.modes]
     results = {}
     for size in args.sizes:
         folder = WORK / f"llama-{size:g}GB"
-        results[size] = run_size(size, modes)
+        results[size] = run_size(size, modes, args.dtype)
         results[size] = (sum(p.stat().st_size for p in (folder / "base").glob("*.safetensors")) / 1e9, results[size])
     print(
         f"{'target':>7} {'model GB':>9} {'mode':>7} {'wall s':>7} {'CPU s':>7} {'peak RSS GiB':>13} {'RSS / model':>12}"
