@@ -72,7 +72,7 @@ class RowPasses:
 
     def __init__(self, threads: int) -> None:
         self.threads = mathops.BlockThreads(threads, "mergekit-algebra")
-        self.scratch: list[dict[torch.dtype, torch.Tensor]] = [{} for _ in range(self.threads.threads)]
+        self.scratch: list[dict[tuple[str, torch.dtype], torch.Tensor]] = [{} for _ in range(self.threads.threads)]
 
     def close(self) -> None:
         self.threads.close()
@@ -121,36 +121,55 @@ def _row_pass(
     transposed: bool,
     dtype: torch.dtype,
     blocks: list[tuple[int, int]],
-    scratch: dict[torch.dtype, torch.Tensor],
+    scratch: dict[tuple[str, torch.dtype], torch.Tensor],
     product: torch.Tensor,
     square: torch.Tensor | None,
 ) -> None:
     """matmul's and matmul_and_ulp_scale's work on some row blocks of W, in scratch buffers.
 
-    Positional, as BlockThreads.map calls it with one tuple of arguments per part."""
+    Positional, as BlockThreads.map calls it with one tuple of arguments per part.
+
+    W x is computed as (x^T W^T)^T: MKL's product of a block by a thin x (4 columns) takes 3.5 times
+    as long as the same product laid out with the block's rows as the output's columns (343 against
+    95 us a 2^18-element float32 block, the copy back included; 351 against 193 in float64)."""
     work = xw.dtype
+    xt = None if transposed else xw.T.contiguous()
+    x2t = None if transposed or square is None else x2.T.contiguous()
     for start, stop in blocks:
         block = _buffer(scratch, (stop - start, w.shape[1]), work)
         block.copy_(w[start:stop])
         if transposed:
             product.addmm_(block.T, xw[start:stop])
         else:
-            torch.mm(block, xw, out=product[start:stop])
+            _thin_product(xt, block, product[start:stop], scratch)
         if square is None:
             continue
         ulp2 = exponent_squared(block, dtype, out=block)  # in place: the block is done with; x2 carries ULP_SCALE
         if transposed:
             square.addmm_(ulp2.T, x2[start:stop])
         else:
-            torch.mm(ulp2, x2, out=square[start:stop])
+            _thin_product(x2t, ulp2, square[start:stop], scratch)
 
 
-def _buffer(scratch: dict[torch.dtype, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A reusable uninitialised buffer of `shape` from a thread's scratch, grown when too small."""
+def _thin_product(xt: torch.Tensor, block: torch.Tensor, out: torch.Tensor, scratch: dict) -> None:
+    """out = block @ xt^T, computed as xt @ block^T into a scratch buffer and copied back transposed."""
+    thin = _buffer(scratch, (xt.shape[0], block.shape[0]), xt.dtype, "thin")
+    torch.mm(xt, block.T, out=thin)
+    out.copy_(thin.T)
+
+
+def _buffer(
+    scratch: dict[tuple[str, torch.dtype], torch.Tensor],
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    role: str = "block",
+) -> torch.Tensor:
+    """A reusable uninitialised buffer of `shape` from a thread's scratch (one per role and dtype), grown
+    when too small."""
     numel = math.prod(shape)
-    held = scratch.get(dtype)
+    held = scratch.get((role, dtype))
     if held is None or held.numel() < numel:
-        scratch[dtype] = held = torch.empty(numel, dtype=dtype)
+        scratch[role, dtype] = held = torch.empty(numel, dtype=dtype)
     return held[:numel].view(shape)
 
 
