@@ -43,29 +43,41 @@ def dequantizer(base: Path) -> str:
     return BY_BITSANDBYTES if importlib.util.find_spec("bitsandbytes") is not None else BY_MERGEKIT
 
 
-def dequantized_base(base: Path, tensors: dict[str, TensorEntry], dtype: torch.dtype, loading: dict[str, Any]):
-    """(the base as a dense transformers model in `dtype`, who dequantized it)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def dequantized_base(
+    base: Path,
+    tensors: dict[str, TensorEntry],
+    dtype: torch.dtype,
+    loading: dict[str, Any],
+    model_class: str | None = None,
+):
+    """(the base as a dense transformers model in `dtype`, who dequantized it), of the transformers
+    class the release is loaded with (`model_class`: a classification head, a seq2seq model; a
+    causal LM when None)."""
+    import transformers
+    from transformers import AutoConfig
 
+    cls = getattr(transformers, model_class or "AutoModelForCausalLM")
     by = dequantizer(base)
     device_map = loading.get("device_map", "cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if by in (BY_BITSANDBYTES, BY_BITSANDBYTES_QLORA):
             logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its import warns about a CPU kernel
-            model = AutoModelForCausalLM.from_pretrained(base, device_map=device_map, **_qlora(tensors))
+            model = cls.from_pretrained(base, device_map=device_map, **_qlora(tensors))
             model.dequantize()
             return model.to(dtype), by
         if by in (BY_TRANSFORMERS_FP8, BY_TRANSFORMERS_MXFP4):
             from transformers import FineGrainedFP8Config, Mxfp4Config
 
             config = (FineGrainedFP8Config if by == BY_TRANSFORMERS_FP8 else Mxfp4Config)(dequantize=True)
-            model = AutoModelForCausalLM.from_pretrained(base, quantization_config=config, device_map=device_map)
+            model = cls.from_pretrained(base, quantization_config=config, device_map=device_map)
             return model.to(dtype), by
     config = AutoConfig.from_pretrained(base)
     config.quantization_config = None
     del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = (
+        cls.from_config(config, dtype=dtype) if hasattr(cls, "from_config") else cls._from_config(config, dtype=dtype)
+    )
     reader = TensorReader(tensors)
     state = {name: reader.get(name).to(dtype) for name in tensors}
     missing, unexpected = model.load_state_dict(state, strict=False)

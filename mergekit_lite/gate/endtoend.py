@@ -101,7 +101,7 @@ def reference_model(
     from peft import PeftModel
 
     if dequantized is not None:
-        model, _ = dequantized_base(base, dequantized, dtype, loading)
+        model, _ = dequantized_base(base, dequantized, dtype, loading, model_class)
     else:
         model = model_loader(model_class).from_pretrained(base, dtype=dtype, **loading)
     if embedding_rows is not None and embedding_rows != model.get_input_embeddings().weight.shape[0]:
