@@ -20,10 +20,12 @@ from mergekit_lite.errors import InputError, MergekitError, PlanError
 from mergekit_lite.gate import GateReport, run_gate
 from mergekit_lite.gate.eval import EvalProgress
 from mergekit_lite.gate.gguf import GgufFile
+from mergekit_lite.gate.llama_cpp import LlamaCpp, find_llama_cpp
 from mergekit_lite.gate.report import fmt, markdown, skipped_report
 from mergekit_lite.gate.runtimes import check_runtimes_available
 from mergekit_lite.io.digests import InputDigests
 from mergekit_lite.manifest.load import LoadedManifest, load_manifest
+from mergekit_lite.manifest.sections import GgufSpec
 from mergekit_lite.merge.executor import check_available, run_shards
 from mergekit_lite.merge.factors import require_finite
 from mergekit_lite.merge.merge import Progress
@@ -91,6 +93,7 @@ class Job:
     force: bool = False  # replace whatever is at the output, not only an earlier release
     tokenizer: Path | None = None  # the folder the release's tokenizer is copied from (None: `tokenizer: none`)
     converter: Converter | None = None  # llama.cpp's converter, for `output.gguf`
+    llama_cpp: LlamaCpp | None = None  # llama.cpp's converter and runtime, for `verify.runtimes: [llama.cpp]`
     eval_data: EvalData | None = None  # `verify.eval`'s records, tokenized (None when there is none)
 
 
@@ -120,6 +123,10 @@ def prepare(manifest_path: str | Path, for_output: bool = True, hash_inputs: boo
         _check_fp8_release(plan, m)
         if m.verify.runtimes and m.verify.enabled:
             check_runtimes_available(m.verify.runtimes)  # a runtime not installed is refused before any write
+        llama_cpp = None
+        if "llama.cpp" in m.verify.runtimes and (m.verify.enabled or not for_output):  # `verify` always gates
+            what = "verify.runtimes: [llama.cpp]"
+            llama_cpp = find_llama_cpp(find_converter(m.output.gguf or GgufSpec(), loaded.root, what).script)
         converter = None
         if for_output:
             check_available(m.executor)  # Ray, when asked for, must be installed: refused before anything is written
@@ -144,6 +151,7 @@ def prepare(manifest_path: str | Path, for_output: bool = True, hash_inputs: boo
         tokenizer=tokenizer,
         eval_data=eval_data,
         converter=converter,
+        llama_cpp=llama_cpp,
     )
 
 
@@ -291,6 +299,7 @@ def execute(
                     eval_data=job.eval_data,
                     eval_progress=eval_progress,
                     gguf=gguf,
+                    llama_cpp=job.llama_cpp,
                 )
                 report.context.update(provenance(job))
                 lap("verify")
@@ -490,6 +499,7 @@ def verify_release(
         foreign=foreign,
         portable=m.output.compat,
         gguf=_gguf_file(job),
+        llama_cpp=job.llama_cpp,
         eval_data=job.eval_data,
         eval_progress=eval_progress,
     )

@@ -16,6 +16,7 @@ from mergekit_lite.gate.endtoend import DEFAULT_PROMPTS, EndToEnd, check_end_to_
 from mergekit_lite.gate.eval import EvalProgress, check_eval
 from mergekit_lite.gate.gguf import GgufFile, check_gguf
 from mergekit_lite.gate.integrity import check_integrity
+from mergekit_lite.gate.llama_cpp import LlamaCpp, check_llama_cpp
 from mergekit_lite.gate.packaging import check_packaging, check_processor_files
 from mergekit_lite.gate.portable import check_portable
 from mergekit_lite.gate.report import GateReport
@@ -62,6 +63,7 @@ def run_gate(
     eval_data: EvalData | None = None,
     eval_progress: EvalProgress | None = None,
     gguf: GgufFile | None = None,
+    llama_cpp: LlamaCpp | None = None,
 ) -> GateReport:
     """Run every check on `candidate` (a release folder, staged or published) and return the report.
 
@@ -76,7 +78,8 @@ def run_gate(
     claims to be readable by transformers 4 too). `eval_data` is `verify.eval`'s file, tokenized at
     plan time: scored by base, base + adapters and the release (gate/eval.py), `eval_progress` told
     the tokens scored. `gguf`: the GGUF file made from the release (`output.gguf`), read back and
-    compared with it. A check that cannot run fails its group; this raises only for bugs.
+    compared with it. `llama_cpp`: llama.cpp's converter and llama-cpp-python, for
+    `verify.runtimes: [llama.cpp]` (which also runs that GGUF file). A check that cannot run fails its group; this raises only for bugs.
     """
     dtype = output_dtype(plan)
     limits = thresholds(dtype, settings.thresholds)
@@ -162,7 +165,15 @@ def run_gate(
         _guarded(report, "eval", lambda: check_eval(report, models(None), eval_data, eval_progress))
     if settings.runtimes:  # run whatever failed above: a runtime may be the only one to see a defect
         new = settings.max_new_tokens
+        shipped = (gguf.name, gguf.outtype) if gguf is not None else None
         for runtime in settings.runtimes:
+            if runtime == "llama.cpp":
+                _guarded(
+                    report,
+                    "runtimes",
+                    lambda: check_llama_cpp(report, candidate, _packaged(candidate), prompts, new, llama_cpp, shipped),
+                )
+                continue
             check = {
                 "transformers4": check_transformers4,
                 "ctranslate2": check_ctranslate2,

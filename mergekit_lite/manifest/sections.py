@@ -166,12 +166,14 @@ class VerifySpec(Strict):
         description="Per-token loss and perplexity of the base, of base + adapters and of the release on "
         "your own JSON Lines data: {path, max_samples, max_length}, or just the path.",
     )
-    runtimes: list[Literal["transformers4", "ctranslate2", "onnxruntime-genai"]] = Field(
+    runtimes: list[Literal["transformers4", "ctranslate2", "onnxruntime-genai", "llama.cpp"]] = Field(
         default_factory=list,
         description="Also load the release in these runtimes and compare with transformers 5 in float32: "
         "transformers4 (a Python with transformers 4: `make runtimes`, or $MERGEKIT_LITE_TRANSFORMERS4), "
         "ctranslate2 (`pip install 'mergekit-lite[ctranslate2]'`), onnxruntime-genai "
-        "(`pip install 'mergekit-lite[onnxruntime-genai]'`).",
+        "(`pip install 'mergekit-lite[onnxruntime-genai]'`), llama.cpp (llama-cpp-python: `pip install "
+        "'mergekit-lite[llama-cpp]'`, `make runtimes`, or $MERGEKIT_LITE_LLAMA_CPP_PYTHON; and llama.cpp's "
+        "converter, found as for `output.gguf`).",
     )
     layer_by_layer: bool | None = Field(
         default=None,

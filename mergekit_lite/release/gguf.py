@@ -53,10 +53,11 @@ class Converter:
         return self.script.parent
 
 
-def find_converter(spec: GgufSpec, root: Path) -> Converter:
+def find_converter(spec: GgufSpec, root: Path, what: str = "output.gguf") -> Converter:
     """The converter `spec` asks for, or an InputError saying where it was looked for and how to get it.
 
-    `root` is the manifest's folder (a relative `llama_cpp` is taken from there)."""
+    `root` is the manifest's folder (a relative `llama_cpp` is taken from there); `what` is the manifest
+    key that needs it, for the error (`verify.runtimes: [llama.cpp]` needs it too)."""
     if spec.llama_cpp is not None:
         folder = Path(spec.llama_cpp).expanduser()
         places = [(root / folder if not folder.is_absolute() else folder, "`output.gguf.llama_cpp`")]
@@ -68,20 +69,20 @@ def find_converter(spec: GgufSpec, root: Path) -> Converter:
             places.append((Path(on_path).resolve().parent, "PATH"))
     for folder, _ in places:
         if (folder / SCRIPT).is_file():
-            _check_requirements(folder / SCRIPT)
+            _check_requirements(folder / SCRIPT, what)
             return Converter((folder / SCRIPT).resolve())
     folder, said = places[0]
-    raise InputError(f"`output.gguf`: no llama.cpp `{SCRIPT}` in `{folder}` ({said}); {HOW_TO_GET}")
+    raise InputError(f"`{what}`: no llama.cpp `{SCRIPT}` in `{folder}` ({said}); {HOW_TO_GET}")
 
 
-def _check_requirements(script: Path) -> None:
+def _check_requirements(script: Path, what: str) -> None:
     """What the converter (at `script`) and the gate's read-back import beyond this package's own
     dependencies, refused by name if absent."""
     # sentencepiece: the converter imports it for every model; gguf: transformers reads the file back with it
     missing = [name for name in ("sentencepiece", "gguf") if importlib.util.find_spec(name) is None]
     if missing:
         raise InputError(
-            f"`output.gguf`: llama.cpp's converter needs {', '.join(missing)}, not installed here; "
+            f"`{what}`: llama.cpp's converter needs {', '.join(missing)}, not installed here; "
             "`pip install 'mergekit-lite[gguf]'`"
         )
 
