@@ -193,6 +193,12 @@ _PROCESSORS = {
         ("Gemma3Processor", {"image_seq_length": 4}),
         "<start_of_image>",
     ),
+    "mistral3": Processor(
+        {"image_token": ("[IMG]", 95), "image_break_token": ("[IMG_BREAK]", 94), "image_end_token": ("[IMG_END]", 93)},
+        ("PixtralImageProcessorPil", {"size": {"longest_edge": 32}, "patch_size": {"height": 8, "width": 8}}),
+        None,  # transformers' PixtralProcessor needs torchvision: image processor and tokenizer alone
+        "[IMG]",
+    ),
     # transformers' Qwen2.5-VL processor needs torchvision (its video processor): the image processor
     # and the tokenizer are saved alone, as a checkpoint without processor_config.json has them
     "qwen2_5_vl": Processor(
@@ -321,8 +327,12 @@ ARCHES: dict[str, Arch] = {
     "granitemoe": Arch("GraniteMoeForCausalLM", lambda: _decoder(num_local_experts=4, **_MOE)),
     "phimoe": Arch("PhimoeForCausalLM", lambda: _decoder(num_local_experts=4, **_MOE)),
     "deepseek_v3": Arch("DeepseekV3ForCausalLM", _deepseek_v3),
-    "mistral3": Arch("Mistral3ForConditionalGeneration", _mistral3, "image-text-to-text"),
-    "qwen2_vl": Arch("Qwen2VLForConditionalGeneration", _qwen2_vl, "image-text-to-text"),
+    "mistral3": Arch(
+        "Mistral3ForConditionalGeneration", _mistral3, "image-text-to-text", processor=_PROCESSORS["mistral3"]
+    ),
+    "qwen2_vl": Arch(
+        "Qwen2VLForConditionalGeneration", _qwen2_vl, "image-text-to-text", processor=_PROCESSORS["qwen2_5_vl"]
+    ),
     "qwen3_vl": Arch("Qwen3VLForConditionalGeneration", _qwen3_vl, "image-text-to-text"),
     "idefics3": Arch("Idefics3ForConditionalGeneration", _idefics3, "image-text-to-text"),
     "paligemma": Arch("PaliGemmaForConditionalGeneration", _paligemma, "image-text-to-text"),
@@ -391,6 +401,8 @@ VISION_TOWER = {
     "llava": r".*vision_tower.*\.(q_proj|v_proj|fc1)",
     "gemma3": r".*vision_tower.*\.(q_proj|v_proj|fc1)",
     "qwen2_5_vl": r".*visual\.(blocks\.\d+\.attn\.(qkv|proj)|merger\.mlp\.0)",
+    "mistral3": r".*vision_tower.*\.(q_proj|v_proj|gate_proj)",
+    "qwen2_vl": r".*visual\.(blocks\.\d+\.attn\.(qkv|proj)|merger\.mlp\.0)",
 }
 
 CASES: list[Case] = [

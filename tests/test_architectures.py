@@ -578,3 +578,23 @@ def test_the_synthetic_image_is_fixed() -> None:
     assert image.shape == (32, 32, 3) and str(image.dtype) == "uint8"
     assert IMAGE_SHA256 == "631069a8602a3879d5afb52724f0a512878a201a59dc697e3935e796e5f4f24d"
     assert len({tuple(p) for p in image.reshape(-1, 3).tolist()}) > 100  # not a flat colour
+
+
+@pytest.mark.parametrize(
+    ("arch", "made_by"),
+    [
+        ("llava", "through LlavaProcessor, with its chat template; 16 image tokens"),
+        ("gemma3", "through Gemma3Processor, with its chat template; 4 image tokens"),
+        ("qwen2_vl", "through Qwen2VLImageProcessorPil (AutoProcessor: ImportError: Qwen2VLVideoProcessor requires"),
+        ("qwen2_5_vl", "through Qwen2VLImageProcessorPil (AutoProcessor: ImportError: Qwen2VLVideoProcessor"),
+        ("mistral3", "through PixtralImageProcessorPil (AutoProcessor: ImportError: PixtralProcessor requires"),
+    ],
+)
+def test_the_image_prompt_says_how_it_was_made(arch: str, made_by: str, arch_zoo: ArchZoo) -> None:
+    """AutoProcessor and its chat template where it loads; else the image processor alone, saying why."""
+    import importlib.util
+
+    if "AutoProcessor:" in made_by and importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: AutoProcessor loads this processor")
+    _, report = arch_zoo.release(f"{arch}-vision")
+    assert made_by in report["context"]["image_prompt"]["how"], report["context"]["image_prompt"]
