@@ -109,6 +109,39 @@ _WHISPER.update({"num_mel_bins": 8, "max_source_positions": 16, "max_target_posi
 _WHISPER.update({"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 1})
 
 
+_SEQ2SEQ = dict(_BART)  # BART-like encoder-decoders (mBART, Pegasus, Marian)
+
+
+def _jamba() -> dict[str, Any]:  # Jamba: Mamba and attention layers, MoE every other layer
+    mamba = {"mamba_d_state": 8, "mamba_expand": 2, "use_mamba_kernels": False}
+    periods = {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1}
+    return _decoder(num_experts=4, **_MOE, **mamba, **periods)
+
+
+def _falcon_h1() -> dict[str, Any]:
+    mamba = {"mamba_d_ssm": 32, "mamba_n_heads": 4, "mamba_d_head": 8, "mamba_d_state": 8, "mamba_n_groups": 1}
+    return _decoder(head_dim=8, mamba_chunk_size=8, **mamba)
+
+
+def _qwen3_next() -> dict[str, Any]:
+    linear = {"linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 8}
+    experts = {"num_experts": 4, "moe_intermediate_size": 16, "shared_expert_intermediate_size": 16}
+    layers = ["linear_attention", "full_attention"]
+    return _decoder(head_dim=8, linear_value_head_dim=8, layer_types=layers, **linear, **experts, **_MOE)
+
+
+def _mllama() -> dict[str, Any]:
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_global_layers": 1}
+    vision.update({"num_attention_heads": 2, "image_size": 32, "patch_size": 8, "vision_output_dim": 32})
+    vision.update({"intermediate_layers_indices": [0], "max_num_tiles": 1, "supported_aspect_ratios": [[1, 1]]})
+    text = _decoder(cross_attention_layers=[1], rope_scaling={"rope_type": "default"})
+    return {"text_config": text, "vision_config": vision, "image_token_index": 95}
+
+
+def _llava_next() -> dict[str, Any]:
+    return dict(_llava(), image_grid_pinpoints=[[32, 32]])
+
+
 def _deepseek_v3() -> dict[str, Any]:
     attention = {"kv_lora_rank": 8, "q_lora_rank": 8, "qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "v_head_dim": 8}
     experts = {"n_routed_experts": 4, "moe_intermediate_size": 16, "first_k_dense_replace": 1, "n_group": 1}
@@ -355,6 +388,40 @@ ARCHES: dict[str, Arch] = {
         "DistilBertForTokenClassification", lambda: dict(_DISTILBERT, num_labels=5), "token classification"
     ),
     "bert": Arch("BertModel", lambda: dict(_BERT), "feature extraction"),
+    "exaone4": Arch("Exaone4ForCausalLM", lambda: _decoder(head_dim=8)),
+    "qwen3_next": Arch("Qwen3NextForCausalLM", _qwen3_next),
+    "jamba": Arch("JambaForCausalLM", _jamba),
+    "falcon_h1": Arch("FalconH1ForCausalLM", _falcon_h1),
+    "mamba": Arch(
+        "MambaForCausalLM",
+        lambda: {"vocab_size": VOCAB, "hidden_size": HIDDEN, "num_hidden_layers": 2, "state_size": 8, "expand": 2},
+    ),
+    "llava_next": Arch("LlavaNextForConditionalGeneration", _llava_next, "image-text-to-text"),
+    "mllama": Arch("MllamaForConditionalGeneration", _mllama, "image-text-to-text"),
+    "mt5": Arch("MT5ForConditionalGeneration", lambda: dict(_T5), "seq2seq LM"),
+    "mbart": Arch("MBartForConditionalGeneration", lambda: dict(_SEQ2SEQ), "seq2seq LM"),
+    "pegasus": Arch(
+        "PegasusForConditionalGeneration",
+        lambda: dict(_SEQ2SEQ, pad_token_id=0, decoder_start_token_id=0),
+        "seq2seq LM",
+    ),
+    "marian": Arch("MarianMTModel", lambda: dict(_SEQ2SEQ, pad_token_id=1, decoder_start_token_id=1), "seq2seq LM"),
+    "bart_seq_cls": Arch("BartForSequenceClassification", lambda: dict(_BART, num_labels=3), "sequence classification"),
+    "gpt2_seq_cls": Arch(
+        "GPT2ForSequenceClassification", lambda: dict(_GPT2, num_labels=3, pad_token_id=0), "sequence classification"
+    ),
+    "electra_seq_cls": Arch(
+        "ElectraForSequenceClassification",
+        lambda: dict(_BERT, embedding_size=HIDDEN, num_labels=2),
+        "sequence classification",
+    ),
+    "xlm_roberta_token_cls": Arch(
+        "XLMRobertaForTokenClassification",
+        lambda: dict(_BERT, num_labels=4, pad_token_id=1, max_position_embeddings=70),
+        "token classification",
+    ),
+    "bert_qa": Arch("BertForQuestionAnswering", lambda: dict(_BERT), "question answering"),
+    "t5_encoder": Arch("T5EncoderModel", lambda: dict(_T5), "feature extraction"),
 }
 
 
@@ -380,6 +447,9 @@ def _all_linear(arch: str, **lora: Any) -> Case:
 # (ParamWrapper; the experts' on-disk tensors one by one, or fused in module-name checkpoints)
 MOE_ALL_LINEAR = ("mixtral", "mixtral_v5", "qwen3_moe", "qwen3_moe_v5")
 _EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+# PEFT cannot run all-linear on these: PhiMoE's router returns a tuple its LoRA layer cannot wrap;
+# PEFT refuses LoRA on a Mamba mixer's out_proj and conv1d
+NOT_ALL_LINEAR = ("phimoe", "mamba", "falcon_h1", "jamba")
 
 
 def _stored(arch: str) -> str:
@@ -409,7 +479,7 @@ CASES: list[Case] = [
     *(
         _all_linear(a)
         for a in ARCHES
-        if ARCHES[a].task == "causal LM" and a not in ("llama_tied", "qwen2_moe_v5", "phimoe", *MOE_ALL_LINEAR)
+        if ARCHES[a].task == "causal LM" and a not in ("llama_tied", "qwen2_moe_v5", *NOT_ALL_LINEAR, *MOE_ALL_LINEAR)
     ),
     *(_moe_all_linear(a) for a in MOE_ALL_LINEAR),
     _on_experts("qwen2_moe-experts", "qwen2_moe", "mlp.gate.weight"),
@@ -504,6 +574,51 @@ CASES: list[Case] = [
         "attention and FFN LoRA + modules_to_save classifier",
     ),
     Case("bert", "bert", {"target_modules": ["query", "value"], "task_type": "FEATURE_EXTRACTION"}, "attention LoRA"),
+    *(
+        Case(a, a, {"target_modules": ["q_proj", "v_proj", "in_proj", "x_proj"]}, "attention and mixer LoRA")
+        for a in ("mamba", "falcon_h1", "jamba")
+    ),
+    _all_linear("llava_next"),
+    Case(
+        "mllama",
+        "mllama",
+        {"target_modules": r".*language_model.*\.(q_proj|v_proj|down_proj)"},
+        "language-model LoRA (its cross-attention too)",
+    ),
+    *(_all_linear(a, task_type="SEQ_2_SEQ_LM") for a in ("mt5", "mbart", "pegasus", "marian")),
+    Case(
+        "bart_seq_cls",
+        "bart_seq_cls",
+        {"target_modules": ["q_proj", "v_proj"], "task_type": "SEQ_CLS"},
+        "attention LoRA + modules_to_save classification head",
+    ),
+    Case(
+        "gpt2_seq_cls", "gpt2_seq_cls", {"target_modules": ["c_attn"], "task_type": "SEQ_CLS"}, "attention LoRA + score"
+    ),
+    Case(
+        "electra_seq_cls",
+        "electra_seq_cls",
+        {"target_modules": ["query", "value"], "task_type": "SEQ_CLS"},
+        "attention LoRA + modules_to_save classifier",
+    ),
+    Case(
+        "xlm_roberta_token_cls",
+        "xlm_roberta_token_cls",
+        {"target_modules": ["query", "value"], "task_type": "TOKEN_CLS"},
+        "attention LoRA + modules_to_save classifier",
+    ),
+    Case(
+        "bert_qa",
+        "bert_qa",
+        {"target_modules": ["query", "value"], "task_type": "QUESTION_ANS"},
+        "attention LoRA + modules_to_save qa_outputs",
+    ),
+    Case(
+        "t5_encoder",
+        "t5_encoder",
+        {"target_modules": ["q", "v", "wi"], "task_type": "FEATURE_EXTRACTION"},
+        "attention and FFN LoRA",
+    ),
 ]
 CASES_BY_ID = {c.id: c for c in CASES}
 assert len(CASES_BY_ID) == len(CASES), "two cases share an id"

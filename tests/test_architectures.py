@@ -9,6 +9,7 @@ adapter really changes the model, and the comparison can fail).
 
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 from dataclasses import replace
@@ -97,15 +98,19 @@ def _inputs(model) -> dict[str, torch.Tensor]:
     if model.main_input_name == "input_features":  # a speech encoder: log-mel-shaped features
         features = torch.randn(2, model.config.num_mel_bins, 2 * model.config.max_source_positions, generator=gen)
         return {"input_features": features, "decoder_input_ids": ids}
-    if getattr(model.config, "is_encoder_decoder", False):
+    if type(model).__name__.endswith("ForSequenceClassification") and model.config.is_encoder_decoder:
+        return {"input_ids": torch.cat([ids, torch.full((2, 1), model.config.eos_token_id)], 1)}  # BART's: EOS-final
+    if model.config.is_encoder_decoder and "decoder_input_ids" in inspect.signature(model.forward).parameters:
         return {"input_ids": ids, "decoder_input_ids": torch.randint(*PROMPT_IDS, (2, 5), generator=gen)}
     return {"input_ids": ids}
 
 
 def _logits(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits, or the hidden states of a model without a head (feature extraction)."""
+    """Logits; start and end logits; or the hidden states of a model without a head (feature extraction)."""
     with torch.no_grad():
         out = model(**inputs)
+    if getattr(out, "start_logits", None) is not None:  # extractive question answering
+        return torch.stack([out.start_logits, out.end_logits], -1).to(torch.float64)
     return (out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state).to(torch.float64)
 
 
@@ -214,13 +219,23 @@ def test_modules_the_prompts_do_not_reach_are_named(arch_zoo: ArchZoo) -> None:
     assert "never ran" not in _detail(language, "max_abs_logit_diff")
 
 
-@pytest.mark.parametrize(("case_id", "module"), [("whisper", "encoder.layers.0.fc1"), ("bert", "layer.1.attention")])
+@pytest.mark.parametrize(
+    ("case_id", "module"),
+    [
+        ("whisper", "encoder.layers.0.fc1"),
+        ("bert", "layer.1.attention"),
+        ("bert_qa", "layer.1.attention"),
+        ("bart_seq_cls", "self_attn"),  # every layer: one layer moves its class logits by only ~3e-5
+        ("t5_encoder", "block.1.layer"),
+    ],
+)
 def test_end_to_end_runs_speech_encoders_and_bare_models(
     case_id: str, module: str, arch_zoo: ArchZoo, tmp_path: Path
 ) -> None:
-    """Whisper's encoder reads the gate's synthetic log-mel features and a model without a head
-    (feature extraction) is compared on its hidden states: every changed module runs, and a release
-    with one of them left unmerged (its base tensor restored) fails the end-to-end check."""
+    """Whisper's encoder reads the gate's synthetic log-mel features, a model without a head (feature
+    extraction: BertModel, T5EncoderModel) is compared on its hidden states, a question-answering head
+    on its start and end logits, BART's classifier on EOS-final ids: every changed module runs, and a
+    release with one of them left unmerged (its base tensor restored) fails the end-to-end check."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -253,7 +268,8 @@ def test_end_to_end_runs_speech_encoders_and_bare_models(
     case = CASES_BY_ID[case_id]
     assert end_to_end(out).passed  # control: the same check on the release as merged
     failed = {c.name for c in end_to_end(tampered).failures}
-    assert "max_abs_logit_diff" in failed, f"the end-to-end check missed {restored}"
+    rows = [(c.name, c.figure, c.threshold) for c in end_to_end(tampered).checks]
+    assert "max_abs_logit_diff" in failed, f"the end-to-end check missed {restored}: {rows}"
 
 
 def _detail(report: dict, name: str) -> str:

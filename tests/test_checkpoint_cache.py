@@ -130,7 +130,20 @@ def test_another_transformers_version_misses_the_cache(zoo, cache: Path, monkeyp
     monkeypatch.setattr(checkpoint, "_transformers_version", lambda: "0.0.0+other")
     assert embeddings(base) == EXPECTED["qwen2"]
     assert builds.count == 1
-    assert sorted(k.rsplit("==", 1)[1] for k in entries(cache)) == sorted([installed, "0.0.0+other"])
+    versions = [k.split("transformers==", 1)[1].split("|")[0] for k in entries(cache)]
+    assert sorted(versions) == sorted([installed, "0.0.0+other"])
+
+
+def test_other_rules_miss_the_cache(zoo, cache: Path, monkeypatch) -> None:
+    """An answer cached under older rules of describe (a mergekit-lite that chose another class) is
+    not reused."""
+    base = zoo.base("qwen2")
+    assert embeddings(base) == EXPECTED["qwen2"]
+    builds = Builds(monkeypatch)
+    assert embeddings(base) == EXPECTED["qwen2"] and builds.count == 0  # control: a hit
+    monkeypatch.setattr(checkpoint, "ARCHITECTURE_RULES", checkpoint.ARCHITECTURE_RULES + 1)
+    assert embeddings(base) == EXPECTED["qwen2"]
+    assert builds.count == 1
 
 
 @pytest.mark.parametrize(

@@ -613,8 +613,17 @@ def _input_device(model) -> torch.device:
     return torch.device("cpu") if device.type == "meta" else device
 
 
+def _inner(model):
+    """The transformers model under PEFT's wrapper (the model itself when it is not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _is_seq2seq(model) -> bool:
-    return bool(getattr(model.config, "is_encoder_decoder", False))
+    """An encoder-decoder run with its decoder (not T5EncoderModel, whose config says encoder-decoder)."""
+    import inspect
+
+    takes_decoder = "decoder_input_ids" in inspect.signature(_inner(model).forward).parameters
+    return bool(getattr(model.config, "is_encoder_decoder", False)) and takes_decoder
 
 
 def _decoder_start(model) -> int:
@@ -635,7 +644,12 @@ def _forward(
     """
     device = _input_device(model)
     inputs: dict[str, torch.Tensor]
-    if _is_seq2seq(model):
+    if _is_seq2seq(model) and not _inner(model).can_generate():  # BART's classification head: as users
+        eos = getattr(model.config, "eos_token_id", None)  # run it, the ids alone, ending in EOS (it reads
+        if isinstance(eos, int) and eos not in ids.tolist():  # the decoder's state there)
+            ids = torch.cat([ids, torch.tensor([eos], dtype=ids.dtype)])
+        inputs = {"input_ids": ids.unsqueeze(0)}
+    elif _is_seq2seq(model):
         tail = continuation if continuation is not None else ids[:-1].tolist()
         decoder = torch.tensor([_decoder_start(model), *tail], dtype=ids.dtype)
         inputs = {**_encoder_inputs(model, ids), "decoder_input_ids": decoder.unsqueeze(0)}
@@ -644,9 +658,19 @@ def _forward(
         inputs = {"input_ids": seq.unsqueeze(0), **extended(extra or {}, len(ids), len(seq) - len(ids))}
     with torch.no_grad():
         out = model(**{k: v.to(device) for k, v in inputs.items()})
-    # a model without a head (feature extraction) is compared on what it outputs: its hidden states
-    logits = out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+    logits = _outputs(out)
     return logits.reshape(-1, logits.shape[-1]).to("cpu", torch.float64)
+
+
+def _outputs(out) -> torch.Tensor:
+    """What a model's forward is compared on: its logits; an extractive question-answering head's
+    start and end logits side by side ([positions, 2]); a model without a head (feature extraction)
+    its last hidden states."""
+    if getattr(out, "logits", None) is not None:
+        return out.logits
+    if getattr(out, "start_logits", None) is not None:
+        return torch.stack([out.start_logits, out.end_logits], dim=-1)
+    return out.last_hidden_state
 
 
 AUDIO_SEED = 0

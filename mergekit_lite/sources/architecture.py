@@ -102,12 +102,20 @@ def model_class_name(cfg: Any, task_type: str | None) -> str:
     With a task type, the class its auto class picks for this config (a SEQ_CLS adapter on a Llama
     is LlamaForSequenceClassification), unless that auto class has none for it or the base's own
     `architectures` class is already that task's (a causal LM adapter on LLaVA loads
-    LlavaForConditionalGeneration). Without one, the base's `architectures` class, else a causal LM.
+    LlavaForConditionalGeneration; a vision-language base keeps its class for a causal LM adapter
+    even where the auto class has a text-only one, as Mllama's). A feature-extraction adapter on a
+    base whose class has no head (BertModel, T5EncoderModel) keeps that class. Without a task type,
+    the base's `architectures` class, else a causal LM.
     """
     import transformers
 
     named = next(iter(getattr(cfg, "architectures", None) or []), None)
     own = getattr(transformers, named, None) if isinstance(named, str) else None
+    if task_type == "FEATURE_EXTRACTION" and own is not None and "For" not in own.__name__:
+        return own.__name__  # a model without a head already (T5EncoderModel, which AutoModel is not)
+    if task_type in (None, "CAUSAL_LM") and own is not None and own.__name__.endswith("ForConditionalGeneration"):
+        if getattr(cfg, "vision_config", None) is not None:  # a vision-language model, as its users load it
+            return own.__name__  # (AutoModelForCausalLM makes Mllama's text model alone)
     auto_name = TASK_CLASSES.get(task_type or "")
     if auto_name is not None:
         try:

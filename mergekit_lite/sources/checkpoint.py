@@ -203,6 +203,8 @@ def _embeddings(arch: Architecture, tensors: dict[str, TensorEntry]) -> tuple[st
     """The input and output embeddings' on-disk names (the output's may be one not stored, when tied)."""
     to_disk = {module: disk for disk, module in arch.renames.items()}
     inp = _match(to_disk.get(arch.input_embedding or "", arch.input_embedding), tensors)
+    for alias in arch.aliases.get(arch.input_embedding or "", []):  # stored under a name it is tied to
+        inp = inp or _match(to_disk.get(alias, alias), tensors)  # (Marian's encoder embedding: `model.shared`)
     inp = inp or next((n for n in tensors if n.endswith(("embed_tokens.weight", "wte.weight"))), None)
     out_name = to_disk.get(arch.output_embedding or "") or arch.output_on_disk or arch.output_embedding
     out = _match(out_name, tensors, allow_missing=True) or (
@@ -219,9 +221,14 @@ def _transformers_version() -> str | None:
         return None
 
 
+# bumped whenever architecture.describe / model_class_name would answer differently for the same
+# inputs, so that answers cached by an older mergekit-lite are not reused
+ARCHITECTURE_RULES = 2
+
+
 def _architecture_key(path: Path, tensor_names: list[str], task_type: str | None) -> str | None:
     """What describe's answer depends on: config.json's bytes, the tensor names, the adapter's task
-    type and the transformers version."""
+    type, the transformers version and the version of describe's own rules."""
     version = _transformers_version()
     if version is None:
         return None
@@ -230,7 +237,7 @@ def _architecture_key(path: Path, tensor_names: list[str], task_type: str | None
     except OSError:
         return None
     names = hashlib.sha256("\0".join(sorted(tensor_names)).encode()).hexdigest()[:32]
-    return f"{digest}|{names}|{task_type or ''}|transformers=={version}"
+    return f"{digest}|{names}|{task_type or ''}|transformers=={version}|rules={ARCHITECTURE_RULES}"
 
 
 def _is_architecture(value: Any) -> bool:
