@@ -122,7 +122,8 @@ def prepare(manifest_path: str | Path, for_output: bool = True, hash_inputs: boo
         resolve_device(m.device_map)
         _check_fp8_release(plan, m)
         if m.verify.runtimes and m.verify.enabled:
-            check_runtimes_available(m.verify.runtimes)  # a runtime not installed is refused before any write
+            # a runtime not installed (or a release no runtime check can load) is refused before any write
+            check_runtimes_available(m.verify.runtimes, checkpoint.architecture.model_class)
         llama_cpp = None
         if "llama.cpp" in m.verify.runtimes and (m.verify.enabled or not for_output):  # `verify` always gates
             what = "verify.runtimes: [llama.cpp]"

@@ -23,6 +23,8 @@ from mergekit_lite.cli import main
 from mergekit_lite.gate.runtimes import ENV
 from mergekit_lite.pipeline import verify_release
 
+from architectures import ARCHES, CASES, build_base
+from architectures import build_adapter as build_case_adapter
 from release_builders import (
     build_adapter,
     build_chat_base,
@@ -143,3 +145,31 @@ def test_runtime_not_installed_is_refused_in_one_line(inputs, tmp_path: Path, mo
     monkeypatch.setenv(ENV, sys.executable)
     result = CliRunner().invoke(main, ["merge", str(m)])
     assert result.exit_code == 2 and "has transformers 5." in result.stderr, result.output
+
+
+@pytest.mark.parametrize("arch", ["llama_seq_cls", "t5", "qwen2_vl"])
+def test_runtimes_for_a_model_that_is_no_causal_lm_are_refused(arch: str, tmp_path: Path) -> None:
+    """The runtime checks load and generate with a causal LM: asked of a classifier, an
+    encoder-decoder or a vision-language release, the manifest is refused in one line naming the
+    class, before anything is written (where before the gate failed the correct merge with
+    'Unrecognized configuration class ... for AutoModelForCausalLM'). Control: the same manifest
+    on a causal LM passes this point (it is then refused for the missing runtime, not the class)."""
+    case = next(c for c in CASES if c.arch == arch)
+    base = build_base(arch, tmp_path / "base")
+    adapter = build_case_adapter(case, base, tmp_path / "adapter")
+    work = tmp_path / "merge"
+    work.mkdir()
+    m = write_manifest(work, base, [adapter], "float32", verify={"runtimes": ["ctranslate2", "transformers4"]})
+    result = CliRunner().invoke(main, ["merge", str(m)])
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.strip().splitlines()
+    assert "the runtime checks run causal language models" in line and ARCHES[arch].model_class in line, line
+    assert sorted(p.name for p in work.iterdir()) == ["manifest.yaml"]
+
+
+def test_runtimes_for_a_causal_lm_pass_the_class_check(inputs, tmp_path: Path, monkeypatch) -> None:
+    base, adapter = inputs
+    m = write_manifest(tmp_path, base, [adapter], "float32", verify=RUNTIMES)
+    monkeypatch.setenv(ENV, str(tmp_path / "nowhere" / "python"))
+    result = CliRunner().invoke(main, ["merge", str(m)])
+    assert result.exit_code == 2 and "causal language models" not in result.stderr and "no Python at" in result.stderr

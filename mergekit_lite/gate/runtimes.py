@@ -66,8 +66,22 @@ def transformers4_python() -> Path:
     return Path(os.environ.get(ENV) or DEFAULT_PYTHON).absolute()
 
 
-def check_runtimes_available(runtimes: list[str]) -> dict[str, str]:
-    """Refuse, before anything is written, a runtime that is not installed; its version otherwise."""
+def causal_lm(model_class: str | None) -> bool:
+    """Whether the release is a causal LM, the kind of model every runtime check loads and generates
+    with (a class not known to the plan is taken for one, as the end-to-end check takes it)."""
+    return model_class is None or model_class.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def check_runtimes_available(runtimes: list[str], model_class: str | None = None) -> dict[str, str]:
+    """Refuse, before anything is written, a runtime that is not installed, or any runtime for a
+    release that is not a causal LM (a classifier, an encoder-decoder, a vision-language model: the
+    runtimes' checks load and generate with a causal LM); its version otherwise."""
+    if runtimes and not causal_lm(model_class):
+        raise InputError(
+            f"`verify.runtimes: [{', '.join(runtimes)}]`: the runtime checks run causal language models, and "
+            f"this base loads as {model_class} (the end-to-end check covers it in transformers 5); "
+            "remove verify.runtimes"
+        )
     found = {}
     for runtime in runtimes:
         if runtime == "llama.cpp":  # found with its converter by the plan (gate/llama_cpp.py)
