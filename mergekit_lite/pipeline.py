@@ -118,7 +118,7 @@ def prepare(manifest_path: str | Path, for_output: bool = True, hash_inputs: boo
             for i, (p, spec) in enumerate(zip(loaded.adapter_paths, m.adapters))
         ]
         checkpoint = read_checkpoint(loaded.base_path, task_type=task_type(adapters), dequantize=m.base.dequantize)
-        plan = build_plan(checkpoint, adapters, m.dtype, loaded.max_shard_bytes, combine=m.combine)
+        plan = build_plan(checkpoint, adapters, m.dtype, loaded.max_shard_bytes, combine=m.combine, fp8=m.fp8)
         resolve_device(m.device_map)
         _check_fp8_release(plan, m)
         if m.verify.runtimes and m.verify.enabled:

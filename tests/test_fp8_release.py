@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from fp8_builders import (
     BLOCK,
     QUANTIZATION_CONFIG,
+    TARGETS,
     Fp8Zoo,
     dequantized_base,
     own_dequantized,
@@ -340,84 +341,127 @@ def test_sharded_release_by_processes_keeps_each_scale_with_its_weight(fp8zoo, r
 # --------------------------------------------------------------------------- a dense base
 
 
+LAYERS = range(2)
+MLP = ("down_proj", "gate_proj", "up_proj")
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+# variant -> the manifest's `fp8` section, the block, the modules in FP8 (per layer), the ones kept dense
+DENSE_VARIANTS = {
+    # transformers' defaults: 128x128; lm_head kept; the MLP's 320 is not a multiple of 128
+    "default": (None, (128, 128), ATTENTION, ["lm_head", *(f"model.layers.{i}.mlp.{m}" for i in LAYERS for m in MLP)]),
+    # 64x64 fits the MLP too; q_proj kept dense, and the list replaces the defaults: lm_head (200 rows) is
+    # converted by transformers, but is not a multiple of 64, so it stays dense and is named
+    "options": (
+        {"weight_block_size": [64, 64], "modules_to_not_convert": ["q_proj"]},
+        (64, 64),
+        ("k_proj", "v_proj", "o_proj", *MLP),
+        ["lm_head", "q_proj"],
+    ),
+}
+
+
 @pytest.fixture(scope="session")
 def released_dense(fp8zoo, tmp_path_factory):
-    """The FP8 release of the bfloat16 `ragged` base + its adapter: q/k/v/o_proj (multiples of 128) in
-    FP8, the MLP's 320-wide weights dense; the gate's end-to-end check on."""
-    folder = tmp_path_factory.mktemp("release-dense")
-    manifest = write_manifest(folder, fp8zoo.dense("ragged"), [(fp8zoo.adapter("ragged"), None)], "float8_e4m3fn")
-    return run_merge(manifest)
+    """variant -> the FP8 release of the bfloat16 `ragged` base + its adapter; the gate's end-to-end check on."""
+    done = {}
+
+    def build(variant: str):
+        if variant not in done:
+            folder = tmp_path_factory.mktemp(f"release-dense-{variant}")
+            base, adapter = fp8zoo.dense("ragged"), fp8zoo.adapter("ragged")
+            manifest = write_manifest(folder, base, [(adapter, None)], "float8_e4m3fn", fp8=DENSE_VARIANTS[variant][0])
+            done[variant] = run_merge(manifest)
+        return done[variant]
+
+    return build
 
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def test_dense_base_release_bytes_are_transformers_quantizer_on_peft_merge(fp8zoo, released_dense):
-    out = released_dense
+@pytest.mark.parametrize("variant", list(DENSE_VARIANTS))
+def test_dense_base_release_bytes_are_transformers_quantizer_on_peft_merge(fp8zoo, released_dense, variant):
+    _, block, modules, kept = DENSE_VARIANTS[variant]
+    out = released_dense(variant)
     release = load_output(out)
     base = load_file(fp8zoo.dense("ragged") / "model.safetensors")
     merged = peft_merged64(fp8zoo.dense("ragged"), base, fp8zoo.adapter("ragged"))
     fp8 = sorted(n for n, t in release.items() if t.dtype == torch.float8_e4m3fn)
-    changed_dense = {f"model.layers.{i}.mlp.{m}.weight" for i in range(2) for m in ("down_proj", "gate_proj")}
-    assert fp8 == sorted(n for n in base if n.endswith(tuple(f"{m}.weight" for m in ATTENTION)))
+    assert fp8 == sorted(n for n in base if n.endswith(tuple(f"{m}.weight" for m in modules)))
     assert sorted(release) == sorted([*base, *(n + "_scale_inv" for n in fp8)])
-    for name in fp8:  # changed (q, v) or not (k, o): quantized from the weight as transformers does
-        codes, scale = transformers_quantize(merged[name].float())
+    for name in fp8:  # changed by the adapter or not: quantized from the weight as transformers does
+        codes, scale = transformers_quantize(merged[name].float(), block)
         assert torch.equal(_bits(release[name]), _bits(codes)), name
         assert torch.equal(_bits(release[name + "_scale_inv"]), _bits(scale)), name
+    changed = {n for n in base if n.endswith(tuple(f"{m}.weight" for m in TARGETS))}
     for name in sorted(set(base) - set(fp8)):  # dense: the merge rounded once to bfloat16 (unchanged: the base)
         assert release[name].dtype == torch.bfloat16
         assert float(half_ulps(release[name], merged[name], torch.bfloat16).max()) <= 1.0, name
-        if name not in changed_dense:
+        if name not in changed:
             assert torch.equal(_bits(release[name]), _bits(base[name])), name
-    config = json.loads((out / "config.json").read_text())
-    qc = config["quantization_config"]
-    mlp = [f"model.layers.{i}.mlp.{m}" for i in range(2) for m in ("down_proj", "gate_proj", "up_proj")]
-    assert qc == {**QUANTIZATION_CONFIG, "modules_to_not_convert": sorted(["lm_head", *mlp])}
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc == {**QUANTIZATION_CONFIG, "weight_block_size": list(block), "modules_to_not_convert": sorted(kept)}
     sizes = [sum(t.numel() * t.element_size() for t in d.values()) for d in (release, base)]
-    print(f"dense base: release weights {sizes[0]} bytes, bfloat16 base {sizes[1]} bytes")
+    print(f"dense base, {variant}: release weights {sizes[0]} bytes, bfloat16 base {sizes[1]} bytes")
     assert sizes[0] < sizes[1]
 
 
-def test_dense_base_release_converts_what_transformers_converts(released_dense):
+@pytest.mark.parametrize("variant", list(DENSE_VARIANTS))
+def test_dense_base_release_converts_what_transformers_converts(released_dense, variant):
     """transformers, loading the release's quantization_config as a pre-quantized FP8 model (on a GPU, where
     it does not dequantize), makes FP8Linear modules of exactly the release's FP8 weights."""
     from transformers import AutoConfig, AutoModelForCausalLM, FineGrainedFP8Config
     from transformers.integrations.finegrained_fp8 import FP8Linear, replace_with_fp8_linear
     from transformers.quantizers.base import HfQuantizer
 
-    config = AutoConfig.from_pretrained(released_dense)
+    config = AutoConfig.from_pretrained(released_dense(variant))
     qc = FineGrainedFP8Config(**{k: v for k, v in config.quantization_config.items() if k != "quant_method"})
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     skip = HfQuantizer.get_modules_to_not_convert(model, qc.modules_to_not_convert, model._keep_in_fp32_modules)
     replace_with_fp8_linear(model, modules_to_not_convert=skip, quantization_config=qc, pre_quantized=True)
     converted = sorted(f"{n}.weight" for n, m in model.named_modules() if isinstance(m, FP8Linear))
-    release = load_output(released_dense)
+    release = load_output(released_dense(variant))
     assert converted == sorted(n for n, t in release.items() if t.dtype == torch.float8_e4m3fn)
-    assert len(converted) == 8
+    assert len(converted) == 2 * len(DENSE_VARIANTS[variant][2])
 
 
-def test_dense_base_release_loads_and_matches_peft(fp8zoo, released_dense):
+@pytest.mark.parametrize("variant", list(DENSE_VARIANTS))
+def test_dense_base_release_loads_and_matches_peft(fp8zoo, released_dense, variant):
     from transformers import AutoModelForCausalLM
 
     ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        release = AutoModelForCausalLM.from_pretrained(released_dense, dtype=torch.float32).eval()
+        release = AutoModelForCausalLM.from_pretrained(released_dense(variant), dtype=torch.float32).eval()
         base = AutoModelForCausalLM.from_pretrained(fp8zoo.dense("ragged"), dtype=torch.float32).eval()
         peft_model, _ = attach_adapters(base, [(fp8zoo.adapter("ragged"), 1.0)])
     ref = logits(peft_model, ids)
     with peft_model.disable_adapter():
         effect = float((logits(peft_model, ids) - ref).abs().max())
     distance = float((logits(release, ids) - ref).abs().max())
-    print(f"dense base: max |logit diff| release vs PEFT {distance:.4f}, adapter effect {effect:.4f}")
+    print(f"dense base, {variant}: max |logit diff| release vs PEFT {distance:.4f}, adapter effect {effect:.4f}")
     assert distance < 0.5 * effect
-    report = json.loads((released_dense / "verification.json").read_text())
+    report = json.loads((released_dense(variant) / "verification.json").read_text())
     assert report["passed"] is True
     checks = {c["id"]: c for c in report["checks"]}
-    assert "8 FP8 tensors" in checks["algebra.fp8_elements"]["detail"]
+    assert f"{2 * len(DENSE_VARIANTS[variant][2])} FP8 tensors" in checks["algebra.fp8_elements"]["detail"]
     assert checks["end_to_end.max_abs_logit_diff"]["passed"]
+
+
+@pytest.mark.parametrize(
+    ("base", "fp8", "dtype", "needle"),
+    [
+        ("dense", {"weight_block_size": [0, 128]}, "float8_e4m3fn", "is not [rows, columns] of a block"),
+        ("dense", {"modules_to_not_convert": ["q_proj"]}, "bfloat16", "it needs `dtype: float8_e4m3fn`, not bfloat16"),
+        ("fp8", {"weight_block_size": [64, 64]}, "float8_e4m3fn", "is stored as FP8 already and its release keeps"),
+        ("dense", {"block": [64, 64]}, "float8_e4m3fn", "block"),
+    ],
+)
+def test_bad_fp8_options_one_line_exit_2(fp8zoo, tmp_path, base, fp8, dtype, needle):
+    folder = fp8zoo.dense("ragged") if base == "dense" else fp8zoo.fp8("ragged")
+    manifest = write_manifest(tmp_path, folder, [(fp8zoo.adapter("ragged"), None)], dtype, fp8=fp8)
+    result = _cli_merge(manifest)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], result.output
+    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- the gate's bound, alone

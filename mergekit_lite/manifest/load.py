@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from mergekit_lite.errors import ManifestError
 from mergekit_lite.manifest.sections import (
@@ -22,6 +22,7 @@ from mergekit_lite.manifest.sections import (
     DType,
     ExecutorField,
     ExecutorSpec,
+    Fp8Spec,
     Located,
     OutputField,
     Strict,
@@ -57,11 +58,20 @@ class Manifest(Strict):
     )
     verify: VerifySpec = Field(default_factory=VerifySpec)
     executor: ExecutorField = Field(default_factory=ExecutorSpec)
+    fp8: Fp8Spec | None = None
 
     @field_validator("device_map")
     @classmethod
     def _device(cls, value: str) -> str:
         return check_device_map(value)
+
+    @model_validator(mode="after")
+    def _fp8_options(self) -> Manifest:
+        if self.fp8 is not None and self.dtype != "float8_e4m3fn":
+            raise ValueError(
+                f"`fp8` sets how an FP8 release is quantized; it needs `dtype: float8_e4m3fn`, not {self.dtype}"
+            )
+        return self
 
 
 @dataclass(frozen=True)

@@ -221,6 +221,25 @@ class VerifySpec(Strict):
         return self
 
 
+class Fp8Spec(Strict):
+    """`fp8`: how `dtype: float8_e4m3fn` quantizes a dense base, as transformers' FineGrainedFP8Config
+    takes it (an FP8 base keeps its own layout)."""
+
+    modules_to_not_convert: list[str] | None = Field(
+        default=None,
+        description="Modules kept dense (transformers' patterns: a prefix, a regex or a suffix). As in "
+        "transformers, a list replaces its defaults (lm_head, tied weights, _keep_in_fp32_modules).",
+    )
+    weight_block_size: list[int] = Field(default_factory=lambda: [128, 128], description="[rows, columns] of a block.")
+
+    @field_validator("weight_block_size")
+    @classmethod
+    def _block(cls, value: list[int]) -> list[int]:
+        if len(value) != 2 or min(value) < 1:
+            raise ValueError(f"{value!r} is not [rows, columns] of a block, two positive integers such as [128, 128]")
+        return value
+
+
 class ExecutorSpec(Strict):
     """Where the shards of the merge are computed and written.
 

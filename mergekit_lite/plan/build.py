@@ -12,7 +12,7 @@ from typing import Any
 
 from mergekit_lite.errors import PlanError
 from mergekit_lite.io.format import FLOAT_DTYPES, TensorEntry
-from mergekit_lite.manifest.sections import CombineSpec
+from mergekit_lite.manifest.sections import CombineSpec, Fp8Spec
 from mergekit_lite.plan import experts
 from mergekit_lite.plan.combine import plan_combine
 from mergekit_lite.plan.fp8 import DENSE_DTYPE, FP8_DTYPE, plan_fp8
@@ -27,14 +27,19 @@ _OUT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 def build_plan(
-    ckpt: Checkpoint, adapters: list[Adapter], dtype: str, max_shard_bytes: int, combine: CombineSpec | None = None
+    ckpt: Checkpoint,
+    adapters: list[Adapter],
+    dtype: str,
+    max_shard_bytes: int,
+    combine: CombineSpec | None = None,
+    fp8: Fp8Spec | None = None,
 ) -> Plan:
     """Map every adapter tensor onto the base; fix output names, shapes, dtypes and shards.
 
     With a `combine` method other than sum, each module's LoRA deltas become one delta of the
     combined adapter (adapter index len(adapters)), whose factors merge/combine.py computes in the merge.
     """
-    fp8, dtype = dtype == FP8_DTYPE, DENSE_DTYPE if dtype == FP8_DTYPE else dtype
+    to_fp8, dtype = dtype == FP8_DTYPE, DENSE_DTYPE if dtype == FP8_DTYPE else dtype
     ops: dict[str, list[Op]] = defaultdict(list)
     accounted: list[str] = []
     resolve = _Resolver(ckpt)
@@ -66,8 +71,8 @@ def build_plan(
     if combined is not None:
         _fold_combined(tensors, combined)
     quantization_config = None
-    if fp8:
-        tensors, quantization_config = plan_fp8(ckpt, tensors)
+    if to_fp8:
+        tensors, quantization_config = plan_fp8(ckpt, tensors, fp8)
     shapes = {t.name: t for t in tensors}
     shard_names = _assign_shards(tensors, max_shard_bytes)
     rows = shapes[ckpt.input_embedding].shape[0] if ckpt.input_embedding in shapes else None

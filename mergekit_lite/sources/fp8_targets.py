@@ -28,8 +28,9 @@ class Fp8Targets:
     kept_dense: list[str]
 
 
-def fp8_targets(ckpt: Checkpoint) -> Fp8Targets:
-    """What transformers' FP8 quantizer would convert in the dense base `ckpt`."""
+def fp8_targets(ckpt: Checkpoint, modules_to_not_convert: list[str] | None = None) -> Fp8Targets:
+    """What transformers' FP8 quantizer would convert in the dense base `ckpt`, given FineGrainedFP8Config's
+    `modules_to_not_convert` (None: its defaults; a list replaces them, as in transformers)."""
     import torch
     from transformers import AutoConfig
     from transformers.quantizers.base import HfQuantizer
@@ -44,7 +45,7 @@ def fp8_targets(ckpt: Checkpoint) -> Fp8Targets:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = meta_model(arch.model_class, AutoConfig.from_pretrained(ckpt.path))
-    skip = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
+    skip = HfQuantizer.get_modules_to_not_convert(model, modules_to_not_convert, model._keep_in_fp32_modules)
     to_disk = {module: disk for disk, module in arch.renames.items()}
     linears: dict[str, str] = {}
     kept: list[str] = []
