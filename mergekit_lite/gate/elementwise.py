@@ -156,12 +156,12 @@ def _measure(
     delta). A NaN in v is never its rounding's bits in a finite W' (the caller checks W' is finite
     first), so it is among them, and beyond the bound."""
     flat = torch.from_numpy(differs)
-    rows, cols = flat // w.shape[1], flat % w.shape[1]
+    rows, cols = np.divmod(differs, w.shape[1])
     # a few elements of a block, mostly: numpy's calls cost a tenth of torch's on arrays this small
-    wv = w[rows, cols].to(torch.float64).numpy()
-    vv = v[rows, cols].numpy()
+    wv = torch.take(w, flat).to(torch.float64).numpy()
+    vv = torch.take(v, flat).numpy()
     bits, emin = MANTISSA[w.dtype], EMIN[w.dtype]
-    delta = vv - start[rows, cols].to(torch.float64).numpy()
+    delta = vv - torch.take(start, flat).to(torch.float64).numpy()
     ulp = np.maximum(np.maximum(_ulp(wv, bits, emin), _ulp(vv, bits, emin)), _ulp(delta, bits, emin))
     with np.errstate(invalid="ignore", divide="ignore"):
         diff = np.abs(wv - vv)
