@@ -27,6 +27,8 @@ from fp8_builders import (
 from safetensors.torch import load_file, save_file
 
 from mergekit_lite.cli import main
+from mergekit_lite.gate.dequantized import BY_GATE_FP8, BY_TRANSFORMERS_FP8
+from mergekit_lite.gate.dequantized import dequantized_base as gate_dequantized_base
 from mergekit_lite.pipeline import run_merge, verify_release
 
 from helpers import attach_adapters, half_ulps, load_output, logits, write_manifest
@@ -39,17 +41,14 @@ def fp8zoo(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def released(fp8zoo, tmp_path_factory):
-    """kind -> the FP8 release of the kind's FP8 base + its adapter (the ragged one without the
-    end-to-end check: transformers does not dequantize partial blocks)."""
+    """kind -> the FP8 release of the kind's FP8 base + its adapter, the whole gate run (the ragged one's
+    end-to-end check on the gate's own FP8 dequantization: transformers refuses partial blocks)."""
     done = {}
 
     def build(kind: str):
         if kind not in done:
             folder = tmp_path_factory.mktemp(f"release-{kind}")
-            verify = None if kind == "square" else {"logits": False}
-            manifest = write_manifest(
-                folder, fp8zoo.fp8(kind), [(fp8zoo.adapter(kind), None)], "float8_e4m3fn", verify=verify
-            )
+            manifest = write_manifest(folder, fp8zoo.fp8(kind), [(fp8zoo.adapter(kind), None)], "float8_e4m3fn")
             done[kind] = run_merge(manifest)
         return done[kind]
 
@@ -160,6 +159,45 @@ def test_gate_passes_and_checks_fp8(released):
     assert report["context"]["release_load"].startswith("transformers FineGrainedFP8Config")
     ragged = json.loads((released("ragged") / "verification.json").read_text())
     assert ragged["passed"] is True
+    assert ragged["context"]["reference_base"] == f"dequantized by {BY_GATE_FP8}"
+    assert ragged["context"]["release_load"] == "the gate's own FP8 dequantizer (partial blocks)"
+    assert {c["id"] for c in ragged["checks"] if c["group"] == "end_to_end"} >= {"end_to_end.max_abs_logit_diff"}
+
+
+def test_gates_own_fp8_views_are_transformers(fp8zoo, released):
+    """The gate's own dequantization, which it uses where transformers refuses partial blocks, gives
+    what transformers' FineGrainedFP8Config(dequantize=True) gives where it does not: the square
+    release's logits and the square base's weights, bit for bit; and the ragged base's weights as
+    the builder's own dequantization (float32(code) x scale, then bfloat16)."""
+    from transformers import AutoModelForCausalLM
+
+    from mergekit_lite.gate.fp8 import load_release
+    from mergekit_lite.sources.checkpoint import read_checkpoint
+
+    out = released("square")
+    ids = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(4))
+    blocks = {n: BLOCK for n, t in load_output(out).items() if t.dtype == torch.float8_e4m3fn}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        by_transformers = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    own = load_release(out, AutoModelForCausalLM, torch.float32, blocks)
+    assert torch.equal(logits(own, ids), logits(by_transformers, ids))
+    for kind in ("square", "ragged"):
+        tensors = read_checkpoint(fp8zoo.fp8(kind)).tensors
+        model, by = gate_dequantized_base(fp8zoo.fp8(kind), tensors, torch.bfloat16, {"device_map": "cpu"})
+        want = base_values(fp8zoo, kind)
+        assert by == (BY_GATE_FP8 if kind == "ragged" else BY_TRANSFORMERS_FP8)
+        got = model.state_dict()
+        assert all(torch.equal(_bits(got[n]), _bits(want[n])) for n in want), kind
+
+
+def test_dense_release_of_a_ragged_fp8_base_passes_the_whole_gate(fp8zoo, tmp_path):
+    """`dtype: bfloat16` from the DeepSeek-style ragged FP8 base: the end-to-end reference is PEFT on the
+    gate's own dequantization (transformers' refuses the base)."""
+    manifest = write_manifest(tmp_path, fp8zoo.fp8("ragged"), [(fp8zoo.adapter("ragged"), None)], "bfloat16")
+    report = json.loads((run_merge(manifest) / "verification.json").read_text())
+    assert report["passed"] is True
+    assert report["context"]["reference_base"] == f"dequantized by {BY_GATE_FP8}"
 
 
 def _rewrite(folder, change) -> None:

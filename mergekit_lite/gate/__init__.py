@@ -151,6 +151,9 @@ def run_gate(
             parameters=sum(math.prod(t.shape) for t in plan.tensors if t.dtype in FLOAT_DTYPES or t.fp8_block),
             layer_by_layer=settings.layer_by_layer,
             fp8=tuple((t.name, (t.fp8_block[0], t.fp8_block[1])) for t in plan.tensors if t.fp8_block),
+            fp8_ragged=any(
+                t.shape[0] % t.fp8_block[0] or t.shape[1] % t.fp8_block[1] for t in plan.tensors if t.fp8_block
+            ),
             processor=candidate if processor_files(candidate) else processor,
         )
 

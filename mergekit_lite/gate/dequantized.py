@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from mergekit_lite.io.format import TensorEntry
-from mergekit_lite.io.reader import TensorReader
+from mergekit_lite.gate.fp8 import dense_values, ragged
+from mergekit_lite.io.format import DTYPES, TensorEntry
+from mergekit_lite.io.reader import TensorReader, read_entry
 
 BY_BITSANDBYTES = "bitsandbytes (transformers' quantized load, then model.dequantize())"
 BY_BITSANDBYTES_QLORA = (
@@ -29,15 +30,17 @@ BY_BITSANDBYTES_QLORA = (
 BY_TRANSFORMERS_FP8 = "transformers (FineGrainedFP8Config(dequantize=True))"
 BY_TRANSFORMERS_MXFP4 = "transformers (Mxfp4Config(dequantize=True))"
 BY_MERGEKIT = "mergekit-lite's own dequantizer (bitsandbytes is not installed)"
+BY_GATE_FP8 = "the gate's own FP8 dequantizer (transformers refuses blocks that do not divide a weight)"
 
 
-def dequantizer(base: Path) -> str:
-    """Who dequantizes the reference's base here: the quantizer's own code where it is installed."""
+def dequantizer(base: Path, tensors: dict[str, TensorEntry] | None = None) -> str:
+    """Who dequantizes the reference's base here: the quantizer's own code where it is installed, and
+    for FP8 weights transformers cannot dequantize (partial edge blocks, `tensors` shows) the gate's."""
     method = json.loads((base / "config.json").read_text()).get("quantization_config", {}).get("quant_method")
     if method is None:  # a 16-bit base quantized as QLoRA does (`dequantize: nf4`)
         return BY_BITSANDBYTES_QLORA
     if method == "fp8":
-        return BY_TRANSFORMERS_FP8
+        return BY_GATE_FP8 if tensors is not None and ragged(*_fp8_layout(tensors)) else BY_TRANSFORMERS_FP8
     if method == "mxfp4":
         return BY_TRANSFORMERS_MXFP4
     return BY_BITSANDBYTES if importlib.util.find_spec("bitsandbytes") is not None else BY_MERGEKIT
@@ -58,6 +61,8 @@ def dequantized_base(
 
     cls = getattr(transformers, model_class or "AutoModelForCausalLM")
     by = dequantizer(base)
+    if by == BY_TRANSFORMERS_FP8 and ragged(*_fp8_layout(tensors)):
+        by = BY_GATE_FP8
     device_map = loading.get("device_map", "cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -79,7 +84,10 @@ def dequantized_base(
         cls.from_config(config, dtype=dtype) if hasattr(cls, "from_config") else cls._from_config(config, dtype=dtype)
     )
     reader = TensorReader(tensors)
-    state = {name: reader.get(name).to(dtype) for name in tensors}
+    state = {
+        name: _values(reader, entry, dtype) if by == BY_GATE_FP8 else reader.get(name).to(dtype)
+        for name, entry in tensors.items()
+    }
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {name for name, p in model.named_parameters(remove_duplicate=False)} - set(
         name for name, _ in model.named_parameters()
@@ -87,7 +95,25 @@ def dequantized_base(
     if unexpected or set(missing) - tied:
         raise RuntimeError(f"the dequantized base does not fit its model class: {sorted(missing)} {sorted(unexpected)}")
     model.tie_weights()
-    return model, BY_MERGEKIT
+    return model, by if by == BY_GATE_FP8 else BY_MERGEKIT
+
+
+def _fp8_layout(tensors: dict[str, TensorEntry]) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, int]]]:
+    """The FP8 weights' shapes and blocks."""
+    fp8 = {n: e for n, e in tensors.items() if e.quant is not None and e.quant.method == "fp8"}
+    blocks = {n: (int(e.quant.param("block_rows")), int(e.quant.param("block_cols"))) for n, e in fp8.items()}  # type: ignore[union-attr]
+    return {n: e.shape for n, e in fp8.items()}, blocks
+
+
+def _values(reader: TensorReader, entry: TensorEntry, dtype: torch.dtype) -> torch.Tensor:
+    """A base tensor in `dtype`: an FP8 one dequantized by the gate's own code from its stored parts,
+    rounded to the base's dtype as transformers' Fp8Dequantize does; the others as stored."""
+    q = entry.quant
+    if q is None or q.method != "fp8":
+        return reader.get(entry.name).to(dtype)
+    block = (int(q.param("block_rows")), int(q.param("block_cols")))
+    codes, inv = read_entry(q.part("weight")), read_entry(q.part("weight_scale_inv"))
+    return dense_values(codes, inv, block, DTYPES[entry.dtype]).to(dtype)
 
 
 def _qlora(tensors: dict[str, TensorEntry]) -> dict[str, Any]:

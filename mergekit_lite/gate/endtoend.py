@@ -30,6 +30,7 @@ import torch
 
 from mergekit_lite.gate.calibrate import calibrated, ideal_merge
 from mergekit_lite.gate.dequantized import dequantized_base, dequantizer
+from mergekit_lite.gate.fp8 import load_release as load_fp8_release
 from mergekit_lite.gate.images import ImagePrompt, extended, image_prompt, is_vision_language
 from mergekit_lite.gate.report import GateReport
 from mergekit_lite.gate.streamed import scale_adapters
@@ -270,6 +271,7 @@ class EndToEnd:
     parameters: int = 0  # the release's planned parameter count (what the two float32 models take)
     layer_by_layer: bool | None = None  # `verify.layer_by_layer`: None lets choose_runner decide
     fp8: tuple[tuple[str, tuple[int, int]], ...] = ()  # an FP8 release's FP8 weights and their blocks
+    fp8_ragged: bool = False  # some of them have partial edge blocks (transformers cannot dequantize them)
     processor: Path | None = None  # the processor files' folder: a vision-language base's image prompt
 
 
@@ -305,11 +307,15 @@ def _run(report: GateReport, check: EndToEnd, dtype: torch.dtype, limits: dict[s
             model_class=check.model_class,
         )
         if check.dequantized is not None:
-            report.context["reference_base"] = f"dequantized by {dequantizer(check.base)}"
+            report.context["reference_base"] = f"dequantized by {dequantizer(check.base, check.dequantized)}"
         loader = model_loader(check.model_class)
-        if check.fp8:
-            report.context["release_load"] = "transformers FineGrainedFP8Config(dequantize=True)"
-        merged = loader.from_pretrained(check.candidate, dtype=dtype, **release_loading(check, for_release)).eval()
+        if check.fp8_ragged:  # transformers refuses to dequantize partial blocks
+            report.context["release_load"] = "the gate's own FP8 dequantizer (partial blocks)"
+            merged = load_fp8_release(check.candidate, loader, dtype, dict(check.fp8))
+        else:
+            if check.fp8:
+                report.context["release_load"] = "transformers FineGrainedFP8Config(dequantize=True)"
+            merged = loader.from_pretrained(check.candidate, dtype=dtype, **release_loading(check, for_release)).eval()
         same_stop_ids(reference, merged)
         report.context["placement"] = check.placement.describe(reference, merged)
         _judge(report, _whole_runs(reference, merged, check), check, limits)

@@ -28,10 +28,14 @@ other values, fails that.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from mergekit_lite.gate.elementwise import Expectation, Getter
+from mergekit_lite.io.format import read_header
+from mergekit_lite.io.reader import read_entry
 from mergekit_lite.plan.plan import PlannedTensor
 
 E4M3_MAX = 448.0
@@ -110,3 +114,54 @@ def _check_scales(name: str, codes: torch.Tensor, inv: torch.Tensor, width: int,
         worst.blocks += 1
         if not (largest == E4M3_MAX or (largest == 0.0 and float(inv[j]) == 1.0)):
             worst.bad_blocks.append(f"{name}[{row}, {j}]")
+
+
+def dense_values(codes: torch.Tensor, inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """An FP8 weight as transformers' Fp8Dequantize gives it (q inv in float32, one rounding, then
+    `dtype`), for any grid, partial edge blocks included, which transformers refuses; the gate's own code."""
+    out = torch.empty(codes.shape, dtype=dtype)
+    for r0 in range(0, codes.shape[0], block[0]):
+        r1 = min(r0 + block[0], codes.shape[0])
+        out[r0:r1] = dequantize(codes, inv, block, r0, r1).to(torch.float32).to(dtype)
+    return out
+
+
+def ragged(shapes: dict[str, tuple[int, ...]], blocks: dict[str, tuple[int, int]]) -> bool:
+    """Whether some FP8 weight's shape is not a multiple of its block (transformers cannot dequantize it)."""
+    return any(shapes[n][0] % b[0] or shapes[n][1] % b[1] for n, b in blocks.items() if n in shapes)
+
+
+def load_release(candidate: Path, loader: Any, dtype: torch.dtype, blocks: dict[str, tuple[int, int]]) -> Any:
+    """The FP8 release as a dense model of `loader`'s class in `dtype`, its FP8 weights dequantized by
+    dense_values: for a release transformers cannot dequantize (partial blocks)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(candidate)
+    config.quantization_config = None
+    del config.quantization_config
+    model = loader.from_config(config, dtype=dtype) if hasattr(loader, "from_config") else loader._from_config(config)
+    state = {}
+    for path in sorted(candidate.glob("*.safetensors")):
+        for name, entry in read_header(path).tensors.items():
+            if name.endswith("_scale_inv") and name[: -len("_scale_inv")] in blocks:
+                continue
+            value = read_entry(entry)
+            if name in blocks:
+                scale = read_header(path).tensors.get(name + "_scale_inv")
+                inv = read_entry(scale) if scale is not None else _scale_elsewhere(candidate, name)
+                value = dense_values(value, inv, blocks[name], dtype)
+            state[name] = value.to(dtype) if value.is_floating_point() else value
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"the FP8 release does not fit its model class: {sorted(missing)} {sorted(unexpected)}")
+    model.tie_weights()
+    return model.eval()
+
+
+def _scale_elsewhere(candidate: Path, name: str) -> torch.Tensor:
+    for path in sorted(candidate.glob("*.safetensors")):
+        entry = read_header(path).tensors.get(name + "_scale_inv")
+        if entry is not None:
+            return read_entry(entry)
+    raise RuntimeError(f"the FP8 release has no `{name}_scale_inv`")
