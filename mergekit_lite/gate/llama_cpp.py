@@ -49,6 +49,7 @@ from mergekit_lite.errors import InputError
 from mergekit_lite.gate.report import GateReport
 from mergekit_lite.gate.runtimes import _compare, _release_and_prompts
 from mergekit_lite.gate.tolerances import RUNTIME_TOLERANCES, TOLERANCES
+from mergekit_lite.sources.llama_cpp import run_converter
 
 ENV = "MERGEKIT_LITE_LLAMA_CPP_PYTHON"
 VERSION = "0.3.36"  # what `make runtimes` builds (the Makefile's LLAMA_CPP_VERSION)
@@ -134,19 +135,9 @@ def check_llama_cpp(
 
 def _convert(script: Path, folder: Path, out: Path) -> Path:
     """`folder` converted to a float32 GGUF file `out` by llama.cpp's converter, as users run it."""
-    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # its own gguf-py, not the installed one
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    run = subprocess.run(
-        [sys.executable, str(script), str(folder), "--outfile", str(out), "--outtype", "f32"],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        env=env,
-        cwd=out.parent,
-    )
-    if run.returncode != 0 or not out.is_file():
-        last = ([line for line in run.stderr.splitlines() if line.strip()] or ["no output"])[-1]
-        raise RuntimeError(f"llama.cpp's {script.name} could not convert the release: {last.strip()}")
+    failed = run_converter(script, folder, out, ["--outtype", "f32"], cwd=out.parent)
+    if failed is not None:
+        raise RuntimeError(f"llama.cpp's {script.name} could not convert the release: {failed}")
     return out
 
 

@@ -22,8 +22,6 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any
 
 from mergekit_lite.errors import InputError, MergekitError
 from mergekit_lite.manifest.sections import GgufSpec
+from mergekit_lite.sources.llama_cpp import run_converter
 
 ENV = "MERGEKIT_LITE_LLAMA_CPP"
 DEFAULT_FOLDER = Path(".cache/runtimes/llama.cpp")
@@ -39,7 +38,6 @@ HOW_TO_GET = (
     f"`make runtimes` fetches llama.cpp's converter into {DEFAULT_FOLDER}; or set `output.gguf.llama_cpp` "
     f"(or ${ENV}) to a llama.cpp checkout"
 )
-TIMEOUT_S = 3600
 
 
 @dataclass(frozen=True)
@@ -104,15 +102,11 @@ def convert(converter: Converter, folder: Path, spec: GgufSpec, name: str, base_
     with tempfile.TemporaryDirectory(prefix="mergekit-gguf-") as tmp:
         override = Path(tmp) / "metadata.json"
         override.write_text(json.dumps(metadata), encoding="utf-8")
-        command = [sys.executable, str(converter.script), str(folder), "--outfile", str(out)]
-        command += ["--outtype", spec.outtype, "--metadata", str(override)]
-        env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
-        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        run = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=tmp)
-    if run.returncode != 0 or not out.is_file():
+        options = ["--outtype", spec.outtype, "--metadata", str(override)]
+        failed = run_converter(converter.script, folder, out, options, cwd=Path(tmp))
+    if failed is not None:
         out.unlink(missing_ok=True)
-        lines = [line for line in run.stderr.strip().splitlines() if line.strip()] or ["no output"]
-        raise MergekitError(f"llama.cpp's {SCRIPT} could not convert the release: {lines[-1].strip()}")
+        raise MergekitError(f"llama.cpp's {SCRIPT} could not convert the release: {failed}")
     return out
 
 
