@@ -70,6 +70,23 @@ def test_algebra_redoes_underflowing_rows_in_float64() -> None:
     assert not torch.equal(product32, product64[[0, 1, 3]])
 
 
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_row_passes_in_float64_where_float32_products_are_reduced(precision: str) -> None:
+    """TF32 (`high`) or bfloat16 passes (`medium`) allowed by the process: the 16-bit weights' row passes
+    run in float64, as float32 weights' do. The control: at `highest`, float32."""
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    assert row_passes.work_dtype(w) == torch.float32 and row_passes.float32_exact()
+    assert row_passes.work_dtype(w.float()) == torch.float64
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision(precision)
+        assert not row_passes.float32_exact()
+        assert row_passes.work_dtype(w) == torch.float64
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert row_passes.work_dtype(w) == torch.float32
+
+
 # --------------------------------------------------------------------------- row passes on threads
 
 

@@ -26,13 +26,25 @@ _EXPONENT_MASK = {
 
 
 def work_dtype(w: torch.Tensor) -> torch.dtype:
-    """float32 for 16-bit weights, float64 otherwise.
+    """float32 for 16-bit weights, float64 otherwise (and wherever float32_exact() is false).
 
     A 16-bit W is exact in float32, and float32's rounding in W x (2^-24 relative, times the
     square root of the row length) is 2^-16 of the 16-bit ulps the check measures in: far below
     what it can see, at half float64's cost. float32 weights need float64.
     """
-    return torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else torch.float64
+    sixteen = w.dtype in (torch.bfloat16, torch.float16)
+    return torch.float32 if sixteen and float32_exact() else torch.float64
+
+
+def float32_exact() -> bool:
+    """Whether torch's float32 matrix products round as IEEE float32 does: a user process may have
+    allowed TF32 or bfloat16 passes (torch.set_float32_matmul_precision, the fp32_precision settings),
+    which round inputs to 10 or 7 bits, and the gate's float32 bounds would not hold."""
+    if torch.get_float32_matmul_precision() != "highest" or torch.backends.cuda.matmul.allow_tf32:
+        return False
+    backends = torch.backends
+    settings = (backends, getattr(backends, "mkldnn", None), getattr(getattr(backends, "mkldnn", None), "matmul", None))
+    return all(getattr(s, "fp32_precision", "none") in ("none", "ieee") for s in settings if s is not None)
 
 
 def matmul(w: torch.Tensor, x: torch.Tensor, transposed: bool, rows: RowPasses | None = None) -> torch.Tensor:
