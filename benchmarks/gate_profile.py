@@ -25,7 +25,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TIMED = {
-    "mergekit_lite.gate.elementwise": ["_check_blocks", "_measure", "_differing", "Expectation.rows"],
+    "mergekit_lite.gate.elementwise": [
+        "_check_blocks",
+        "_measure",
+        "_differing",
+        "Expectation.rows",
+        "Expectation.rows32",
+        "Expectation.at",
+    ],
     "mergekit_lite.gate.rows": ["_row_pass"],
     "mergekit_lite.gate.algebra": ["_equals_base", "_probe"],
     "mergekit_lite.io.readback": ["HashedReads._hash"],

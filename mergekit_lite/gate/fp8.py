@@ -3,7 +3,7 @@ here, against W + delta, every element; and each block's scale recomputed from i
 
 The release stores, per block of bo x bi values, e4m3 codes q and a float32 `weight_scale_inv` inv.
 The gate dequantizes them itself, in float64 (q inv is exact there: 4 + 24 significant bits), and
-compares every element with v = W + delta computed in float64 by elementwise.Expectation from the
+compares every element with v = W + delta computed in float64 by expectation.Expectation from the
 base and the adapter factors (not by the merge's code, whose bytes this checks).
 
 The bound. A correct quantizer (transformers' FineGrainedFP8 arithmetic, merge/fp8.py) rounds v to
@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from mergekit_lite.gate.elementwise import Expectation, Getter
+from mergekit_lite.gate.expectation import Expectation, Getter
 from mergekit_lite.io.format import read_header
 from mergekit_lite.io.reader import read_entry
 from mergekit_lite.plan.plan import PlannedTensor
