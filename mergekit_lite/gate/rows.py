@@ -13,7 +13,11 @@ import torch
 
 from mergekit_lite.merge import mathops
 
-BLOCK_ELEMENTS = 2**18  # rows are upcast in blocks of about this many elements: each block's passes stay in cache
+# rows are upcast in blocks of about this many elements: thin products of more rows run faster, and a
+# block's passes stay in the L3 cache (docs/performance.md); smaller, down to BLOCK_LEAST, where a
+# tensor would otherwise leave a thread without a block
+BLOCK_ELEMENTS = 2**20
+BLOCK_LEAST = 2**18
 MANTISSA = {torch.float32: 24, torch.float16: 11, torch.bfloat16: 8, torch.float64: 53}
 _INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}
 ULP_SCALE = {dtype: 2.0 ** (2 - 2 * bits) for dtype, bits in MANTISSA.items()}  # ulp^2 / (2^(e-1))^2
@@ -101,7 +105,8 @@ class RowPasses:
         """(W x or W^T x, and the ulp spread's square when `spread`) in `work`."""
         xw = x.to(work)
         x2 = (xw * xw).mul_(ULP_SCALE[w.dtype])
-        parts = mathops.split(mathops.row_blocks(w.shape[0], w.shape[1], BLOCK_ELEMENTS), len(self.scratch))
+        size = min(BLOCK_ELEMENTS, max(BLOCK_LEAST, w.numel() // len(self.scratch)))
+        parts = mathops.split(mathops.row_blocks(w.shape[0], w.shape[1], size), len(self.scratch))
         n = len(parts)
         out_rows = w.shape[1] if transposed else w.shape[0]
         outputs = [
@@ -207,7 +212,7 @@ def exponent_squared(block: torch.Tensor, dtype: torch.dtype, out: torch.Tensor 
 
 
 def blocks(w: torch.Tensor):
-    """(first row, the rows of W from there in float64), BLOCK_ELEMENTS elements at a time."""
-    rows = max(1, BLOCK_ELEMENTS // max(1, w.shape[1]))
+    """(first row, the rows of W from there in float64), BLOCK_LEAST elements at a time."""
+    rows = max(1, BLOCK_LEAST // max(1, w.shape[1]))
     for start in range(0, w.shape[0], rows):
         yield start, w[start : start + rows].to(torch.float64)
