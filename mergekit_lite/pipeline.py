@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,12 +17,14 @@ from typing import Any
 import torch
 
 from mergekit_lite.errors import InputError, MergekitError, PlanError
-from mergekit_lite.gate import GateReport, run_gate
+from mergekit_lite.gate import GateReport, output_dtype, run_gate
 from mergekit_lite.gate.eval import EvalProgress
 from mergekit_lite.gate.gguf import GgufFile
+from mergekit_lite.gate.inflight import InFlight, can_fly
 from mergekit_lite.gate.llama_cpp import LlamaCpp, find_llama_cpp
 from mergekit_lite.gate.report import fmt, markdown, skipped_report
 from mergekit_lite.gate.runtimes import check_runtimes_available
+from mergekit_lite.gate.tolerances import thresholds
 from mergekit_lite.io.digests import InputDigests
 from mergekit_lite.manifest.load import LoadedManifest, load_manifest
 from mergekit_lite.manifest.sections import GgufSpec
@@ -250,11 +252,18 @@ def execute(
         device = resolve_device(m.device_map)
         source = job.tokenizer
         inputs.add(_inputs(job, source))
-        with new_parents(output), output_lock(output), staging(output) as stage:
+        with new_parents(output), output_lock(output), staging(output) as stage, ExitStack() as flying:
             check_output(output, loaded.input_folders, m.output.overwrite, job.plan.total_bytes, job.force)
             gated = verify and m.verify.enabled
             # the shards' SHA-256: computed as they are written, or, gated, by the gate's one read of them
             digests: dict[str, str] = {}
+            flight = None
+            if gated and m.verify.in_flight and can_fly(job.plan, m.executor.kind):
+                dtype = output_dtype(job.plan)
+                flight = InFlight(
+                    job.plan, job.checkpoint, job.adapters, stage, dtype, thresholds(dtype, m.verify.thresholds)
+                ).start()
+                flying.callback(flight.stop)  # on any way out: the checks stop before the staging folder goes
             run_shards(
                 m.executor,
                 job.plan,
@@ -264,6 +273,7 @@ def execute(
                 device,
                 progress=progress,
                 digests=None if gated else digests,
+                written=flight.written if flight is not None else None,
             )
             lap("merge")
             write_index(stage, job.plan)
@@ -301,6 +311,7 @@ def execute(
                     eval_progress=eval_progress,
                     gguf=gguf,
                     llama_cpp=job.llama_cpp,
+                    in_flight=flight,
                 )
                 report.context.update(provenance(job))
                 lap("verify")

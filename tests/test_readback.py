@@ -12,21 +12,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+import mergekit_lite.gate.algebra as algebra_module
+import mergekit_lite.gate.inflight as inflight_module
 import mergekit_lite.gate.integrity as integrity_module
 import mergekit_lite.io.digests as digests_module
+import mergekit_lite.merge.merge as merge_module
 from mergekit_lite import run_merge
+from mergekit_lite.errors import MergeError
 from mergekit_lite.io import writer as writer_module
-from mergekit_lite.io.format import read_header
+from mergekit_lite.io.format import TensorEntry, layout, read_header
 from mergekit_lite.io.readback import HashedReads
 from mergekit_lite.io.reader import AlignedBuffer
+from mergekit_lite.io.writer import Abandoned, Written
 from mergekit_lite.pipeline import GateFailed, verify_release
+from mergekit_lite.plan.plan import SHARD_METADATA
 
 from release_builders import build_adapter, build_chat_base, build_tokenizer, copy_release, write_manifest
 
@@ -42,8 +51,9 @@ def inputs(tmp_path_factory) -> tuple[Path, Path, Path]:
     return root, base, adapter
 
 
-def manifest_for(inputs, name: str) -> Path:
-    """A manifest of its own (output `name`), the output in several shards, the gate without logits."""
+def manifest_for(inputs, name: str, in_flight: bool = True) -> Path:
+    """A manifest of its own (output `name`), the output in several shards, the gate without logits
+    (and with its per-tensor checks in flight, or after the merge)."""
     root, base, adapter = inputs
     return write_manifest(
         root,
@@ -53,13 +63,13 @@ def manifest_for(inputs, name: str) -> Path:
         out_name=name,
         max_shard_size="10KB",
         name=f"{name}.yaml",
-        verify={"logits": False},
+        verify={"logits": False, "in_flight": in_flight},
     )
 
 
-def flip(path: Path, name: str, bit: int, element: int = 5) -> None:
-    """Flip one bit of one bfloat16 element of tensor `name` in the file."""
-    entry = read_header(path).tensors[name]
+def flip(path: Path, name: str, bit: int, element: int = 5, entry: TensorEntry | None = None) -> None:
+    """Flip one bit of one bfloat16 element of tensor `name` in the file (at `entry`, else as its header says)."""
+    entry = entry or read_header(path).tensors[name]
     offset = entry.begin + element * 2 + bit // 8
     with open(path, "r+b") as fh:
         fh.seek(offset)
@@ -113,9 +123,9 @@ def test_gated_merge_hashes_each_shard_once_from_the_read_back(inputs, monkeypat
     writers: list[bool] = []
     init = writer_module.ShardWriter.__init__
 
-    def spy_init(self, path, entries, metadata, digest=False):  # noqa: ANN001
+    def spy_init(self, path, entries, metadata, digest=False, **kwargs):  # noqa: ANN001
         writers.append(digest)
-        init(self, path, entries, metadata, digest)
+        init(self, path, entries, metadata, digest, **kwargs)
 
     hashed: list[Path] = []
     sha256_file = digests_module.sha256_file
@@ -154,9 +164,10 @@ def test_gated_merge_hashes_each_shard_once_from_the_read_back(inputs, monkeypat
 )
 def test_a_byte_changed_after_the_write_fails_the_gate(inputs, monkeypatch, bit: int | None, fails: bool) -> None:
     """The gate checks the bytes read back from disk, not the ones the merge held: a flip between the
-    write and the read-back fails it and nothing is published; untouched, the same merge passes."""
+    write and the read-back fails it and nothing is published; untouched, the same merge passes.
+    (After the merge: in flight a tensor may be read before its shard is closed; see below.)"""
     name = f"flip-{bit}"
-    manifest = manifest_for(inputs, name)
+    manifest = manifest_for(inputs, name, in_flight=False)
     hit = corrupt_after_write(monkeypatch, bit) if bit is not None else set()
     if not fails:
         assert merge(manifest).is_dir()
@@ -177,7 +188,7 @@ def test_recorded_digests_are_of_the_bytes_on_disk(inputs, monkeypatch, verify: 
     flip makes wrong, so this test can tell the two apart."""
     out = inputs[0] / f"ulp-{verify}"
     hit = corrupt_after_write(monkeypatch, 0)
-    merge(manifest_for(inputs, out.name), verify=verify)
+    merge(manifest_for(inputs, out.name, in_flight=False), verify=verify)
     assert hit
     recorded = {o["path"]: o["sha256"] for o in json.loads((out / "release.json").read_text())["outputs"]}
     for shard in shards_of(out):
@@ -186,6 +197,145 @@ def test_recorded_digests_are_of_the_bytes_on_disk(inputs, monkeypatch, verify: 
             continue
         assert (sums(out)[shard.name] == on_disk(shard)) is matches
         assert (recorded[shard.name] == on_disk(shard)) is matches
+
+
+# --------------------------------------------------------------------------- in flight
+
+
+def flip_as_written(monkeypatch, bit: int) -> set[str]:
+    """Each changed tensor gets `bit` flipped in its shard file right after the write that carries its
+    last byte returns, before that write is reported to the checks in flight (so they can only read
+    the flipped bytes); returns the names of the tensors flipped."""
+    report = writer_module.ShardWriter._report
+    hit: set[str] = set()
+
+    def flip_then_report(self) -> None:
+        for name, entry in layout(self.path, self.entries, SHARD_METADATA).items():
+            if name.endswith(CHANGED) and name not in hit and entry.begin + entry.nbytes <= self.offset:
+                flip(self.path, name, bit, entry=entry)
+                hit.add(name)
+        report(self)
+
+    monkeypatch.setattr(writer_module.ShardWriter, "_report", flip_then_report)
+    return hit
+
+
+def rows(report: dict) -> list[tuple]:
+    return [(c["id"], c["passed"], c["figure"]) for c in report["checks"]]
+
+
+def test_in_flight_the_checks_and_the_release_are_those_of_the_checks_after_the_merge(inputs) -> None:
+    """The per-tensor checks run while the merge writes: the same rows, figures and release bytes (and
+    SHA256SUMS) as when they run on the finished shards; the report says which ran."""
+    flying, after = merge(manifest_for(inputs, "in-flight")), merge(manifest_for(inputs, "after", in_flight=False))
+    reports = [json.loads((out / "verification.json").read_text()) for out in (flying, after)]
+    assert reports[0]["context"].get("algebra_in_flight") is True
+    assert "algebra_in_flight" not in reports[1]["context"]  # control: the flag tells the two apart
+    assert rows(reports[0]) == rows(reports[1])
+    assert any(c["id"].startswith("algebra.") for c in reports[0]["checks"])
+    shards = [s.name for s in shards_of(after)]
+    assert len(shards) >= 2 and [s.name for s in shards_of(flying)] == shards
+    assert [sums(flying)[s] for s in shards] == [sums(after)[s] for s in shards] == [on_disk(after / s) for s in shards]
+
+
+@pytest.mark.parametrize("mapped", [False, True], ids=["read", "mapped"])
+@pytest.mark.parametrize(("bit", "fails"), [(14, True), (0, False)], ids=["exponent-bit", "control-one-ulp"])
+def test_in_flight_a_byte_changed_as_it_is_written_is_seen(
+    inputs, monkeypatch, bit: int, fails: bool, mapped: bool
+) -> None:
+    """In flight the checks read the file, not the merge's memory: an exponent bit flipped on disk as
+    the tensor is written fails the gate (nothing published); one ulp flipped passes the elementwise
+    bound and is in the recorded digests, which match the disk. `mapped`: every tensor mapped rather
+    than read into a buffer, as the largest are (the mapping serves a file still being written)."""
+    name = f"flown-flip-{bit}-{mapped}"
+    manifest = manifest_for(inputs, name)
+    hit = flip_as_written(monkeypatch, bit)
+    if mapped:  # and each shard in several writes, slowly, so that tensors are mapped from unfinished files
+        monkeypatch.setattr(algebra_module, "READ_AHEAD", 0)
+        monkeypatch.setattr(writer_module, "STAGING", 8192)
+        report = writer_module.ShardWriter._report
+
+        def report_slowly(self) -> None:
+            report(self)
+            time.sleep(0.02)
+
+        monkeypatch.setattr(writer_module.ShardWriter, "_report", report_slowly)
+    if fails:
+        with pytest.raises(GateFailed) as info:
+            merge(manifest)
+        assert hit and info.value.report.context.get("algebra_in_flight") is True
+        assert "algebra" in {c.group for c in info.value.report.failures}
+        assert not (inputs[0] / name).exists()
+        return
+    out = merge(manifest)
+    assert hit and json.loads((out / "verification.json").read_text())["context"]["algebra_in_flight"]
+    for shard in shards_of(out):
+        assert sums(out)[shard.name] == on_disk(shard)
+
+
+def test_in_flight_a_failed_merge_stops_the_checks(inputs, monkeypatch) -> None:
+    """The merge fails half-way: its error comes out, nothing is published and the checks' thread,
+    waiting for bytes that will never be written, has stopped."""
+    calls = {"n": 0}
+    merge_tensor = merge_module.merge_tensor
+
+    def fail_late(*args, **kwargs):  # noqa: ANN002, ANN003
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise MergeError("injected failure")
+        return merge_tensor(*args, **kwargs)
+
+    monkeypatch.setattr(merge_module, "merge_tensor", fail_late)
+    with pytest.raises(MergeError, match="injected failure"):
+        merge(manifest_for(inputs, "flown-failed"))
+    assert not (inputs[0] / "flown-failed").exists()
+    assert not [t for t in threading.enumerate() if t.name == "mergekit-gate-in-flight"]
+
+
+def test_in_flight_shards_not_as_planned_are_checked_again(inputs, monkeypatch) -> None:
+    """Where the headers written are not the predicted ones (here: a prediction made wrong on purpose),
+    the rows from flight are dropped and the algebra runs on the finished shards: the same verdict."""
+    real = inflight_module.predicted
+
+    def off_by_one(plan, folder):  # noqa: ANN001
+        table = real(plan, folder)
+        name = next(iter(table))
+        table[name] = replace(table[name], begin=table[name].begin + 2)
+        return table
+
+    monkeypatch.setattr(inflight_module, "predicted", off_by_one)
+    out = merge(manifest_for(inputs, "flown-unplanned"))
+    report = json.loads((out / "verification.json").read_text())
+    assert report["passed"] and "algebra_in_flight" not in report["context"]
+    assert any(c["id"].startswith("algebra.") for c in report["checks"])
+
+
+def test_written_waits_for_the_bytes_and_gives_up_when_the_merge_stops(tmp_path: Path) -> None:
+    written, path = Written(), tmp_path / "a"
+    done: list[str] = []
+
+    def reader() -> None:
+        try:
+            written.wait(path, 100)
+            done.append("bytes")
+            written.wait(path, None)
+            done.append("closed")
+            written.wait(tmp_path / "never", 1)
+        except Abandoned:
+            done.append("abandoned")
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    written.advance(path, 99)
+    thread.join(0.2)
+    assert done == []  # one byte short: still waiting
+    written.advance(path, 100)
+    written.close(path)
+    thread.join(0.2)
+    assert done == ["bytes", "closed"]
+    written.stop()
+    thread.join(5)
+    assert done == ["bytes", "closed", "abandoned"] and not thread.is_alive()
 
 
 # --------------------------------------------------------------------------- verify

@@ -15,6 +15,7 @@ from mergekit_lite.gate.configs import check_configs
 from mergekit_lite.gate.endtoend import DEFAULT_PROMPTS, EndToEnd, check_end_to_end, placement
 from mergekit_lite.gate.eval import EvalProgress, check_eval
 from mergekit_lite.gate.gguf import GgufFile, check_gguf
+from mergekit_lite.gate.inflight import InFlight
 from mergekit_lite.gate.integrity import check_integrity
 from mergekit_lite.gate.llama_cpp import LlamaCpp, check_llama_cpp
 from mergekit_lite.gate.packaging import check_packaging, check_processor_files
@@ -64,6 +65,7 @@ def run_gate(
     eval_progress: EvalProgress | None = None,
     gguf: GgufFile | None = None,
     llama_cpp: LlamaCpp | None = None,
+    in_flight: InFlight | None = None,
 ) -> GateReport:
     """Run every check on `candidate` (a release folder, staged or published) and return the report.
 
@@ -79,7 +81,9 @@ def run_gate(
     plan time: scored by base, base + adapters and the release (gate/eval.py), `eval_progress` told
     the tokens scored. `gguf`: the GGUF file made from the release (`output.gguf`), read back and
     compared with it. `llama_cpp`: llama.cpp's converter and llama-cpp-python, for
-    `verify.runtimes: [llama.cpp]` (which also runs that GGUF file). A check that cannot run fails its group; this raises only for bugs.
+    `verify.runtimes: [llama.cpp]` (which also runs that GGUF file). `in_flight`: the algebra checks
+    run while the merge wrote the candidate (gate/inflight.py), whose rows stand for the algebra's
+    when the shards are the planned ones. A check that cannot run fails its group; this raises only for bugs.
     """
     dtype = output_dtype(plan)
     limits = thresholds(dtype, settings.thresholds)
@@ -101,13 +105,21 @@ def run_gate(
     )
     base = TensorReader(checkpoint.tensors)
     read_back: dict[Path, str] = {}  # the shards' SHA-256, from the algebra's one read of them
-    _guarded(
-        report,
-        "algebra",
-        lambda: check_algebra(
-            report, plan, adapters, base=base, candidate=tensors or {}, limits=limits, digests=read_back
-        ),
-    )
+    flown = in_flight.result(tensors) if in_flight is not None else None
+    if flown is not None and in_flight is not None and in_flight.limits == limits:  # run as the merge wrote
+        _take(report, flown.report)
+        read_back.update(flown.read_back)
+        report.timings["algebra"] = flown.seconds
+        report.context["algebra_in_flight"] = True
+        _stages.info("gate: algebra checks done in %.2f s, in flight", flown.seconds)
+    else:
+        _guarded(
+            report,
+            "algebra",
+            lambda: check_algebra(
+                report, plan, adapters, base=base, candidate=tensors or {}, limits=limits, digests=read_back
+            ),
+        )
     report.read_back = {str(p.relative_to(candidate)): d for p, d in read_back.items() if p.is_relative_to(candidate)}
     if integrity:
         _first(
@@ -189,6 +201,14 @@ def run_gate(
         new = settings.max_new_tokens
         _guarded(report, "gguf", lambda: check_gguf(report, candidate, gguf, _packaged(candidate), prompts, new))
     return report
+
+
+def _take(report: GateReport, other: GateReport) -> None:
+    """Append the checks of `other` (the algebra's, run in flight) as if they had been run here."""
+    for check in other.checks:
+        if any(c.id == check.id for c in report.checks):
+            raise ValueError(f"two gate checks share the id `{check.id}`")
+        report.checks.append(check)
 
 
 def _first(report: GateReport, record: Callable[[], object]) -> None:

@@ -56,15 +56,20 @@ def check_algebra(
     candidate: dict[str, TensorEntry],
     limits: dict[str, float],
     digests: dict[Path, str] | None = None,
+    ready: Callable[[Path, int | None], None] | None = None,
+    threads: int | None = None,
 ) -> None:
     """Record finiteness, unchanged-equals-base and the probe checks over every planned tensor.
 
     `base` reads the base checkpoint, `candidate` is the release's tensor table (from the structure
     checks), `limits` the thresholds for the release's dtype. Reads each tensor once, streamed; the
     candidate's shards are read once in all (io/readback.py), and with `digests` the SHA-256 of each
-    shard file, computed from the bytes the checks read, is put there under its path.
+    shard file, computed from the bytes the checks read, is put there under its path. With `ready`
+    (the checks in flight, gate/inflight.py), each read first waits for the merge to have written
+    those bytes. `threads`: the threads the checks share (default: torch's).
     """
-    out = HashedReads(candidate)
+    out = HashedReads(candidate, ready)
+    threads = threads or torch.get_num_threads()
     shared = {k for t in plan.tensors for op in t.ops if op.experts for k in op.keys}  # read by every expert
     factors = [KeptReader(a.reader(), shared) for a in adapters]
     combined = CombinedFactors(plan.combine, adapters) if plan.combine is not None else None
@@ -87,8 +92,8 @@ def check_algebra(
 
     # the row passes run on torch's threads; this thread's own calls are small, on one
     with (
-        RowPasses(torch.get_num_threads()) as rows,
-        ElementCheck(torch.get_num_threads(), limits["element_ulps"]) as elements,
+        RowPasses(threads) as rows,
+        ElementCheck(threads, limits["element_ulps"]) as elements,
         ReadAhead(out, base, tensors) as ahead,
         mathops.intra_op_threads(1),
     ):

@@ -195,6 +195,20 @@ def no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return out
 
 
+def layout(
+    path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]
+) -> dict[str, TensorEntry]:
+    """The tensor table read_header gives for the file at `path` once a writer has written these
+    tensors, in this order, under encode_header(entries, metadata): known before its first byte."""
+    start = len(encode_header(entries, metadata))
+    table, offset = {}, start
+    for name, dtype, shape in entries:
+        nbytes = math.prod(shape) * ITEMSIZE[dtype]
+        table[name] = TensorEntry(name, dtype, tuple(shape), path, offset, nbytes)
+        offset += nbytes
+    return table
+
+
 def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
     """The bytes of a safetensors header (length prefix included) for tensors written in this order."""
     doc: dict[str, object] = {"__metadata__": metadata} if metadata else {}

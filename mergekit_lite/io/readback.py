@@ -14,6 +14,10 @@ and `finish` hashes what follows the last one. A tensor read into a buffer is ha
 once; a mapped one (the largest tensors) once its user is done with it (`hash_mapped`): hashing
 it when mapped would bring its pages into memory while the previous tensor's are still there. A
 file read out of order gets no digest (the caller then hashes it whole: correct, only slower).
+
+With `ready`, the shards are read while the merge writes them (the gate's checks in flight):
+`ready(path, end)` returns once the bytes [0, end) of `path` are written (end None: once the file is
+complete), so each tensor is read back from the file as soon as its bytes are there.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,8 +50,11 @@ class HashedReads:
     """The candidate's tensors, read through `reader` (load_into, get, locate as TensorReader has
     them), each file's bytes hashed once as they are read. One tensor at a time per file."""
 
-    def __init__(self, entries: dict[str, TensorEntry]) -> None:
+    def __init__(
+        self, entries: dict[str, TensorEntry], ready: Callable[[Path, int | None], None] | None = None
+    ) -> None:
         self.reader = TensorReader(entries)
+        self.ready = ready or (lambda path, end: None)
         self.files: dict[Path, _FileHash] = {}
         for entry in entries.values():
             self.files.setdefault(entry.file, _FileHash())
@@ -58,6 +66,7 @@ class HashedReads:
     def load_into(self, name: str, buffer: AlignedBuffer, direct: bool = False) -> torch.Tensor:
         """TensorReader.load_into, the bytes read hashed into their file's digest."""
         entry = self.reader.locate(name)
+        self.ready(entry.file, entry.begin + entry.nbytes)
         tensor = self.reader.load_into(name, buffer, direct)
         start = entry.begin // ALIGN * ALIGN  # where load_into's buffer starts in the file
         self.bytes_read += entry.begin + entry.nbytes - start
@@ -72,7 +81,8 @@ class HashedReads:
         by `hash_mapped`, to be called once the caller has used it (its pages are then in memory, and
         hashing them adds none); the file gets no digest if another read of it comes first."""
         entry = self.reader.locate(name)
-        tensor = self.reader.get(name)
+        self.ready(entry.file, entry.begin + entry.nbytes)
+        tensor = self.reader.map(name)  # no header parsed: the file may still be being written
         state = self.files.setdefault(entry.file, _FileHash())
         with state.lock:
             if state.pending is not None or entry.quant is not None:
@@ -136,6 +146,7 @@ class HashedReads:
         read in order. A file that changed size or could not be read gets no digest."""
         found = {}
         for path, state in self.files.items():
+            self.ready(path, None)
             with state.lock:
                 if state.sha256 is None or state.pending is not None:
                     continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 from collections.abc import Callable, Iterator
 
@@ -107,6 +108,24 @@ class TensorReader:
             return dequantize(entry, read_entry)
         with safe_open(str(entry.file), framework="pt") as handle:
             return handle.get_tensor(name)
+
+    def map(self, name: str) -> torch.Tensor:
+        """As `get`, mapped by itself: a private mapping of only the tensor's bytes, with no header
+        parsed, so that it also serves a file still being written (the gate's checks in flight read
+        a tensor as soon as its bytes are there, before the file is complete)."""
+        entry = self.entries[name]
+        dtype = DTYPES[entry.dtype]
+        if entry.quant is not None:
+            return self.get(name)
+        if entry.nbytes == 0:
+            return torch.empty(entry.shape, dtype=dtype)
+        start = entry.begin // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+        with open(entry.file, "rb") as fh:
+            mapping = mmap.mmap(fh.fileno(), entry.begin + entry.nbytes - start, access=mmap.ACCESS_COPY, offset=start)
+        flat = torch.frombuffer(mapping, dtype=torch.uint8)[entry.begin - start :]  # keeps the mapping alive
+        if (entry.begin - start) % dtype.itemsize:
+            flat = flat.clone()  # torch views need the element size's alignment
+        return flat.view(dtype).view(entry.shape)
 
     def load(self, name: str) -> torch.Tensor:
         """The tensor `name`, read into memory with pread (no mapping, no header to parse).

@@ -6,6 +6,7 @@ import ctypes
 import errno
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -41,6 +42,48 @@ _HASHER = ThreadPoolExecutor(1, "mergekit-sha256")
 _SYNC_FILE_RANGE_WRITE = 2
 
 
+class Abandoned(Exception):
+    """The merge stopped before the bytes waited for were written."""
+
+
+class Written:
+    """How far each file has been written, for readers that follow the writers (the gate's checks in
+    flight): `wait(path, end)` returns once the bytes [0, end) of `path` have been written (end None:
+    once the file is complete, fsync'd and closed), or raises Abandoned when the merge stops first.
+
+    Bytes count as written when the write that carries them has returned: from then on a read of the
+    file, direct or through the page cache, gets them. Writers report from their own thread."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._offsets: dict[Path, int] = {}
+        self._closed: set[Path] = set()
+        self._over = False  # the merge has stopped (done or failed): nothing more will be written
+
+    def advance(self, path: Path, offset: int) -> None:
+        with self._changed:
+            self._offsets[path] = offset
+            self._changed.notify_all()
+
+    def close(self, path: Path) -> None:
+        with self._changed:
+            self._closed.add(path)
+            self._changed.notify_all()
+
+    def stop(self) -> None:
+        """No more writes are coming (the merge ended, or failed): waiters of bytes not written give up."""
+        with self._changed:
+            self._over = True
+            self._changed.notify_all()
+
+    def wait(self, path: Path, end: int | None) -> None:
+        with self._changed:
+            while not (path in self._closed if end is None else self._offsets.get(path, 0) >= end):
+                if self._over:
+                    raise Abandoned(f"`{path.name}` was not written" + ("" if end is None else f" up to byte {end}"))
+                self._changed.wait()
+
+
 class ShardWriter:
     """Writes one safetensors file whose tensors, dtypes and shapes are known before the first byte.
 
@@ -53,7 +96,8 @@ class ShardWriter:
     (flush-behind), so that the fsync in `close` has little left to wait for.
 
     The staging buffer is a torch tensor so that copies into it run without the GIL, which the
-    merge's threads need. With `digest`, the SHA-256 of the file is kept as its bytes go out.
+    merge's threads need. With `digest`, the SHA-256 of the file is kept as its bytes go out; with
+    `written`, each write is reported there once it has returned, and the close once fsync'd.
     One thread at a time may use a writer.
     """
 
@@ -63,8 +107,10 @@ class ShardWriter:
         entries: list[tuple[str, str, tuple[int, ...]]],
         metadata: dict[str, str],
         digest: bool = False,
+        written: Written | None = None,
     ) -> None:
         self.path = path
+        self.written = written
         self.sha256 = hashlib.sha256() if digest else None  # of the file, as its bytes go out
         self.entries = entries
         self.position = 0
@@ -129,6 +175,7 @@ class ShardWriter:
                 self._write_out(final=True)
                 done = _kernel_copy(src, self.fd, offset, self.offset, nbytes)
                 self.offset += done
+                self._report()
             while done < nbytes:
                 if self.filled == STAGING:
                     self._write_out()
@@ -192,6 +239,11 @@ class ShardWriter:
         self.offset += done
         if not self.direct and _START_WRITEBACK is not None and done:
             _START_WRITEBACK(self.fd, start, done, _SYNC_FILE_RANGE_WRITE)  # advisory: fsync does the rest
+        self._report()
+
+    def _report(self) -> None:
+        if self.written is not None:
+            self.written.advance(self.path, self.offset)
 
     def close(self) -> None:
         """Write what is staged, fsync and close; refuse to close a shard that is missing tensors."""
@@ -203,6 +255,8 @@ class ShardWriter:
             self._wait_hash(index)
         os.fsync(self.fd)
         self.abort()
+        if self.written is not None:
+            self.written.close(self.path)
 
     def abort(self) -> None:
         """Close the file as it is (after an error; the caller removes it). Safe to call twice."""

@@ -175,6 +175,12 @@ class VerifySpec(Strict):
         "'mergekit-lite[llama-cpp]'`, `make runtimes`, or $MERGEKIT_LITE_LLAMA_CPP_PYTHON; and llama.cpp's "
         "converter, found as for `output.gguf`).",
     )
+    in_flight: bool = Field(
+        default=True,
+        description="Check each tensor (algebra, every element) while the merge writes the shards, reading it "
+        "back from its file as soon as it is written; false: read the finished, fsync'd shards after the "
+        "merge (slower where the disk is slow; what it reads is what is on disk after the last write).",
+    )
     layer_by_layer: bool | None = Field(
         default=None,
         description="Run the end-to-end models in float32 one decoder layer at a time, read from the "

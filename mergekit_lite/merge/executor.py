@@ -29,6 +29,7 @@ import torch
 from mergekit_lite.errors import InputError, MergeError, MergekitError
 from mergekit_lite.io.format import TensorEntry
 from mergekit_lite.io.reader import TensorReader
+from mergekit_lite.io.writer import Written
 from mergekit_lite.manifest.sections import ExecutorSpec
 from mergekit_lite.merge.merge import Progress, ShardFile, write_shard, write_shards
 from mergekit_lite.plan.plan import Plan
@@ -65,16 +66,18 @@ def run_shards(
     *,
     progress: Progress | None = None,
     digests: dict[str, str] | None = None,
+    written: Written | None = None,
 ) -> list[Path]:
     """Write every shard of the plan into `folder` with the executor `spec` names; return the paths in order.
 
     `progress` is called for each tensor: as it is written (local), or when its shard is done
     (processes, ray). With `digests`, each shard's SHA-256 is put there under its file name, as
     merge.write_shards does. On an error the partial shards are left for the caller's staging
-    folder to remove; no worker is still writing when this returns or raises.
+    folder to remove; no worker is still writing when this returns or raises. `written` is told
+    each write as it lands (the local executor only: the gate's checks in flight follow it).
     """
     if spec.kind == "local":
-        return write_shards(plan, TensorReader(base), adapters, folder, device, progress, digests)
+        return write_shards(plan, TensorReader(base), adapters, folder, device, progress, digests, written)
     work = ShardWork(plan, base, adapters, folder, str(device))
     written = _in_processes(spec, work, progress) if spec.kind == "processes" else _on_ray(spec, work, progress)
     check_written(written, plan, folder)

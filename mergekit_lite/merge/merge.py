@@ -22,11 +22,11 @@ import torch
 from mergekit_lite.errors import AdapterError, MergeError
 from mergekit_lite.io.format import DTYPES
 from mergekit_lite.io.reader import TensorReader
-from mergekit_lite.io.writer import ShardWriter
+from mergekit_lite.io.writer import ShardWriter, Written
 from mergekit_lite.merge import exact, fp8, mathops
 from mergekit_lite.merge.combine import CombinedFactors
 from mergekit_lite.plan.memory import EXPERT_FACTORS_KEPT, ROW_BLOCK, ROW_THREADS, WRITE_BEHIND, merges_by_rows
-from mergekit_lite.plan.plan import CombinePlan, Op, Plan, PlannedTensor
+from mergekit_lite.plan.plan import SHARD_METADATA, CombinePlan, Op, Plan, PlannedTensor
 from mergekit_lite.sources.adapter import Adapter
 from mergekit_lite.vocabulary import EXPERT_LAYOUTS
 
@@ -43,16 +43,19 @@ class ShardFile:
 
 
 def write_shards(plan: Plan, base: TensorReader, adapters: list[Adapter], folder: Path, device: torch.device,
-                 progress: Progress | None = None, digests: dict[str, str] | None = None) -> list[Path]:
+                 progress: Progress | None = None, digests: dict[str, str] | None = None,
+                 written: Written | None = None) -> list[Path]:
     """Write every planned shard into `folder`; return the shard paths in order.
 
     With `digests`, each shard's SHA-256 (hex) is put there under its file name, computed on the
     writer thread from the bytes as they go out, so that nothing has to read the shards again.
+    With `written`, each write is reported there as it lands (the gate's checks in flight read it).
 
     On an error every file is closed and the error raised once the writer thread has stopped;
     the partial shards are left for the caller's staging folder to remove.
     """
-    with ShardMerger(plan, base, adapters, folder, device, progress, digest=digests is not None) as merger:
+    with ShardMerger(plan, base, adapters, folder, device, progress, digest=digests is not None,
+                     written=written) as merger:
         for index in range(len(plan.shard_names)):
             merger.submit(index)
         written = merger.finish()
@@ -81,9 +84,9 @@ class ShardMerger:
     """
 
     def __init__(self, plan: Plan, base: TensorReader, adapters: list[Adapter], folder: Path, device: torch.device,
-                 progress: Progress | None = None, digest: bool = False) -> None:
+                 progress: Progress | None = None, digest: bool = False, written: Written | None = None) -> None:
         self.plan, self.base, self.folder, self.device = plan, base, folder, device
-        self.progress, self.digest = progress, digest
+        self.progress, self.digest, self.written = progress, digest, written
         self.by_shard: dict[int, list[PlannedTensor]] = {}
         for t in plan.tensors:
             self.by_shard.setdefault(t.shard, []).append(t)
@@ -101,8 +104,8 @@ class ShardMerger:
     def submit(self, index: int) -> None:
         """Merge shard `index` and queue its writes (and its close) on the writer thread."""
         tensors = self.by_shard.get(index, [])
-        entries = [(t.name, t.dtype, t.shape) for t in tensors]
-        writer = ShardWriter(self.folder / self.plan.shard_names[index], entries, {"format": "pt"}, digest=self.digest)
+        writer = ShardWriter(self.folder / self.plan.shard_names[index], self.plan.shard_entries(index), SHARD_METADATA,
+                             digest=self.digest, written=self.written)
         self.writers.append(writer)
         scales: dict[str, torch.Tensor] = {}  # FP8 block scales, written right after their weight
         for t in tensors:

@@ -65,6 +65,9 @@ class PlannedTensor:
         return bool(self.ops)
 
 
+SHARD_METADATA = {"format": "pt"}  # every shard's header `__metadata__`, as transformers writes it
+
+
 @dataclass
 class Plan:
     base: Path
@@ -84,6 +87,11 @@ class Plan:
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
+
+    def shard_entries(self, index: int) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, dtype, shape) of the tensors shard `index` holds, in the order they are written: its
+        header, with SHARD_METADATA (the merge writes it; the gate predicts the layout from it)."""
+        return [(t.name, t.dtype, t.shape) for t in self.tensors if t.shard == index]
 
     def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)
