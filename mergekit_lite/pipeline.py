@@ -263,7 +263,7 @@ def execute(
                 flight = InFlight(
                     job.plan, job.checkpoint, job.adapters, stage, dtype, thresholds(dtype, m.verify.thresholds)
                 ).start()
-                flying.callback(flight.stop)  # on any way out: the checks stop before the staging folder goes
+                flying.callback(flight.cancel)  # on any way out: the checks stop before the staging folder goes
             run_shards(
                 m.executor,
                 job.plan,

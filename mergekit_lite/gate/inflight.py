@@ -88,6 +88,8 @@ class InFlight:
         self.outcome = Outcome(GateReport(dtype=dtype))
         self.limits = limits
         self.thread = threading.Thread(target=self._run, name="mergekit-gate-in-flight", daemon=True)
+        self.done = threading.Event()  # set when the checks have ended: Event.wait, unlike a join
+        # cut short by a signal (Python 3.11), can be waited on again
 
     def start(self) -> InFlight:
         self.thread.start()
@@ -115,13 +117,23 @@ class InFlight:
             self.outcome.error = exc
         finally:
             self.outcome.seconds = time.monotonic() - began
+            self.done.set()
 
     def stop(self) -> None:
-        """The merge is over (done or failed): wait for the checks (a read of bytes never written gives
-        up). Safe to call more than once."""
+        """The merge is over: wait for the checks to end (a read of bytes never written gives up)."""
         self.written.stop()
+        self._wait()
+
+    def cancel(self) -> None:
+        """The run is over, by an error or a signal: the checks give up at their next read, and are
+        waited for, so that nothing reads the staging folder once it goes. Safe to call more than once."""
+        self.written.cancel()
+        self._wait()
+
+    def _wait(self) -> None:
         if self.thread.ident is not None:  # started
-            self.thread.join()
+            while not self.done.wait(0.1):
+                pass
         torch.set_num_threads(self.threads)
 
     def result(self, tensors: dict[str, TensorEntry] | None) -> Outcome | None:

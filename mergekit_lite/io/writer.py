@@ -59,6 +59,7 @@ class Written:
         self._offsets: dict[Path, int] = {}
         self._closed: set[Path] = set()
         self._over = False  # the merge has stopped (done or failed): nothing more will be written
+        self._cancelled = False  # the readers are to give up, bytes written or not
 
     def advance(self, path: Path, offset: int) -> None:
         with self._changed:
@@ -76,8 +77,16 @@ class Written:
             self._over = True
             self._changed.notify_all()
 
+    def cancel(self) -> None:
+        """The run is over (an error, a signal): every wait, now or to come, gives up."""
+        with self._changed:
+            self._over = self._cancelled = True
+            self._changed.notify_all()
+
     def wait(self, path: Path, end: int | None) -> None:
         with self._changed:
+            if self._cancelled:
+                raise Abandoned("the run stopped")
             while not (path in self._closed if end is None else self._offsets.get(path, 0) >= end):
                 if self._over:
                     raise Abandoned(f"`{path.name}` was not written" + ("" if end is None else f" up to byte {end}"))
