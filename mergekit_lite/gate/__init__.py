@@ -106,8 +106,8 @@ def run_gate(
     base = TensorReader(checkpoint.tensors)
     read_back: dict[Path, str] = {}  # the shards' SHA-256, from the algebra's one read of them
     flown = in_flight.result(tensors) if in_flight is not None else None
-    if flown is not None and in_flight is not None and in_flight.limits == limits:  # run as the merge wrote
-        _take(report, flown.report)
+    if flown is not None and flown.limits == limits:  # run as the merge wrote
+        report.extend(flown.report.checks)
         read_back.update(flown.read_back)
         report.timings["algebra"] = flown.seconds
         report.context["algebra_in_flight"] = True
@@ -201,14 +201,6 @@ def run_gate(
         new = settings.max_new_tokens
         _guarded(report, "gguf", lambda: check_gguf(report, candidate, gguf, _packaged(candidate), prompts, new))
     return report
-
-
-def _take(report: GateReport, other: GateReport) -> None:
-    """Append the checks of `other` (the algebra's, run in flight) as if they had been run here."""
-    for check in other.checks:
-        if any(c.id == check.id for c in report.checks):
-            raise ValueError(f"two gate checks share the id `{check.id}`")
-        report.checks.append(check)
 
 
 def _first(report: GateReport, record: Callable[[], object]) -> None:

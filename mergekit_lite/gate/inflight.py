@@ -63,6 +63,7 @@ class Outcome:
     """What the checks in flight found: their rows and the shards' digests, or why they have none."""
 
     report: GateReport
+    limits: dict[str, float]  # the thresholds the checks ran with
     read_back: dict[Path, str] = field(default_factory=dict)
     error: BaseException | None = None
     seconds: float = 0.0
@@ -85,11 +86,11 @@ class InFlight:
         self.table = predicted(plan, folder)
         self.written = Written()
         self.threads = torch.get_num_threads()  # the caller's: torch's default may change while the merge runs
-        self.outcome = Outcome(GateReport(dtype=dtype))
-        self.limits = limits
+        self.outcome = Outcome(GateReport(dtype=dtype), limits)
         self.thread = threading.Thread(target=self._run, name="mergekit-gate-in-flight", daemon=True)
-        self.done = threading.Event()  # set when the checks have ended: Event.wait, unlike a join
-        # cut short by a signal (Python 3.11), can be waited on again
+        # set when the checks have ended: an Event can be waited on again after a signal cut the wait
+        # short, a Thread.join (Python 3.11) may then report a thread done that still runs
+        self.done = threading.Event()
 
     def start(self) -> InFlight:
         self.thread.start()
@@ -108,7 +109,7 @@ class InFlight:
                 self.adapters,
                 base=TensorReader(self.checkpoint.tensors),
                 candidate=self.table,
-                limits=self.limits,
+                limits=self.outcome.limits,
                 digests=self.outcome.read_back,
                 ready=self.written.wait,
                 threads=self.threads,

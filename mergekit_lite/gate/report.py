@@ -105,12 +105,16 @@ class GateReport:
 
         `id` (default: check_id of group and name) must be unique in the report: a duplicate is a bug.
         """
-        check_key = id or check_id(group, name)
-        if any(c.id == check_key for c in self.checks):
-            raise ValueError(f"two gate checks share the id `{check_key}`; pass `id=` to tell them apart")
-        check = Check(group, name, bool(passed), _plain(figure), _plain(threshold), detail, check_key)
-        self.checks.append(check)
+        check = Check(group, name, bool(passed), _plain(figure), _plain(threshold), detail, id or check_id(group, name))
+        self.extend([check])
         return check
+
+    def extend(self, checks: list[Check]) -> None:
+        """Append checks made elsewhere (the algebra's, run in flight) as if they had been added here."""
+        for check in checks:
+            if any(c.id == check.id for c in self.checks):
+                raise ValueError(f"two gate checks share the id `{check.id}`; pass `id=` to tell them apart")
+            self.checks.append(check)
 
     def to_dict(self) -> dict[str, Any]:
         """verification.json: the verdict, every check by id, numeric figures, when and by what."""

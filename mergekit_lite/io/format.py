@@ -10,6 +10,7 @@ import json
 import math
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,22 +202,26 @@ def layout(
     """The tensor table read_header gives for the file at `path` once a writer has written these
     tensors, in this order, under encode_header(entries, metadata): known before its first byte."""
     start = len(encode_header(entries, metadata))
-    table, offset = {}, start
+    return {
+        name: TensorEntry(name, dtype, tuple(shape), path, start + begin, end - begin)
+        for name, dtype, shape, begin, end in _spans(entries)
+    }
+
+
+def _spans(entries: list[tuple[str, str, tuple[int, ...]]]) -> Iterator[tuple[str, str, tuple[int, ...], int, int]]:
+    """(name, dtype, shape, first byte, end) of each tensor in the data section, written in this order."""
+    offset = 0
     for name, dtype, shape in entries:
         nbytes = math.prod(shape) * ITEMSIZE[dtype]
-        table[name] = TensorEntry(name, dtype, tuple(shape), path, offset, nbytes)
+        yield name, dtype, shape, offset, offset + nbytes
         offset += nbytes
-    return table
 
 
 def encode_header(entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
     """The bytes of a safetensors header (length prefix included) for tensors written in this order."""
     doc: dict[str, object] = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name, dtype, shape in entries:
-        nbytes = math.prod(shape) * ITEMSIZE[dtype]
-        doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+    for name, dtype, shape, begin, end in _spans(entries):
+        doc[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
     raw = json.dumps(doc, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return len(raw).to_bytes(8, "little") + raw
